@@ -1,0 +1,200 @@
+"""Pieces every Qwen model shares: config parsing, RoPE (plain and YaRN), attention, MLP, KV cache."""
+
+import math
+from dataclasses import MISSING, dataclass, fields
+from typing import Any, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+
+@dataclass(frozen=True, kw_only=True)
+class BaseModelArgs:
+    @classmethod
+    def from_dict(cls, config: dict) -> "BaseModelArgs":
+        """Build from a config.json dict: Hub spelling or transformers 5 spelling, unknown keys ignored."""
+        config = dict(config)
+        # transformers 5 nests rope_theta and the scaling under rope_parameters.
+        rope = config.get("rope_parameters") or {}
+        if config.get("rope_theta") is None and "rope_theta" in rope:
+            config["rope_theta"] = rope["rope_theta"]
+        if config.get("rope_scaling") is None and _rope_type(rope) != "default":
+            config["rope_scaling"] = rope
+        # transformers 5 names the MoE expert count num_local_experts.
+        if config.get("num_experts") is None and "num_local_experts" in config:
+            config["num_experts"] = config["num_local_experts"]
+
+        names = [f.name for f in fields(cls)]
+        missing = [
+            f.name
+            for f in fields(cls)
+            if f.default is MISSING and f.default_factory is MISSING and f.name not in config
+        ]
+        if missing:
+            raise ValueError(f"config.json lacks {', '.join(missing)}")
+        return cls(**{k: config[k] for k in names if k in config and config[k] is not None})
+
+
+def _rope_type(scaling: Optional[dict]) -> str:
+    if not scaling:
+        return "default"
+    return scaling.get("rope_type") or scaling.get("type") or "default"
+
+
+class RoPE(nn.Module):
+    """Rotary embedding, plain or YaRN-scaled, over the whole head (Qwen rotates every dimension)."""
+
+    def __init__(self, dims: int, base: float, scaling: Optional[dict], max_position_embeddings: int):
+        super().__init__()
+        self.dims = dims
+        self.base = base
+        self.scale = 1.0  # YaRN's attention factor, applied to q and k alike as HF applies it to cos/sin
+        self._freqs = None
+        kind = _rope_type(scaling)
+        if kind == "yarn":
+            self._freqs, self.scale = _yarn(dims, base, scaling, max_position_embeddings)
+        elif kind != "default":
+            raise ValueError(f"rope type {kind!r} is not supported (supported: default, yarn)")
+
+    def __call__(self, x: mx.array, offset: int = 0) -> mx.array:
+        if self.scale != 1.0:
+            x = x * self.scale
+        base = None if self._freqs is not None else self.base
+        return mx.fast.rope(
+            x, self.dims, traditional=False, base=base, scale=1.0, offset=offset, freqs=self._freqs
+        )
+
+
+def _yarn(dims: int, base: float, cfg: dict, max_position_embeddings: int):
+    """YaRN periods and attention factor, as transformers' `_compute_yarn_parameters` computes them."""
+    factor = cfg["factor"]
+    original = cfg.get("original_max_position_embeddings") or max_position_embeddings
+    beta_fast = cfg.get("beta_fast") or 32
+    beta_slow = cfg.get("beta_slow") or 1
+
+    def mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention_factor = cfg.get("attention_factor")
+    if attention_factor is None:
+        if cfg.get("mscale") and cfg.get("mscale_all_dim"):
+            attention_factor = mscale(factor, cfg["mscale"]) / mscale(factor, cfg["mscale_all_dim"])
+        else:
+            attention_factor = mscale(factor)
+
+    def correction_dim(rotations):
+        return dims * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if cfg.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dims - 1)
+    if low == high:
+        high += 0.001
+    ramp = mx.clip((mx.arange(dims // 2, dtype=mx.float32) - low) / (high - low), 0, 1)
+    extrapolate = 1 - ramp  # weight of the original frequency; the rest is interpolated by `factor`
+    inv_freq = 1.0 / (base ** (mx.arange(0, dims, 2, dtype=mx.float32) / dims))
+    inv_freq = inv_freq / factor * (1 - extrapolate) + inv_freq * extrapolate
+    return 1.0 / inv_freq, float(attention_factor)
+
+
+class KVCache:
+    """Keys and values of one layer, preallocated in steps of `step` positions."""
+
+    step = 256
+
+    def __init__(self):
+        self.keys = None
+        self.values = None
+        self.offset = 0
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        B, H, L, _ = keys.shape
+        prev = self.offset
+        if self.keys is None or prev + L > self.keys.shape[2]:
+            n = ((prev + L + self.step - 1) // self.step) * self.step
+            k = mx.zeros((B, H, n, keys.shape[3]), keys.dtype)
+            v = mx.zeros((B, H, n, values.shape[3]), values.dtype)
+            if self.keys is not None:
+                k[..., :prev, :] = self.keys[..., :prev, :]
+                v[..., :prev, :] = self.values[..., :prev, :]
+            self.keys, self.values = k, v
+        self.offset += L
+        self.keys[..., prev : self.offset, :] = keys
+        self.values[..., prev : self.offset, :] = values
+        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+
+    def trim(self, n: int) -> int:
+        """Forget the last `n` positions (to rewind to a shared prefix); returns how many were dropped."""
+        n = min(self.offset, n)
+        self.offset -= n
+        return n
+
+    @property
+    def state(self):
+        return [] if self.keys is None else [self.keys, self.values]
+
+
+def make_cache(model) -> list:
+    return [KVCache() for _ in model.layers]
+
+
+def process_prompt(model, ids: mx.array, cache: list, chunk_size: int = 512) -> mx.array:
+    """Feed `ids` (B, L) through the model in chunks, filling `cache`; returns the last position's logits."""
+    L = ids.shape[1]
+    start = 0
+    while L - start > chunk_size:
+        model(ids[:, start : start + chunk_size], cache=cache)
+        mx.eval([c.state for c in cache])
+        start += chunk_size
+    return model(ids[:, start:], cache=cache)[:, -1, :]
+
+
+class Attention(nn.Module):
+    """GQA attention; Qwen3 normalises each head's q and k before RoPE, Qwen2 adds a QKV bias instead."""
+
+    def __init__(self, args):
+        super().__init__()
+        dim = args.hidden_size
+        self.n_heads = args.num_attention_heads
+        self.n_kv_heads = args.num_key_value_heads
+        head_dim = args.head_dim or dim // self.n_heads
+        self.scale = head_dim**-0.5
+
+        self.q_proj = nn.Linear(dim, self.n_heads * head_dim, bias=args.qkv_bias)
+        self.k_proj = nn.Linear(dim, self.n_kv_heads * head_dim, bias=args.qkv_bias)
+        self.v_proj = nn.Linear(dim, self.n_kv_heads * head_dim, bias=args.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * head_dim, dim, bias=args.attention_bias)
+        if args.qk_norm:
+            self.q_norm = nn.RMSNorm(head_dim, eps=args.rms_norm_eps)
+            self.k_norm = nn.RMSNorm(head_dim, eps=args.rms_norm_eps)
+        self.rope = RoPE(head_dim, args.rope_theta, args.rope_scaling, args.max_position_embeddings)
+
+    def __call__(self, x: mx.array, mask: Optional[Any] = None, cache: Optional[KVCache] = None):
+        B, L, D = x.shape
+        q = self.q_proj(x).reshape(B, L, self.n_heads, -1)
+        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1)
+        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        if "q_norm" in self:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3)
+
+        offset = cache.offset if cache is not None else 0
+        q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+
+        # "causal" aligns the queries with the last keys, which is what a cache offset needs.
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden_dim, bias=False)
+        self.up_proj = nn.Linear(dim, hidden_dim, bias=False)
+        self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))

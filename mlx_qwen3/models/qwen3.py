@@ -1,0 +1,101 @@
+"""Qwen3 dense models, and the Qwen2 architecture (QwQ-32B, Qwen2.5) through two flags."""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .base import MLP, Attention, BaseModelArgs
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelArgs(BaseModelArgs):
+    model_type: str
+    hidden_size: int
+    num_hidden_layers: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    rms_norm_eps: float
+    vocab_size: int
+    max_position_embeddings: int
+    head_dim: Optional[int] = None  # Qwen2 configs leave it out: hidden_size // num_attention_heads
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[dict] = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    use_sliding_window: bool = False
+
+    def __post_init__(self):
+        if self.use_sliding_window:
+            raise ValueError("use_sliding_window=true is not supported (no official Qwen3 or QwQ model uses it)")
+
+    @property
+    def qk_norm(self) -> bool:
+        return self.model_type != "qwen2"
+
+    @property
+    def qkv_bias(self) -> bool:
+        return self.model_type == "qwen2" or self.attention_bias
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, mlp: nn.Module):
+        super().__init__()
+        self.self_attn = Attention(args)
+        self.mlp = mlp
+        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), mask, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Qwen3Model(nn.Module):
+    def __init__(self, args: ModelArgs, layers: list):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = layers
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(self, ids: mx.array, cache=None) -> mx.array:
+        h = self.embed_tokens(ids)
+        cache = cache or [None] * len(self.layers)
+        mask = "causal" if h.shape[1] > 1 else None
+        for layer, c in zip(self.layers, cache):
+            h = layer(h, mask, c)
+        return self.norm(h)
+
+
+class Model(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model_type = args.model_type
+        layers = [DecoderLayer(args, self.make_mlp(args, i)) for i in range(args.num_hidden_layers)]
+        self.model = Qwen3Model(args, layers)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def make_mlp(self, args: ModelArgs, layer_idx: int) -> nn.Module:
+        return MLP(args.hidden_size, args.intermediate_size)
+
+    def __call__(self, ids: mx.array, cache=None) -> mx.array:
+        """ids (B, L) -> logits (B, L, vocab_size)."""
+        h = self.model(ids, cache)
+        if self.args.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(h)
+        return self.lm_head(h)
+
+    def sanitize(self, weights: dict) -> dict:
+        """The one place where Hugging Face names or layouts become ours."""
+        if self.args.tie_word_embeddings:
+            weights.pop("lm_head.weight", None)
+        # Rotary tables some exporters save; RoPE is computed, not loaded.
+        return {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
+
+    @property
+    def layers(self):
+        return self.model.layers
