@@ -1,0 +1,323 @@
+"""Hugging Face safetensors -> MLX folder (float or quantized), streamed tensor by tensor and atomic.
+
+The same path as loading (resolve -> config -> model -> sanitize), then each output tensor is
+computed lazily and written straight to its shard, so peak memory is about one tensor, not the model.
+"""
+
+import json
+import os
+import re
+import shutil
+import signal
+import struct
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .errors import UserError, exit_on_user_error
+from .load import _check_weights, build_model, read_config, read_weights, resolve
+
+BITS = (4, 8)
+GROUP_SIZES = (32, 64, 128)
+DTYPES = ("bfloat16", "float16", "float32")
+MAX_SHARD_BYTES = 5 * 10**9
+# Beside the weights: tokenizer, chat template, generation defaults.
+SIDE_FILES = [
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json",
+]
+_ST_DTYPES = {mx.bfloat16: "BF16", mx.float16: "F16", mx.float32: "F32", mx.uint32: "U32"}
+_MIXED = re.compile(r"^mixed_([234568])_([234568])$")  # the bit widths MLX packs
+
+
+@dataclass(frozen=True)
+class QuantPolicy:
+    """How each layer is quantized; `mixed` is (low bits, high bits) for a mixed recipe."""
+
+    bits: int = 4
+    group_size: int = 64
+    mixed: Optional[tuple] = None
+    quantize_embeddings: bool = True
+
+    def params(self, path: str, module: nn.Module, num_layers: int):
+        """-> {"group_size", "bits", "mode"} for a layer to quantize, or False to keep it float."""
+        if not hasattr(module, "to_quantized"):
+            return False  # norms
+        if path.endswith("mlp.gate"):
+            return False  # the MoE router: see README, "Quantization"
+        if not self.quantize_embeddings and path.split(".")[-1] in ("embed_tokens", "lm_head"):
+            return False
+        if module.weight.shape[-1] % self.group_size:
+            return False
+        bits = self.bits
+        if self.mixed:
+            low, high = self.mixed
+            bits = high if _sensitive(path, num_layers) else low
+        return {"group_size": self.group_size, "bits": bits, "mode": "affine"}
+
+
+def _sensitive(path: str, num_layers: int) -> bool:
+    """The layers a mixed recipe gives more bits (after llama.cpp's Q4_K_M, as mlx-lm does)."""
+    if path.endswith("lm_head"):
+        return True
+    m = re.search(r"layers\.(\d+)\.", path)
+    if not m or not re.search(r"(v_proj|down_proj)$", path):
+        return False
+    i, n = int(m.group(1)), num_layers
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def parse_mixed(recipe: Optional[str]):
+    if recipe is None:
+        return None
+    m = _MIXED.match(recipe)
+    if not m or int(m.group(1)) >= int(m.group(2)):
+        raise UserError(
+            f"--mixed {recipe!r} is not a recipe; use mixed_LOW_HIGH with bits from 2, 3, 4, 5, 6, 8 "
+            "and LOW < HIGH, e.g. mixed_4_6 or mixed_4_8"
+        )
+    return int(m.group(1)), int(m.group(2))
+
+
+def convert(
+    hf_path: str,
+    mlx_path: str,
+    quantize: bool = False,
+    bits: int = 4,
+    group_size: int = 64,
+    dtype: Optional[str] = None,
+    mixed: Optional[str] = None,
+    quantize_embeddings: bool = True,
+    force: bool = False,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+) -> Path:
+    """Convert a Hugging Face checkpoint (folder or Hub id) into an MLX folder at `mlx_path`.
+
+    Args:
+        hf_path: a local folder or a Hugging Face Hub id.
+        mlx_path: the folder to create; refused if it exists unless `force`.
+        quantize: quantize with `bits` and `group_size` (affine); a `mixed` recipe implies it.
+        dtype: bfloat16, float16 or float32 for what stays float; default: the checkpoint's own.
+        mixed: a recipe mixed_LOW_HIGH: HIGH bits for v_proj/down_proj in the first and last
+            eighth of the layers (and every third in between) and for lm_head, LOW for the rest.
+        quantize_embeddings: quantize embed_tokens and lm_head too.
+
+    Returns:
+        The path of the written folder.
+    """
+    policy = _check_options(quantize, bits, group_size, dtype, mixed, quantize_embeddings)
+    src = resolve(hf_path)
+    out = Path(mlx_path).expanduser().absolute()
+    _check_output(src, out, force)
+
+    config = read_config(src)
+    if "quantization" in config:
+        raise UserError(f"{src} is already an MLX quantized folder; convert from the original checkpoint")
+    model = build_model(config)  # parameters stay lazy: never evaluated, never in memory
+    weights = model.sanitize(read_weights(src))
+    _check_weights(model, weights)
+    dtype = dtype or config.get("torch_dtype") or config.get("dtype")
+    target = getattr(mx, dtype) if dtype in DTYPES else None
+
+    tensors, quant_config = _output_tensors(model, weights, policy, target)
+    _check_disk(out, sum(t.nbytes for t in tensors.values()))
+
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    _remove_stale_partials(out)
+    try:
+        tmp.mkdir(parents=True)
+        _write_shards(tmp, tensors, max_shard_bytes)
+        _write_config(tmp / "config.json", config, quant_config, dtype if target else None)
+        for name in SIDE_FILES:
+            if (src / name).is_file():
+                shutil.copy(src / name, tmp / name)
+        if out.exists():  # --force: the old folder goes only once the new one is complete
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _check_options(quantize, bits, group_size, dtype, mixed, quantize_embeddings) -> Optional[QuantPolicy]:
+    if bits not in BITS:
+        raise UserError(f"--bits {bits} is not supported; use 4 or 8 (or a --mixed recipe)")
+    if group_size not in GROUP_SIZES:
+        raise UserError(f"--group-size {group_size} is not supported; use 32, 64 or 128")
+    if dtype is not None and dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype} is not supported; use {', '.join(DTYPES)}")
+    recipe = parse_mixed(mixed)
+    if not (quantize or recipe):
+        return None
+    return QuantPolicy(recipe[0] if recipe else bits, group_size, recipe, quantize_embeddings)
+
+
+def _check_output(src: Path, out: Path, force: bool):
+    src = src.resolve()
+    if out.resolve() == src or src in out.resolve().parents:
+        raise UserError(f"the output {out} is inside the input folder {src}; write it somewhere else")
+    if out.exists() and not force:
+        raise UserError(f"{out} exists; pass --force to replace it, or choose another --mlx-path")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} exists and is not a folder; remove it or choose another --mlx-path")
+
+
+def _check_disk(out: Path, nbytes: int):
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    free = shutil.disk_usage(parent).free
+    if nbytes > free:
+        raise UserError(
+            f"not enough free disk at {parent}: the output needs {_size(nbytes)}, {_size(free)} are free"
+        )
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def _remove_stale_partials(out: Path):
+    """A conversion killed outright (SIGKILL) cannot clean up after itself; the next one does."""
+    for p in out.parent.glob(f".{out.name}.partial-*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _output_tensors(model: nn.Module, weights: dict, policy: Optional[QuantPolicy], dtype):
+    """Every output tensor, lazily, in the model's order; and the per-layer quantization record."""
+    if dtype is not None:
+        weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+    if policy is None:
+        return weights, None
+
+    default = {"group_size": policy.group_size, "bits": policy.bits, "mode": "affine"}
+    record = dict(default)
+    out = {}
+    num_layers = len(model.layers)
+    for path, module in model.named_modules():
+        if not hasattr(module, "to_quantized"):
+            continue
+        params = policy.params(path, module, num_layers)
+        if params != default:
+            record[path] = params  # mlx-lm's layout: per-layer entries, False for float
+        if params:
+            w = weights.pop(f"{path}.weight")
+            q, scales, biases = mx.quantize(w, params["group_size"], params["bits"])
+            out.update({f"{path}.weight": q, f"{path}.scales": scales, f"{path}.biases": biases})
+    out.update(weights)
+    return dict(sorted(out.items(), key=lambda kv: _natural(kv[0]))), record
+
+
+def _natural(name: str):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def _write_shards(folder: Path, tensors: dict, max_bytes: int):
+    """Split into shards of at most `max_bytes` and write each with its index."""
+    shards, size = [[]], 0
+    for name, t in tensors.items():
+        if shards[-1] and size + t.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += t.nbytes
+    n = len(shards)
+    weight_map = {}
+    for i, names in enumerate(shards, 1):
+        file = "model.safetensors" if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
+        write_safetensors(folder / file, {k: tensors.pop(k) for k in names})
+        weight_map.update({k: file for k in names})
+    total = sum(os.path.getsize(folder / f) for f in set(weight_map.values()))
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=4))
+
+
+def write_safetensors(file: Path, tensors: dict):
+    """Write the header from the (lazy) shapes, then evaluate and write one tensor at a time."""
+    header, offset = {}, 0
+    for name, t in tensors.items():
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    header["__metadata__"] = {"format": "mlx"}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(file, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for name in list(tensors):
+            t = mx.contiguous(tensors.pop(name))
+            if t.dtype == mx.bfloat16:
+                t = t.view(mx.uint16)  # the buffer protocol has no bfloat16
+            mx.eval(t)
+            f.write(memoryview(t))
+            del t
+
+
+def _write_config(file: Path, config: dict, quant: Optional[dict], dtype: Optional[str]):
+    config = dict(config)
+    # mlx-lm reads only these spellings for qwen3_moe; write them beside transformers 5's.
+    rope = config.get("rope_parameters") or {}
+    if config.get("rope_theta") is None and "rope_theta" in rope:
+        config["rope_theta"] = rope["rope_theta"]
+    if config.get("num_experts") is None and "num_local_experts" in config:
+        config["num_experts"] = config["num_local_experts"]
+    for key in ("torch_dtype", "dtype"):
+        if dtype and key in config:
+            config[key] = dtype
+    if quant:
+        config["quantization"] = quant
+        config["quantization_config"] = quant  # transformers-style tools look here
+    file.write_text(json.dumps(config, indent=2))
+
+
+def _interrupt(*_):
+    raise KeyboardInterrupt
+
+
+def main():
+    import click
+
+    @click.command(context_settings={"help_option_names": ["-h", "--help"]})
+    @click.option("--hf-path", required=True, help="Hugging Face model folder or Hub id.")
+    @click.option("--mlx-path", required=True, help="The MLX folder to create.")
+    @click.option("-q", "--quantize", is_flag=True, help="Quantize (4-bit, group size 64 unless told).")
+    @click.option("--bits", type=int, default=4, show_default=True, help="4 or 8.")
+    @click.option("--group-size", type=int, default=64, show_default=True, help="32, 64 or 128.")
+    @click.option("--dtype", default=None, help="bfloat16, float16 or float32 for what stays float.")
+    @click.option("--mixed", default=None, help="A mixed recipe, e.g. mixed_4_6 (implies -q).")
+    @click.option("--quantize-embeddings/--float-embeddings", default=True, show_default=True,
+                  help="Quantize embed_tokens and lm_head too.")
+    @click.option("--force", is_flag=True, help="Replace an existing --mlx-path.")
+    def cli(hf_path, mlx_path, quantize, bits, group_size, dtype, mixed, quantize_embeddings, force):
+        """Convert a Hugging Face Qwen3 / Qwen3-MoE / QwQ checkpoint to MLX."""
+        # Ctrl-C and kill end the conversion the same way: the partial folder is removed, nothing is left.
+        signal.signal(signal.SIGTERM, _interrupt)
+        with exit_on_user_error():
+            try:
+                path = convert(hf_path, mlx_path, quantize, bits, group_size, dtype, mixed,
+                               quantize_embeddings, force)
+            except KeyboardInterrupt:
+                print("interrupted; nothing was written", file=sys.stderr)
+                sys.exit(130)
+        print(f"wrote {path}")
+
+    cli()
+
+
+if __name__ == "__main__":
+    main()
