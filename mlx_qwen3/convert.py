@@ -201,8 +201,10 @@ def _alive(pid: int) -> bool:
 
 def _output_tensors(model: nn.Module, weights: dict, policy: Optional[QuantPolicy], dtype):
     """Every output tensor, lazily, in the model's order; and the per-layer quantization record."""
-    if dtype is not None:
-        weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+    if dtype is not None:  # in place: no reference to a source tensor may outlive its use
+        for k, v in weights.items():
+            if mx.issubdtype(v.dtype, mx.floating):
+                weights[k] = v.astype(dtype)
     if policy is None:
         return weights, None
 

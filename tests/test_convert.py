@@ -296,3 +296,50 @@ def test_an_mlx_quantized_folder_is_not_an_input(checkpoint, tmp_path):
     q = convert(src, tmp_path / "q", quantize=True, group_size=32)
     with pytest.raises(UserError, match="already an MLX quantized folder"):
         convert(q, tmp_path / "again")
+
+
+PEAK = """
+import resource, sys
+from mlx_qwen3.convert import convert
+if sys.argv[1] != "-":
+    convert(sys.argv[1], sys.argv[2], quantize=True)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def test_conversion_streams_tensor_by_tensor(tmp_path):
+    """Peak memory grows by about the largest tensor, not by the checkpoint (200 MB here)."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    H, I, layers = 1024, 3072, 4
+    config = dict(model_type="qwen3", hidden_size=H, intermediate_size=I, num_hidden_layers=layers,
+                  num_attention_heads=8, num_key_value_heads=4, head_dim=128, vocab_size=4096,
+                  max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                  torch_dtype="float16")  # fp32 files cast to fp16: the cast must stream too
+    src = tmp_path / "hf"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps(config))
+    rng = np.random.default_rng(0)
+    shapes = {"model.embed_tokens.weight": (4096, H), "model.norm.weight": (H,)}
+    for i in range(layers):
+        p = f"model.layers.{i}"
+        shapes.update({f"{p}.self_attn.q_proj.weight": (H, H), f"{p}.self_attn.k_proj.weight": (512, H),
+                       f"{p}.self_attn.v_proj.weight": (512, H), f"{p}.self_attn.o_proj.weight": (H, H),
+                       f"{p}.self_attn.q_norm.weight": (128,), f"{p}.self_attn.k_norm.weight": (128,),
+                       f"{p}.mlp.gate_proj.weight": (I, H), f"{p}.mlp.up_proj.weight": (I, H),
+                       f"{p}.mlp.down_proj.weight": (H, I), f"{p}.input_layernorm.weight": (H,),
+                       f"{p}.post_attention_layernorm.weight": (H,)})
+        save_file({k: rng.standard_normal(s, np.float32) for k, s in shapes.items()}, src / f"model-{i}.safetensors")
+        shapes = {}
+    total = sum(f.stat().st_size for f in src.glob("*.safetensors"))
+    assert total > 200e6
+
+    def peak_kb(*args):
+        out = subprocess.run([sys.executable, "-c", PEAK, *args], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        return int(out.stdout.strip())
+
+    grew = (peak_kb(str(src), str(tmp_path / "out")) - peak_kb("-", "-")) * 1024
+    largest = I * H * 4
+    assert grew < 4 * largest < total / 3, f"grew {grew / 1e6:.0f} MB converting {total / 1e6:.0f} MB"
