@@ -18,7 +18,7 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .errors import UserError, exit_on_user_error
+from .errors import UserError, run_cli
 from .load import _check_weights, build_model, read_config, read_weights, resolve
 
 BITS = (4, 8)
@@ -309,16 +309,14 @@ def main():
         """Convert a Hugging Face Qwen3 / Qwen3-MoE / QwQ checkpoint to MLX."""
         # Ctrl-C and kill end the conversion the same way: the partial folder is removed, nothing is left.
         signal.signal(signal.SIGTERM, _interrupt)
-        with exit_on_user_error():
-            try:
-                path = convert(hf_path, mlx_path, quantize, bits, group_size, dtype, mixed,
-                               quantize_embeddings, force)
-            except KeyboardInterrupt:
-                print("interrupted; nothing was written", file=sys.stderr)
-                sys.exit(130)
+        try:
+            path = convert(hf_path, mlx_path, quantize, bits, group_size, dtype, mixed, quantize_embeddings, force)
+        except KeyboardInterrupt:
+            print("interrupted; nothing was written", file=sys.stderr)
+            sys.exit(130)
         print(f"wrote {path}")
 
-    cli()
+    run_cli(cli)
 
 
 if __name__ == "__main__":

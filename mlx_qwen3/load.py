@@ -9,7 +9,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .errors import UserError, exit_on_user_error
+from .errors import UserError, run_cli
 from .models import MODELS
 
 # What a model needs from a Hub repo: configs, weights, tokenizer, chat template.
@@ -207,17 +207,16 @@ def main():
     @click.command()
     @click.argument("model")
     def cli(model):
-        with exit_on_user_error():
-            m, config = load_model(model, lazy=True)
-            nbytes = sum(v.nbytes for _, v in tree_flatten(m.parameters()))
-            print(json.dumps({
-                "model_type": config["model_type"],
-                "layers": len(m.layers),
-                "weight_bytes": nbytes,
-                "quantization": config.get("quantization"),
-            }))
+        m, config = load_model(model, lazy=True)
+        nbytes = sum(v.nbytes for _, v in tree_flatten(m.parameters()))
+        print(json.dumps({
+            "model_type": config["model_type"],
+            "layers": len(m.layers),
+            "weight_bytes": nbytes,
+            "quantization": config.get("quantization"),
+        }))
 
-    cli()
+    run_cli(cli)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,492 @@
+"""generate_step (token ids) -> stream_generate (events) -> generate (a result); ChatSession; the CLI."""
+
+import time
+from collections import deque
+from dataclasses import dataclass, field, fields
+from typing import Iterator, Optional
+
+import mlx.core as mx
+
+from .errors import UserError
+from .models.base import make_cache, process_prompt
+from .sample import make_processors, make_sampler
+from .thinking import Event, ThinkingRouter, starts_in_thinking, thinking_wanted
+
+# Qwen's recommended sampling per mode; generation_config.json overrides, then the caller.
+THINKING_DEFAULTS = dict(temperature=0.6, top_p=0.95, top_k=20, min_p=0.0)
+NON_THINKING_DEFAULTS = dict(temperature=0.7, top_p=0.8, top_k=20, min_p=0.0)
+WRAP_UP = "\n\nConsidering the limited time, I have to give the solution based on the thinking directly now.\n"
+
+
+def generate_step(model, prompt: mx.array, cache: list, sampler, processors=(), forced: Optional[deque] = None):
+    """Yield token ids forever: the prompt goes through `cache` first, then one token at a time.
+
+    Ids put in `forced` are fed instead of sampled ones (how a thinking budget ends a thought).
+    The next step is computed while the caller looks at this token (mx.async_eval).
+    """
+    forced = forced if forced is not None else deque()
+    history = mx.zeros((0,), dtype=mx.uint32)
+
+    def sample(logits):
+        for p in processors:
+            logits = p(history, logits)
+        return sampler(logits).astype(mx.uint32)
+
+    y = sample(process_prompt(model, prompt[None], cache))
+    mx.async_eval(y)
+    while True:
+        if forced:
+            y = mx.array([forced.popleft()], dtype=mx.uint32)
+        if processors:
+            history = mx.concatenate([history, y])
+        next_y = sample(model(y[None], cache=cache)[:, -1, :])
+        mx.async_eval(next_y)
+        yield y.item()
+        y = next_y
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """Everything a caller can set, checked once. None means: the default for the mode in effect."""
+
+    max_tokens: int = 8192
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    top_k: Optional[int] = None
+    min_p: Optional[float] = None
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: Optional[int] = None
+    enable_thinking: Optional[bool] = None
+    thinking_budget: Optional[int] = None
+    wrap_up: str = WRAP_UP
+    system: Optional[str] = None
+    tools: Optional[list] = None
+    chat_template_kwargs: dict = field(default_factory=dict)
+    cancel: object = None  # a threading.Event: set it from another thread to stop
+
+    def __post_init__(self):
+        checks = [
+            (self.max_tokens >= 1, f"max_tokens must be at least 1, not {self.max_tokens}"),
+            (self.temperature is None or self.temperature >= 0, f"temperature must be >= 0, not {self.temperature}"),
+            (self.top_p is None or 0 < self.top_p <= 1, f"top_p must be in (0, 1], not {self.top_p}"),
+            (self.top_k is None or self.top_k >= 0, f"top_k must be >= 0 (0: off), not {self.top_k}"),
+            (self.min_p is None or 0 <= self.min_p <= 1, f"min_p must be in [0, 1], not {self.min_p}"),
+            (-2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], not {self.presence_penalty}"),
+            (self.repetition_penalty > 0, f"repetition_penalty must be > 0, not {self.repetition_penalty}"),
+            (self.thinking_budget is None or self.thinking_budget >= 0,
+             f"thinking_budget must be >= 0, not {self.thinking_budget}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> "GenerationOptions":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise UserError(f"unknown generation option {unknown[0]!r}; known: {', '.join(sorted(known))}")
+        return cls(**kwargs)
+
+    def sampling(self, thinking: bool, generation_config: dict) -> dict:
+        """Mode defaults, then generation_config.json, then what the caller set."""
+        params = dict(THINKING_DEFAULTS if thinking else NON_THINKING_DEFAULTS)
+        params.update({k: generation_config[k] for k in params if generation_config.get(k) is not None})
+        params.update({k: getattr(self, k) for k in params if getattr(self, k) is not None})
+        return params
+
+
+@dataclass
+class GenerationResult:
+    """What a generation produced; also the last event of a stream, with type "done"."""
+
+    thinking: str
+    answer: str
+    tool_calls: list
+    finish_reason: str  # stop | length | cancelled
+    prompt_tokens: int
+    generation_tokens: int
+    prompt_tps: float
+    generation_tps: float
+    peak_memory: float  # GB
+    type: str = "done"
+    text: str = ""
+
+
+def to_messages(prompt, system: Optional[str] = None) -> list:
+    """A plain prompt becomes one user message; a message list is taken as it is."""
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise UserError("the prompt is empty; give some text")
+        messages = [{"role": "user", "content": prompt}]
+    else:
+        messages = [dict(m) for m in prompt]
+        if not messages:
+            raise UserError("the conversation is empty; give at least one message")
+    if system is not None and messages[0].get("role") != "system":
+        messages.insert(0, {"role": "system", "content": system})
+    return messages
+
+
+def context_window(model) -> int:
+    args = model.args
+    scaling = args.rope_scaling or {}
+    if scaling.get("factor") and scaling.get("original_max_position_embeddings"):
+        return max(args.max_position_embeddings, int(scaling["factor"] * scaling["original_max_position_embeddings"]))
+    return args.max_position_embeddings
+
+
+def render_prompt(tokenizer, messages: list, opts: GenerationOptions) -> list:
+    text = tokenizer.apply_chat_template(
+        messages, tools=opts.tools, add_generation_prompt=True,
+        **{"enable_thinking": opts.enable_thinking, **opts.chat_template_kwargs},
+    )
+    return tokenizer.encode(text)
+
+
+def run(model, tokenizer, prompt_ids: list, cache: list, opts: GenerationOptions, thinking: bool,
+        fed: Optional[list] = None) -> Iterator:
+    """Generate after `prompt_ids` (whose first `cache[0].offset` tokens are already in `cache`).
+
+    Yields Events, then the GenerationResult. Every token the model consumed is appended to `fed`.
+    """
+    window = context_window(model)
+    if len(prompt_ids) >= window:
+        raise UserError(f"the prompt is {len(prompt_ids)} tokens; the context window is {window}")
+    start = cache[0].offset
+    params = opts.sampling(thinking, tokenizer.generation_config)
+    sampler = make_sampler(params["temperature"], params["top_p"], params["top_k"], params["min_p"], opts.seed)
+    processors = make_processors(opts.presence_penalty, opts.repetition_penalty)
+    router = ThinkingRouter(tokenizer, thinking=starts_in_thinking(prompt_ids, tokenizer))
+    eos = tokenizer.eos_token_ids
+    max_tokens = min(opts.max_tokens, window - len(prompt_ids))
+
+    forced = deque()
+    ending, budget, thought = [], None, 0  # a budget feeds: a wrap-up sentence, </think>, a blank line
+    if opts.thinking_budget is not None and tokenizer.token_id("</think>") is not None:
+        ending = tokenizer.encode(opts.wrap_up) + [tokenizer.token_id("</think>")] + tokenizer.encode("\n\n")
+        reserve = max(1, min(512, max_tokens // 4))  # room kept for the answer
+        budget = max(0, min(opts.thinking_budget, max_tokens - len(ending) - reserve))
+
+    def end_thought_if_due():
+        nonlocal budget
+        if budget is not None and router.state == "thinking" and thought >= budget:
+            forced.extend(ending)
+            budget = None
+
+    fed = fed if fed is not None else []
+    fed.extend(prompt_ids[start:])
+    mx.reset_peak_memory()
+    tic = time.perf_counter()
+    prompt_time, n, finish = None, 0, "length"
+    steps = generate_step(model, mx.array(prompt_ids[start:], dtype=mx.uint32), cache, sampler, processors, forced)
+    end_thought_if_due()
+    try:
+        for token in steps:
+            if prompt_time is None:
+                prompt_time = time.perf_counter() - tic
+                tic = time.perf_counter()
+            fed.append(token)
+            if token in eos:
+                finish = "stop"
+                break
+            n += 1
+            thinking_before = router.state == "thinking"
+            yield from router.feed(token)
+            thought += thinking_before and router.state == "thinking"
+            end_thought_if_due()
+            if opts.cancel is not None and opts.cancel.is_set():
+                finish = "cancelled"
+                break
+            if n >= max_tokens:
+                break
+    finally:
+        steps.close()
+    yield from router.finish()
+    gen_time = time.perf_counter() - tic
+    yield GenerationResult(
+        thinking=router.texts["thinking"],
+        answer=router.texts["answer"],
+        tool_calls=router.tool_calls,
+        finish_reason=finish,
+        prompt_tokens=len(prompt_ids),
+        generation_tokens=n,
+        prompt_tps=(len(prompt_ids) - start) / prompt_time if prompt_time else 0.0,
+        generation_tps=(n - 1) / gen_time if n > 1 and gen_time > 0 else 0.0,
+        peak_memory=mx.get_peak_memory() / 1e9,
+    )
+
+
+def stream_generate(model, tokenizer, prompt, **options) -> Iterator:
+    """Stream a reply to a prompt (a string) or a conversation (a list of messages).
+
+    Args:
+        prompt: text (wrapped as one user message) or [{"role", "content"}, ...].
+        options: see GenerationOptions (max_tokens, temperature, top_p, top_k, min_p,
+            presence_penalty, repetition_penalty, seed, enable_thinking, thinking_budget,
+            system, tools, chat_template_kwargs, cancel).
+
+    Returns:
+        An iterator of Events (.type thinking | answer | tool_call, .text), then a
+        GenerationResult with .type "done".
+    """
+    opts = GenerationOptions.from_kwargs(**options)
+    messages = to_messages(prompt, opts.system)
+    ids = render_prompt(tokenizer, messages, opts)
+    yield from run(model, tokenizer, ids, make_cache(model), opts, thinking_wanted(messages, opts.enable_thinking))
+
+
+def generate(model, tokenizer, prompt, **options) -> GenerationResult:
+    """Generate a whole reply; the same arguments as stream_generate. Returns a GenerationResult."""
+    for event in stream_generate(model, tokenizer, prompt, **options):
+        pass
+    return event
+
+
+class ChatSession:
+    """A conversation that keeps its history and its KV cache: a new turn processes only new tokens.
+
+    The template drops earlier turns' thinking, so each turn rewinds the cache to the longest
+    prefix it shares with the new prompt before going on.
+    """
+
+    def __init__(self, model, tokenizer, system: Optional[str] = None, **options):
+        self.model, self.tokenizer = model, tokenizer
+        self.options = options
+        self.messages = [] if system is None else [{"role": "system", "content": system}]
+        self.reset_cache()
+
+    def reset_cache(self):
+        self.cache = make_cache(self.model)
+        self.cached = []  # the token ids whose keys and values are in the cache
+
+    def reset(self):
+        self.messages = self.messages[:1] if self.messages and self.messages[0]["role"] == "system" else []
+        self.reset_cache()
+
+    def stream(self, message, **options) -> Iterator:
+        """Send a user message (text or a message dict, e.g. a tool result); yields events, then the result."""
+        opts = GenerationOptions.from_kwargs(**{**self.options, **options})
+        turn = {"role": "user", "content": message} if isinstance(message, str) else dict(message)
+        if isinstance(message, str) and not message.strip():
+            raise UserError("the message is empty; give some text")
+        messages = self.messages + [turn]
+        ids = render_prompt(self.tokenizer, messages, opts)
+        self._rewind(ids)
+        result = None
+        for event in run(self.model, self.tokenizer, ids, self.cache, opts,
+                         thinking_wanted(messages, opts.enable_thinking), fed=self.cached):
+            result = event
+            yield event
+        self.messages = messages + [_assistant_message(result)]
+
+    def send(self, message, **options) -> GenerationResult:
+        for event in self.stream(message, **options):
+            pass
+        return event
+
+    def _rewind(self, ids: list):
+        common = 0
+        for a, b in zip(self.cached, ids):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(ids) - 1)  # at least one new token must go through the model
+        drop = self.cache[0].offset - common
+        for c in self.cache:
+            c.trim(drop)
+        self.cached = self.cached[:common]
+
+
+def _assistant_message(result: GenerationResult) -> dict:
+    message = {"role": "assistant", "content": result.answer}
+    if result.thinking:
+        message["reasoning_content"] = result.thinking
+    if result.tool_calls:
+        message["tool_calls"] = [
+            {"type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
+            for c in result.tool_calls if c.get("name")
+        ]
+    return message
+
+
+# ---- the CLI: a thin shell over stream_generate and ChatSession ----
+
+DIM, RESET = "\x1b[2m", "\x1b[0m"
+
+
+class Printer:
+    """Shows events: on a terminal thinking is dimmed and labelled; --json gives one object per line."""
+
+    def __init__(self, as_json: bool, hide_thinking: bool, tty: bool):
+        self.as_json, self.hide_thinking, self.tty = as_json, hide_thinking, tty
+        self.channel = None
+
+    def show(self, event) -> Optional[GenerationResult]:
+        import json
+        import sys
+
+        out = sys.stdout
+        if self.as_json:
+            if event.type == "done":
+                record = {k: v for k, v in vars(event).items() if k != "text"}
+            else:
+                record = {"type": event.type, "text": event.text}
+                if event.tool_call is not None:
+                    record["tool_call"] = event.tool_call
+            if event.type != "thinking" or not self.hide_thinking:
+                print(json.dumps(record, ensure_ascii=False), flush=True)
+            return event if event.type == "done" else None
+        if event.type == "done":
+            self._enter(None)
+            print(file=out, flush=True)
+            print(_stats(event), file=sys.stderr)
+            return event
+        if event.type == "thinking" and self.hide_thinking:
+            return None
+        self._enter(event.type)
+        if event.type == "tool_call":
+            call = event.tool_call
+            text = f"[tool call] {call['name']}({json.dumps(call['arguments'], ensure_ascii=False)})"
+            if call.get("error"):
+                text = f"[tool call, {call['error']}] {event.text}"
+            out.write(text + "\n")
+        else:
+            out.write(event.text)
+        out.flush()
+        return None
+
+    def _enter(self, channel):
+        """Open or close the thinking block when the channel changes."""
+        import sys
+
+        if channel == self.channel:
+            return
+        out = sys.stdout
+        if self.channel == "thinking":
+            out.write(RESET + "\n\n" if self.tty else "\n</think>\n\n")
+        elif self.channel == "answer" and channel == "tool_call":
+            out.write("\n")
+        if channel == "thinking":
+            out.write(DIM + "Thinking:\n" if self.tty else "<think>\n")
+        self.channel = channel
+
+
+def _stats(r: GenerationResult) -> str:
+    return (f"prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.1f} tok/s | "
+            f"generation: {r.generation_tokens} tokens, {r.generation_tps:.1f} tok/s | "
+            f"peak memory: {r.peak_memory:.2f} GB | finish: {r.finish_reason}")
+
+
+def _show_stream(events, printer: Printer, cancel) -> GenerationResult:
+    """Print a stream; the first Ctrl-C cancels generation cleanly, a second one stops at once."""
+    import signal
+
+    def on_sigint(*_):
+        if cancel.is_set():
+            raise KeyboardInterrupt
+        cancel.set()
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        result = None
+        for event in events:
+            result = printer.show(event) or result
+        return result
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def main():
+    import sys
+    import threading
+
+    import click
+
+    from .errors import run_cli
+    from .load import load
+
+    @click.command(context_settings={"help_option_names": ["-h", "--help"]})
+    @click.option("--model", required=True, help="Model folder or Hugging Face Hub id.")
+    @click.option("--prompt", default=None, help="The prompt; - reads it from stdin.")
+    @click.option("--system", default=None, help="A system message.")
+    @click.option("--max-tokens", type=int, default=8192, show_default=True)
+    @click.option("--temp", "temperature", type=float, default=None, help="Default: per mode (0.6 thinking, 0.7 not).")
+    @click.option("--top-p", type=float, default=None, help="Default: per mode (0.95 thinking, 0.8 not).")
+    @click.option("--top-k", type=int, default=None, help="Default: 20.")
+    @click.option("--min-p", type=float, default=None, help="Default: 0.")
+    @click.option("--presence-penalty", type=float, default=0.0, show_default=True)
+    @click.option("--repetition-penalty", type=float, default=1.0, show_default=True)
+    @click.option("--seed", type=int, default=None)
+    @click.option("--think/--no-think", "enable_thinking", default=None, help="Default: the model's (thinking on).")
+    @click.option("--thinking-budget", type=int, default=None, help="End the thought after N tokens.")
+    @click.option("--hide-thinking", is_flag=True, help="Do not print the thinking.")
+    @click.option("--json", "as_json", is_flag=True, help="One JSON object per event and line.")
+    @click.option("--chat", is_flag=True, help="An interactive chat (/think, /no_think, /budget N, /reset, /exit).")
+    def cli(model, prompt, chat, hide_thinking, as_json, **options):
+        """Generate with a Qwen3 / Qwen3-MoE / QwQ model."""
+        cancel = threading.Event()
+        GenerationOptions.from_kwargs(**options)  # bad values fail before the model loads
+        if prompt is None and not chat:
+            raise UserError("give --prompt TEXT (or --prompt - to read stdin), or --chat")
+        if prompt == "-":
+            prompt = sys.stdin.read()
+        if prompt is not None:
+            to_messages(prompt)
+        model, tokenizer = load(model)
+        printer = Printer(as_json, hide_thinking, sys.stdout.isatty())
+        if not chat:
+            result = _show_stream(stream_generate(model, tokenizer, prompt, cancel=cancel, **options), printer, cancel)
+            return 130 if result.finish_reason == "cancelled" else 0
+        return _repl(ChatSession(model, tokenizer, **options), printer, prompt)
+
+    run_cli(cli)
+
+
+def _repl(session: ChatSession, printer: Printer, first: Optional[str]) -> int:
+    import sys
+    import threading
+
+    commands = "/think, /no_think, /budget N (or off), /reset, /exit"
+    print(f"chat: {commands}; Ctrl-C stops a reply, Ctrl-D leaves", file=sys.stderr)
+    line = first
+    while True:
+        if line is None:
+            try:
+                line = input(">>> ")
+            except EOFError:
+                return 0
+            except KeyboardInterrupt:
+                print(file=sys.stderr)
+                return 130
+        line, text = None, line.strip()
+        if not text:
+            continue
+        if text == "/exit":
+            return 0
+        if text == "/reset":
+            session.reset()
+        elif text in ("/think", "/no_think"):
+            session.options["enable_thinking"] = text == "/think"
+        elif text.startswith("/budget"):
+            arg = text.split()[1:] or ["?"]
+            if arg[0] == "off":
+                session.options["thinking_budget"] = None
+            elif arg[0].isdigit():
+                session.options["thinking_budget"] = int(arg[0])
+            else:
+                print("usage: /budget N, or /budget off", file=sys.stderr)
+        elif text.startswith("/") and text.split()[0] in ("/help", "/?"):
+            print(commands, file=sys.stderr)
+        else:
+            cancel = threading.Event()
+            try:
+                _show_stream(session.stream(text, cancel=cancel), printer, cancel)
+            except UserError as e:
+                print(f"error: {e}", file=sys.stderr)
+            printer.channel = None
+
+
+if __name__ == "__main__":
+    main()

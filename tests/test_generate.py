@@ -1,0 +1,298 @@
+"""The whole text path on checkpoints whose greedy output we script, with the real Qwen3 tokenizer."""
+
+import threading
+import time
+
+import mlx.core as mx
+import pytest
+from chain import build, ids_of, qwq_template, successors, tokenizer
+
+from mlx_qwen3 import UserError, load
+from mlx_qwen3.generate import ChatSession, GenerationOptions, generate, stream_generate
+
+GREEDY = dict(temperature=0)
+
+
+def prompt_tail(tok, messages=None, **kwargs):
+    """The last prompt token: what the model's first reply token follows."""
+    messages = messages or [{"role": "user", "content": "What is 2+2?"}]
+    return tok.encode(tok.apply_chat_template(messages, **kwargs))[-1]
+
+
+@pytest.fixture
+def scripted(tmp_path):
+    """scripted(*scripts, **build options) -> (model, tokenizer) that greedily follows the scripts."""
+    count = [0]
+
+    def make(*scripts, **options):
+        count[0] += 1
+        folder = build(tmp_path / f"m{count[0]}", successors(*scripts), **options)
+        return load(folder)
+
+    return make
+
+
+def collect(events):
+    events = list(events)
+    return events[:-1], events[-1]
+
+
+def check_streams_add_up(events, result):
+    for channel in ("thinking", "answer"):
+        assert "".join(e.text for e in events if e.type == channel) == getattr(result, channel)
+
+
+def test_thinking_then_answer(scripted):
+    tok = tokenizer()
+    reply = ids_of(tok, ["<think>", "Let me think", "</think>", "\n\n", "The answer is 4.", "<|im_end|>"])
+    model, tok = scripted([prompt_tail(tok)] + reply)
+    events, result = collect(stream_generate(model, tok, "What is 2+2?", **GREEDY))
+    assert (result.thinking, result.answer) == ("Let me think", "The answer is 4.")
+    assert result.finish_reason == "stop" and result.tool_calls == []
+    assert [e.type for e in events][0] == "thinking" and events[-1].type == "answer"
+    assert result.type == "done" and result.generation_tokens == len(reply) - 1  # <|im_end|> is not output
+    assert result.prompt_tokens == len(tok.encode(tok.apply_chat_template([{"role": "user", "content": "What is 2+2?"}])))
+    check_streams_add_up(events, result)
+
+
+def test_enable_thinking_false_gives_no_thinking_events(scripted):
+    tok = tokenizer()
+    tail = prompt_tail(tok, enable_thinking=False)  # the template's empty <think>\n\n</think>\n\n
+    model, tok = scripted([tail] + ids_of(tok, ["Hi there.", "<|im_end|>"]))
+    events, result = collect(stream_generate(model, tok, "Hello", enable_thinking=False, **GREEDY))
+    assert [e.type for e in events] == ["answer"] * len(events)
+    assert (result.thinking, result.answer) == ("", "Hi there.")
+
+
+def test_qwq_style_prompt_starts_inside_the_thought(scripted):
+    tok = tokenizer()
+    reply = ids_of(tok, ["Hmm.", "</think>", "Done!", "<|im_end|>"])
+    model, tok = scripted([198] + reply, template=qwq_template())
+    assert tok.apply_chat_template([{"role": "user", "content": "x"}]).endswith("<think>\n")
+    events, result = collect(stream_generate(model, tok, "Solve it", **GREEDY))
+    assert (result.thinking, result.answer) == ("Hmm.", "Done!")
+    assert events[0].type == "thinking"
+
+
+def test_empty_thought_of_a_soft_no_think_gives_no_thinking_events(scripted):
+    tok = tokenizer()
+    # Qwen3 answers /no_think with an empty block: <think>, newlines, </think>, newlines
+    reply = ids_of(tok, ["<think>", "\n\n\n", "</think>", "\n\n", "OK.", "<|im_end|>"])
+    model, tok = scripted([prompt_tail(tok)] + reply)
+    events, result = collect(stream_generate(model, tok, "Say OK /no_think", **GREEDY))
+    assert {e.type for e in events} == {"answer"} and result.answer == "OK." and result.thinking == ""
+
+
+def test_sampling_defaults_follow_the_mode_then_generation_config_then_the_user():
+    o = GenerationOptions()
+    assert o.sampling(True, {}) == dict(temperature=0.6, top_p=0.95, top_k=20, min_p=0.0)
+    assert o.sampling(False, {}) == dict(temperature=0.7, top_p=0.8, top_k=20, min_p=0.0)
+    assert o.sampling(False, {"temperature": 0.3, "top_k": None})["temperature"] == 0.3
+    assert GenerationOptions(temperature=0.1, top_k=5).sampling(False, {"temperature": 0.3}) == dict(
+        temperature=0.1, top_p=0.8, top_k=5, min_p=0.0)
+
+
+def test_soft_switches_set_the_mode():
+    from mlx_qwen3.thinking import thinking_wanted
+
+    def user(text):
+        return {"role": "user", "content": text}
+
+    assert thinking_wanted([user("hi")], None) is True
+    assert thinking_wanted([user("hi /no_think")], None) is False
+    assert thinking_wanted([user("hi /no_think"), {"role": "assistant", "content": "x"}, user("again")], None) is False
+    assert thinking_wanted([user("/no_think"), {"role": "assistant", "content": "x"}, user("now /think")], None)
+    assert thinking_wanted([{"role": "system", "content": "/no_think"}, user("q")], True) is False
+    assert thinking_wanted([user("/think please")], False) is False  # enable_thinking=False is final
+    assert thinking_wanted([user("a/no_think_b")], None) is True  # only the word itself counts
+
+
+def test_thinking_budget_ends_the_thought_and_the_answer_follows(scripted):
+    tok = tokenizer()
+    loop = ids_of(tok, ["<think>", "a b", "a"])  # <think> a b a b ... forever
+    after = [271] + ids_of(tok, ["Final.", "<|im_end|>"])  # the blank line the budget feeds, then the answer
+    model, tok = scripted([prompt_tail(tok)] + loop, after)
+    events, result = collect(stream_generate(model, tok, "Think hard", thinking_budget=7, **GREEDY))
+    assert result.thinking.startswith("a ba ba b")
+    assert result.thinking.endswith("I have to give the solution based on the thinking directly now.")
+    assert result.answer == "Final." and result.finish_reason == "stop"
+    wrap = tok.encode("\n\nConsidering the limited time, I have to give the solution based on the thinking directly now.\n")
+    assert result.generation_tokens == 1 + 7 + len(wrap) + 2 + 2  # <think>, budget, wrap-up, </think> \n\n, answer
+    check_streams_add_up(events, result)
+
+
+def test_max_tokens_mid_thought(scripted):
+    tok = tokenizer()
+    model, tok = scripted([prompt_tail(tok)] + ids_of(tok, ["<think>", "a b", "a"]))
+    result = generate(model, tok, "Think", max_tokens=12, **GREEDY)
+    assert result.finish_reason == "length" and result.generation_tokens == 12
+    assert result.answer == "" and result.thinking.startswith("a ba b")
+
+
+def test_a_budget_reserves_room_for_the_answer_within_max_tokens(scripted):
+    tok = tokenizer()
+    loop = ids_of(tok, ["<think>", "a b", "a"])
+    after = [271] + ids_of(tok, ["Final.", "<|im_end|>"])
+    model, tok = scripted([prompt_tail(tok)] + loop, after)
+    result = generate(model, tok, "Think", max_tokens=40, thinking_budget=1000, **GREEDY)
+    assert result.answer == "Final." and result.generation_tokens <= 40
+
+
+def test_budget_zero_with_a_prompt_inside_the_thought(scripted):
+    tok = tokenizer()
+    model, tok = scripted([198] + ids_of(tok, ["Hmm.", "</think>"]), [271] + ids_of(tok, ["Done!", "<|im_end|>"]),
+                          template=qwq_template())
+    result = generate(model, tok, "Solve", thinking_budget=0, **GREEDY)
+    assert result.thinking.startswith("Considering the limited time") and result.answer == "Done!"
+
+
+def test_tool_call_after_thinking(scripted):
+    tok = tokenizer()
+    call = '{"name":"f","arguments":{}}'
+    reply = ids_of(tok, ["<think>", "Plan", "</think>", "<tool_call>", call, "</tool_call>", "<|im_end|>"])
+    model, tok = scripted([prompt_tail(tok)] + reply)
+    tools = [{"type": "function", "function": {"name": "f", "description": "does f", "parameters": {}}}]
+    events, result = collect(stream_generate(model, tok, "Use f", tools=tools, **GREEDY))
+    assert result.tool_calls == [{"name": "f", "arguments": {}}]
+    assert [e.type for e in events] == ["thinking", "tool_call"] and events[1].text == call
+    assert result.thinking == "Plan" and result.answer == ""
+
+
+def test_malformed_tool_call_is_reported_not_dropped(scripted):
+    tok = tokenizer()
+    reply = ids_of(tok, ["<tool_call>", '{"name":"f",', "</tool_call>", "<|im_end|>"])
+    model, tok = scripted([prompt_tail(tok)] + reply)
+    result = generate(model, tok, "Use f", **GREEDY)
+    (call,) = result.tool_calls
+    assert call["name"] is None and call["error"].startswith("invalid JSON")
+
+
+def test_characters_split_across_tokens_arrive_whole(scripted):
+    tok = tokenizer()
+    text = "𝔘 and ﷽"
+    pieces = tok.encode(text)
+    assert any(not _valid_utf8(tok.token_bytes(t)) for t in pieces)  # the test needs split characters
+    model, tok = scripted([prompt_tail(tok, enable_thinking=False)] + pieces + [tok.token_id("<|im_end|>")])
+    events, result = collect(stream_generate(model, tok, "Say it", enable_thinking=False, **GREEDY))
+    assert result.answer == text
+    assert all("\ufffd" not in e.text and e.text for e in events)
+    assert len(events) < len(pieces)  # some tokens produced no text until their character was whole
+
+
+def _valid_utf8(b: bytes) -> bool:
+    try:
+        b.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def test_streaming_detokenizer_equals_decode():
+    from mlx_qwen3.tokenizer import StreamingDetokenizer
+
+    tok = tokenizer()
+    text = "Grüße, 世界! 🙂🙃 𝔘 ﷽ naïve café — <think>x</think>\n\n\tend"
+    ids = ids_of(tok, [text[:30], "<think>", "x", "</think>", text[30:]])
+    detok = StreamingDetokenizer(tok)
+    pieces = [detok.add(i) for i in ids] + [detok.flush()]
+    assert "".join(pieces) == tok.decode(ids)
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_stops_at_every_eos_id_from_generation_config(scripted):
+    tok = tokenizer()
+    model, tok = scripted([prompt_tail(tok, enable_thinking=False)] + ids_of(tok, ["Bye.", "<|endoftext|>"]))
+    result = generate(model, tok, "Go", enable_thinking=False, **GREEDY)
+    assert result.answer == "Bye." and result.finish_reason == "stop"
+
+
+def test_cancel_from_another_thread(scripted):
+    tok = tokenizer()
+    model, tok = scripted([prompt_tail(tok, enable_thinking=False)] + ids_of(tok, ["a b", "a"]))
+    cancel = threading.Event()
+    threading.Timer(0.3, cancel.set).start()
+    start = time.time()
+    result = generate(model, tok, "Loop", enable_thinking=False, cancel=cancel, max_tokens=100000, **GREEDY)
+    assert result.finish_reason == "cancelled" and result.answer.startswith("a ba b")
+    assert time.time() - start < 30
+
+
+def test_sampling_with_a_seed_is_reproducible(scripted):
+    tok = tokenizer()
+    model, tok = scripted([prompt_tail(tok)] + ids_of(tok, ["<think>", "a b", "a"]))
+    a = generate(model, tok, "x", max_tokens=20, seed=3, temperature=5.0, top_k=0, top_p=1.0)
+    b = generate(model, tok, "x", max_tokens=20, seed=3, temperature=5.0, top_k=0, top_p=1.0)
+    c = generate(model, tok, "x", max_tokens=20, seed=4, temperature=5.0, top_k=0, top_p=1.0)
+    assert (a.thinking, a.answer) == (b.thinking, b.answer)
+    assert (a.thinking, a.answer) != (c.thinking, c.answer)
+
+
+def test_chat_session_reuses_the_cache_and_rewinds_dropped_thinking(scripted):
+    tok = tokenizer()
+    reply = ids_of(tok, ["<think>", "Let me think", "</think>", "\n\n", "The answer is 4.", "<|im_end|>"])
+    model, tok = scripted([prompt_tail(tok)] + reply)
+    fed = []
+    real_call = type(model).__call__
+
+    def counting(self, ids, cache=None):
+        fed.append(ids.shape[1])
+        return real_call(self, ids, cache=cache)
+
+    type(model).__call__ = counting
+    try:
+        session = ChatSession(model, tok, temperature=0)
+        first = session.send("What is 2+2?")
+        assert first.answer == "The answer is 4."
+        fed.clear()
+        second = session.send("And 3+3?")
+    finally:
+        type(model).__call__ = real_call
+    messages = session.messages[:-1]
+    ids = tok.encode(tok.apply_chat_template(messages))
+    # shared with the first turn: everything up to its reply's "<|im_start|>assistant\n"; the
+    # template drops the first turn's thinking, so the cache rewinds there
+    first_prompt = tok.encode(tok.apply_chat_template(messages[:1]))
+    common = len(first_prompt)
+    assert ids[:common] == first_prompt
+    assert fed[0] == len(ids) - common
+    assert second.answer == "The answer is 4." and second.prompt_tokens == len(ids)
+    assert session.messages[1] == {"role": "assistant", "content": "The answer is 4.", "reasoning_content": "Let me think"}
+    # and the cached turn gives what a fresh generation over the same messages gives
+    fresh = generate(model, tok, messages, temperature=0)
+    assert (fresh.thinking, fresh.answer) == (second.thinking, second.answer)
+
+
+@pytest.mark.parametrize("options,message", [
+    (dict(temperature=-1), "temperature must be >= 0"),
+    (dict(top_p=0), r"top_p must be in \(0, 1\]"),
+    (dict(top_k=-3), "top_k must be >= 0"),
+    (dict(min_p=2), r"min_p must be in \[0, 1\]"),
+    (dict(presence_penalty=3), r"presence_penalty must be in \[-2, 2\]"),
+    (dict(repetition_penalty=0), "repetition_penalty must be > 0"),
+    (dict(max_tokens=0), "max_tokens must be at least 1"),
+    (dict(thinking_budget=-1), "thinking_budget must be >= 0"),
+    (dict(temprature=1), "unknown generation option 'temprature'"),
+])
+def test_bad_options(scripted, options, message):
+    tok = tokenizer()
+    model, tok = scripted([prompt_tail(tok), tok.token_id("<|im_end|>")])
+    with pytest.raises(UserError, match=message):
+        generate(model, tok, "hi", **options)
+
+
+def test_empty_and_too_long_prompts(scripted):
+    tok = tokenizer()
+    model, tok = scripted([prompt_tail(tok), tok.token_id("<|im_end|>")], max_position_embeddings=64)
+    with pytest.raises(UserError, match="the prompt is empty"):
+        generate(model, tok, "   ")
+    with pytest.raises(UserError, match="the conversation is empty"):
+        generate(model, tok, [])
+    with pytest.raises(UserError, match=r"the prompt is \d+ tokens; the context window is 64"):
+        generate(model, tok, "word " * 100)
+
+
+def test_generation_stops_at_the_context_window(scripted):
+    tok = tokenizer()
+    model, tok = scripted([prompt_tail(tok, enable_thinking=False)] + ids_of(tok, ["a b", "a"]), max_position_embeddings=64)
+    result = generate(model, tok, "Loop", enable_thinking=False, **GREEDY)
+    assert result.finish_reason == "length" and result.prompt_tokens + result.generation_tokens == 64
