@@ -1,0 +1,68 @@
+"""Our chat-template rendering against transformers' apply_chat_template, on Qwen3's own template."""
+
+import pytest
+from chain import tokenizer
+from checkpoints import TOKENIZER_DIR
+
+from mlx_qwen3 import UserError
+from mlx_qwen3.tokenizer import CHATML_TEMPLATE, Tokenizer
+
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Weather in a city, °C",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+
+CONVERSATIONS = {
+    "one turn": [{"role": "user", "content": "Hi"}],
+    "system": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+    "history with thinking": [
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4", "reasoning_content": "add them"},
+        {"role": "user", "content": "3+3? /no_think"},
+    ],
+    "thinking inline in content": [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "<think>\nhmm\n</think>\n\nanswer"},
+        {"role": "user", "content": "again"},
+    ],
+    "tool round trip": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "content": '{"temp": 21}'},
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def reference():
+    tokenizer()  # skips when the real tokenizer is missing
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
+
+
+@pytest.mark.parametrize("name", CONVERSATIONS)
+@pytest.mark.parametrize("thinking", [None, True, False])
+@pytest.mark.parametrize("tools", [None, TOOLS])
+def test_rendering_equals_transformers(reference, name, thinking, tools):
+    messages = CONVERSATIONS[name]
+    kwargs = {} if thinking is None else {"enable_thinking": thinking}
+    ours = tokenizer().apply_chat_template(messages, tools=tools, add_generation_prompt=True, **kwargs)
+    theirs = reference.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False, **kwargs)
+    assert ours == theirs
+
+
+def test_a_model_without_a_template_gets_chatml_with_a_warning(caplog):
+    tok = tokenizer()
+    bare = Tokenizer(tok._tok, {}, None)
+    text = bare.apply_chat_template([{"role": "user", "content": "Hi"}])
+    assert text == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert "no chat template" in caplog.text
+    assert bare.chat_template is None and CHATML_TEMPLATE
+
+
+def test_a_template_error_is_one_clear_line():
+    tok = tokenizer()
+    bad = Tokenizer(tok._tok, {}, "{{ raise_exception('only user and assistant roles') }}")
+    with pytest.raises(UserError, match="the chat template refused the conversation: only user and assistant roles"):
+        bad.apply_chat_template([{"role": "user", "content": "Hi"}])
