@@ -254,7 +254,7 @@ def test_chat_session_reuses_the_cache_and_rewinds_dropped_thinking(scripted):
     first_prompt = tok.encode(tok.apply_chat_template(messages[:1]))
     common = len(first_prompt)
     assert ids[:common] == first_prompt
-    assert fed[0] == len(ids) - common
+    assert fed[:2] == [len(ids) - common - 1, 1]  # the new tokens only (the last one alone, for its logits)
     assert second.answer == "The answer is 4." and second.prompt_tokens == len(ids)
     assert session.messages[1] == {"role": "assistant", "content": "The answer is 4.", "reasoning_content": "Let me think"}
     # and the cached turn gives what a fresh generation over the same messages gives

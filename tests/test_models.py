@@ -42,7 +42,7 @@ def test_prompt_then_decode_equals_one_pass(loaded, name, monkeypatch):
     ids = mx.array(prompt(2, 80, seed=2))
     full = model(ids)
     cache = make_cache(model)
-    steps = [process_prompt(model, ids[:, :70], cache, chunk_size=24)]  # chunks of 24, 24, 22
+    steps = [process_prompt(model, ids[:, :70], cache, chunk_size=24)]  # chunks of 24, 24, 21, then 1
     for t in range(70, 79):
         steps.append(model(ids[:, t : t + 1], cache=cache)[:, -1])
     assert cache[0].offset == 79

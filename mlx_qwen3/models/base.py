@@ -2,6 +2,7 @@
 
 import math
 from dataclasses import MISSING, dataclass, fields
+from functools import partial
 from typing import Any, Optional
 
 import mlx.core as mx
@@ -140,13 +141,17 @@ def make_cache(model) -> list:
 
 
 def process_prompt(model, ids: mx.array, cache: list, chunk_size: int = 512) -> mx.array:
-    """Feed `ids` (B, L) through the model in chunks, filling `cache`; returns the last position's logits."""
+    """Feed `ids` (B, L) through the model in chunks, filling `cache`; returns the last position's logits.
+
+    All but the last token only fill the cache: their logits are never evaluated, so never computed.
+    """
     L = ids.shape[1]
     start = 0
-    while L - start > chunk_size:
-        model(ids[:, start : start + chunk_size], cache=cache)
+    while start < L - 1:
+        n = min(chunk_size, L - 1 - start)
+        model(ids[:, start : start + n], cache=cache)
         mx.eval([c.state for c in cache])
-        start += chunk_size
+        start += n
     return model(ids[:, start:], cache=cache)[:, -1, :]
 
 
@@ -197,4 +202,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+@partial(mx.compile, shapeless=True)
+def swiglu(gate: mx.array, x: mx.array) -> mx.array:
+    """silu(gate) * x in one fused kernel (no rounded intermediate in half precision)."""
+    return nn.silu(gate) * x

@@ -7,7 +7,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import qwen3
-from .base import MLP
+from .base import MLP, swiglu
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -94,7 +94,7 @@ class SwitchGLU(nn.Module):
             order = mx.argsort(flat)
             inv_order = mx.argsort(order)
             x, idx = x.flatten(0, -3)[order // k], flat[order]
-        h = nn.silu(self.gate_proj(x, idx, do_sort)) * self.up_proj(x, idx, do_sort)
+        h = swiglu(self.gate_proj(x, idx, do_sort), self.up_proj(x, idx, do_sort))
         y = self.down_proj(h, idx, do_sort)
         if do_sort:
             y = mx.unflatten(y[inv_order], 0, indices.shape)
