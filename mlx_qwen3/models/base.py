@@ -8,6 +8,8 @@ from typing import Any, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
+from .. import kernels
+
 
 @dataclass(frozen=True, kw_only=True)
 class BaseModelArgs:
@@ -166,10 +168,10 @@ class Attention(nn.Module):
         head_dim = args.head_dim or dim // self.n_heads
         self.scale = head_dim**-0.5
 
-        self.q_proj = nn.Linear(dim, self.n_heads * head_dim, bias=args.qkv_bias)
-        self.k_proj = nn.Linear(dim, self.n_kv_heads * head_dim, bias=args.qkv_bias)
-        self.v_proj = nn.Linear(dim, self.n_kv_heads * head_dim, bias=args.qkv_bias)
-        self.o_proj = nn.Linear(self.n_heads * head_dim, dim, bias=args.attention_bias)
+        self.q_proj = Linear(dim, self.n_heads * head_dim, bias=args.qkv_bias)
+        self.k_proj = Linear(dim, self.n_kv_heads * head_dim, bias=args.qkv_bias)
+        self.v_proj = Linear(dim, self.n_kv_heads * head_dim, bias=args.qkv_bias)
+        self.o_proj = Linear(self.n_heads * head_dim, dim, bias=args.attention_bias)
         if args.qk_norm:
             self.q_norm = nn.RMSNorm(head_dim, eps=args.rms_norm_eps)
             self.k_norm = nn.RMSNorm(head_dim, eps=args.rms_norm_eps)
@@ -194,12 +196,26 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
+class Linear(nn.Linear):
+    """nn.Linear whose quantized form runs through the kernel dispatcher."""
+
+    def to_quantized(self, group_size=None, bits=None, mode="affine", quantize_input=False):
+        if quantize_input:
+            return super().to_quantized(group_size, bits, mode, quantize_input)
+        return QuantizedLinear.from_linear(self, group_size, bits, mode)
+
+
+class QuantizedLinear(nn.QuantizedLinear):
+    def __call__(self, x: mx.array) -> mx.array:
+        return kernels.quantized_linear(self, x)
+
+
 class MLP(nn.Module):
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden_dim, bias=False)
-        self.up_proj = nn.Linear(dim, hidden_dim, bias=False)
-        self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
+        self.gate_proj = Linear(dim, hidden_dim, bias=False)
+        self.up_proj = Linear(dim, hidden_dim, bias=False)
+        self.down_proj = Linear(hidden_dim, dim, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))

@@ -6,7 +6,7 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .base import MLP, Attention, BaseModelArgs
+from .base import MLP, Attention, BaseModelArgs, Linear
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,7 +77,7 @@ class Model(nn.Module):
         layers = [DecoderLayer(args, self.make_mlp(args, i)) for i in range(args.num_hidden_layers)]
         self.model = Qwen3Model(args, layers)
         if not args.tie_word_embeddings:
-            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+            self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
 
     def make_mlp(self, args: ModelArgs, layer_idx: int) -> nn.Module:
         return MLP(args.hidden_size, args.intermediate_size)

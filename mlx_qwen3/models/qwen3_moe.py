@@ -7,7 +7,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import qwen3
-from .base import MLP, swiglu
+from .. import kernels
+from .base import MLP, Linear, swiglu
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -106,7 +107,7 @@ class SparseMoeBlock(nn.Module):
         super().__init__()
         self.top_k = args.num_experts_per_tok
         self.norm_topk_prob = args.norm_topk_prob
-        self.gate = nn.Linear(args.hidden_size, args.num_experts, bias=False)
+        self.gate = Linear(args.hidden_size, args.num_experts, bias=False)
         self.switch_mlp = SwitchGLU(args.hidden_size, args.moe_intermediate_size, args.num_experts)
 
     def route(self, x: mx.array):
@@ -121,8 +122,7 @@ class SparseMoeBlock(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         inds, scores = self.route(x)
-        y = self.switch_mlp(x, inds)
-        return (y * scores[..., None]).sum(axis=-2)
+        return kernels.sparse_moe(self.switch_mlp, x, inds, scores)
 
 
 class Model(qwen3.Model):

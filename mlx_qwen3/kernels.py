@@ -1,0 +1,205 @@
+"""The custom Metal kernels' Python side: build, self-check, dispatch, and the plain-MLX twins.
+
+Each op has a twin made of MLX built-ins that is both its reference and its fallback. On Metal the
+first use of a kernel at a shape checks it against the twin on a small input; a compile error or
+a mismatch logs one warning and that kernel is not used again in this process. Off Metal, the
+twins run. MLX_QWEN3_KERNELS=custom|builtin (or load(..., kernels=...)) forces either path.
+"""
+
+import logging
+import os
+from functools import cached_property
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+
+log = logging.getLogger(__name__)
+
+SOURCES = Path(__file__).resolve().parents[1] / "metal_kernels"
+MODES = ("auto", "custom", "builtin")
+ROWS = 4  # output rows per simdgroup; a threadgroup is two simdgroups
+THREADS = 64
+
+
+class Kernel:
+    """metal_kernels/NAME.metal (with the shared quantized.metal header), compiled on first use."""
+
+    def __init__(self, name: str, inputs: list, outputs: list):
+        self.name, self.inputs, self.outputs = name, inputs, outputs
+
+    @cached_property
+    def fn(self):
+        return mx.fast.metal_kernel(
+            name=f"mlx_qwen3_{self.name}",
+            input_names=self.inputs,
+            output_names=self.outputs,
+            source=(SOURCES / f"{self.name}.metal").read_text(),
+            header=(SOURCES / "quantized.metal").read_text(),
+        )
+
+    def __call__(self, inputs, template, grid, output_shapes, output_dtypes):
+        return launch(self, inputs=inputs, template=template, grid=grid, threadgroup=(THREADS, 1, 1),
+                      output_shapes=output_shapes, output_dtypes=output_dtypes)
+
+
+def launch(kernel: Kernel, **kwargs) -> list:
+    """Run a kernel on the GPU. (The tests put a CPU executor of the same Metal source here.)"""
+    return kernel.fn(**kwargs)
+
+
+QMV = Kernel("qmv", ["x", "w", "scales", "biases"], ["y"])
+MOE_GATE_UP = Kernel("moe_gate_up", ["x", "ids", "gate_w", "gate_s", "gate_b", "up_w", "up_s", "up_b"], ["h"])
+MOE_DOWN = Kernel("moe_down", ["h", "ids", "scores", "w", "s", "b"], ["y"])
+
+
+# ---- the ops: custom kernel and plain-MLX twin ----
+
+def _template(dtype, bits, group_size):
+    return [("T", dtype), ("BITS", bits), ("GS", group_size), ("ROWS", ROWS)]
+
+
+def _grid(rows: int, y: int = 1):
+    per_group = 2 * ROWS
+    return ((rows + per_group - 1) // per_group * THREADS, y, 1)
+
+
+def qmv_custom(x, w, scales, biases, group_size, bits):
+    """x (K,) -> (N,)"""
+    N = w.shape[0]
+    return QMV([x, w, scales, biases], _template(x.dtype, bits, group_size), _grid(N), [(N,)], [x.dtype])[0]
+
+
+def qmv_twin(x, w, scales, biases, group_size, bits):
+    return mx.quantized_matmul(x[None], w, scales, biases, transpose=True, group_size=group_size, bits=bits)[0]
+
+
+def moe_custom(x, ids, scores, gate, up, down):
+    """One token through its k experts: x (D,), ids (k,), scores (k,) -> (D,). gate/up/down are
+    (weight, scales, biases, group_size, bits) of the stacked (E, out, in) expert projections."""
+    (gw, gs_, gb, g_gs, bits), (uw, us, ub, _, _), (dw, ds, db, d_gs, d_bits) = gate, up, down
+    k, I, D = ids.shape[0], gw.shape[1], dw.shape[1]
+    h = MOE_GATE_UP([x, ids, gw, gs_, gb, uw, us, ub], _template(x.dtype, bits, g_gs), _grid(I, k),
+                    [(k, I)], [x.dtype])[0]
+    return MOE_DOWN([h, ids, scores, dw, ds, db], _template(x.dtype, d_bits, d_gs), _grid(D), [(D,)], [x.dtype])[0]
+
+
+def moe_twin(x, ids, scores, gate, up, down):
+    def gathered(inp, proj):
+        w, s, b, group_size, bits = proj
+        return mx.gather_qmm(inp, w, s, b, rhs_indices=ids, transpose=True, group_size=group_size, bits=bits)
+
+    x = x[None, None]  # (1, 1, D): one row, broadcast over the k experts
+    h = nn.silu(gathered(x, gate)) * gathered(x, up)  # (k, 1, I)
+    y = gathered(h, down)[:, 0, :]  # (k, D)
+    return (y * scores[:, None]).sum(axis=0)
+
+
+# ---- dispatch ----
+
+_mode = None
+_disabled = set()  # kernels that failed their self-check
+_checked = set()  # (kernel, shape key) pairs that passed
+
+
+def set_mode(mode: str):
+    """auto: custom kernels on Metal after a self-check; custom: always (on Metal); builtin: never."""
+    global _mode
+    if mode not in MODES:
+        raise ValueError(f"kernels must be one of {', '.join(MODES)}, not {mode!r}")
+    _mode = mode
+
+
+def mode() -> str:
+    m = _mode or os.environ.get("MLX_QWEN3_KERNELS", "auto")
+    if m not in MODES:
+        log.warning("MLX_QWEN3_KERNELS=%s is not one of %s; using auto", m, ", ".join(MODES))
+        m = "auto"
+    return m
+
+
+def on_metal() -> bool:
+    return mx.metal.is_available()
+
+
+def _use(name: str, key: tuple, check) -> bool:
+    """Whether to run kernel `name` at shape `key`: the mode, the platform, and its self-check."""
+    m = mode()
+    if m == "builtin" or not on_metal():
+        return False
+    if m == "custom":
+        return True
+    if name in _disabled:
+        return False
+    if (name, key) not in _checked:
+        try:
+            err = check()
+        except Exception as e:  # a compile error, or anything else the kernel throws
+            err = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        if err is not None:
+            log.warning("custom kernel %s failed its self-check at %s (%s); using MLX's built-ins", name, key, err)
+            _disabled.add(name)
+            return False
+        _checked.add((name, key))
+    return True
+
+
+def _mismatch(got: mx.array, want: mx.array, tol: float = 2e-2):
+    got, want = got.astype(mx.float32), want.astype(mx.float32)
+    err = (mx.abs(got - want).max() / (mx.abs(want).max() + 1e-6)).item()
+    return None if err <= tol else f"relative error {err:.3g}"
+
+
+def _random_quantized(shape, dtype, group_size, bits, key):
+    w = mx.random.normal(shape, key=key).astype(dtype)
+    return (*mx.quantize(w, group_size, bits), group_size, bits)
+
+
+def _eligible(dtype, mode_, group_size, bits) -> bool:
+    return dtype in (mx.float16, mx.bfloat16) and mode_ == "affine" and bits in (4, 8) and group_size in (32, 64, 128)
+
+
+def quantized_linear(layer, x: mx.array) -> mx.array:
+    """A QuantizedLinear's forward: the custom mat-vec for one token, MLX's quantized_matmul otherwise."""
+    K = x.shape[-1]
+    if x.size == K and _eligible(x.dtype, layer.mode, layer.group_size, layer.bits):
+        def check():
+            k1, k2 = mx.random.split(mx.random.key(0))
+            small = _random_quantized((8, K), x.dtype, layer.group_size, layer.bits, k1)
+            xs = mx.random.normal((K,), key=k2).astype(x.dtype)
+            return _mismatch(qmv_custom(xs, *small), qmv_twin(xs, *small))
+
+        op = qmv_custom if _use("qmv", (str(x.dtype), layer.bits, layer.group_size, K), check) else qmv_twin
+        y = op(x.reshape(K), layer.weight, layer.scales, layer.biases, layer.group_size, layer.bits)
+        y = y.reshape(*x.shape[:-1], -1)
+        return y + layer.bias if "bias" in layer else y
+    y = mx.quantized_matmul(x, layer.weight, layer.scales, layer.get("biases"), transpose=True,
+                            group_size=layer.group_size, bits=layer.bits, mode=layer.mode)
+    return y + layer.bias if "bias" in layer else y
+
+
+def sparse_moe(switch_mlp, x: mx.array, inds: mx.array, scores: mx.array) -> mx.array:
+    """The weighted sum of the selected experts' SwiGLU MLPs: two fused kernels for one token on
+    quantized experts, else the gathered matmuls (sorted by expert for many tokens)."""
+    projs = [switch_mlp.gate_proj, switch_mlp.up_proj, switch_mlp.down_proj]
+    D = x.shape[-1]
+    if x.size == D and all("scales" in p and _eligible(x.dtype, p.mode, p.group_size, p.bits) for p in projs):
+        gate, up, down = [(p.weight, p.scales, p.biases, p.group_size, p.bits) for p in projs]
+        k = inds.shape[-1]
+
+        def check():
+            keys = mx.random.split(mx.random.key(0), 6)
+            E, I = 4, gate[0].shape[1]
+            sg = _random_quantized((E, I, D), x.dtype, gate[3], gate[4], keys[0])
+            su = _random_quantized((E, I, D), x.dtype, up[3], up[4], keys[1])
+            sd = _random_quantized((E, D, I), x.dtype, down[3], down[4], keys[2])
+            xs = mx.random.normal((D,), key=keys[3]).astype(x.dtype)
+            ids = mx.array([1, 3, 3, 0][: min(k, 4)], dtype=mx.uint32)  # a repeated expert too
+            sc = mx.softmax(mx.random.normal((ids.shape[0],), key=keys[4])).astype(x.dtype)
+            return _mismatch(moe_custom(xs, ids, sc, sg, su, sd), moe_twin(xs, ids, sc, sg, su, sd))
+
+        key = (str(x.dtype), gate[4], gate[3], down[4], down[3], D, gate[0].shape[1])
+        op = moe_custom if _use("moe", key, check) else moe_twin
+        return op(x.reshape(D), inds.reshape(k).astype(mx.uint32), scores.reshape(k), gate, up, down).reshape(x.shape)
+    y = switch_mlp(x, inds)
+    return (y * scores[..., None]).sum(axis=-2)

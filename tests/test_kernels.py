@@ -1,0 +1,320 @@
+"""The Metal kernels, executed on the CPU from the source MLX generates, against float64 numpy."""
+
+import logging
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import metal_executor as ex
+from mlx_qwen3 import kernels
+
+pytestmark = pytest.mark.skipif(ex.compiler() is None, reason="needs a C++ compiler (clang++ or g++) to run Metal source")
+
+EPS = {mx.bfloat16: 2.0**-8, mx.float16: 2.0**-11}  # half an ulp, relative: the output's rounding
+
+
+def f64(a: mx.array) -> np.ndarray:
+    return np.array(a.astype(mx.float32), dtype=np.float64)
+
+
+def qmatvec64(wq, scales, biases, group_size, bits, x) -> np.ndarray:
+    """W x in float64 for one (N, K*bits/32) packed matrix, unpacking MLX's affine layout in numpy:
+    y[n] = sum over groups g of scale[n, g] * (q[n, g] . x[g]) + bias[n, g] * sum(x[g])."""
+    words = np.array(wq).astype(np.uint64)
+    per = 32 // bits
+    q = (words[..., None] >> (bits * np.arange(per, dtype=np.uint64))) & ((1 << bits) - 1)
+    N, G = words.shape[0], np.array(scales.shape)[-1]
+    q = q.reshape(N, G, group_size).astype(np.float64)
+    xg = np.asarray(x, np.float64).reshape(G, group_size)
+    return (f64(scales) * np.einsum("ngk,gk->ng", q, xg) + f64(biases) * xg.sum(-1)).sum(-1)
+
+
+def quantized(shape, dtype, group_size, bits, seed):
+    """Random packed weights in MLX's affine layout, scaled as trained ones are (outputs of order one).
+    Drawn directly as words, scales and biases: quantizing random floats is slow on this CPU."""
+    rng = np.random.default_rng(seed)
+    *lead, K = shape
+    words = rng.integers(0, 2**32, (*lead, K * bits // 32), dtype=np.uint64).astype(np.uint32)
+    top = 2**bits - 1
+    step = 2.0 / (top * K**0.5)
+    scales = step * rng.uniform(0.5, 1.5, (*lead, K // group_size))
+    biases = -scales * top / 2 + rng.normal(0, 0.1 * step, scales.shape)
+    return mx.array(words), mx.array(scales, dtype).astype(dtype), mx.array(biases).astype(dtype), group_size, bits
+
+
+def assert_close(got: mx.array, ref: np.ndarray, dtype):
+    got = f64(got)
+    assert np.isfinite(got).all(), "the kernel left outputs unwritten (poison) or made NaN"
+    tol = EPS[dtype] * np.abs(ref) + 1e-4 * np.abs(ref).max()
+    bad = np.abs(got - ref) > tol
+    assert not bad.any(), f"{bad.sum()} of {bad.size} outputs off; worst {np.abs(got - ref).max():.3g}"
+
+
+@pytest.fixture
+def on_cpu(monkeypatch):
+    """Route kernel launches to the CPU executor; returns the list of launches made."""
+    launches = []
+
+    def launch(kernel, **kwargs):
+        launches.append(kernel.name)
+        return ex.launch(kernel, **kwargs)
+
+    monkeypatch.setattr(kernels, "launch", launch)
+    return launches
+
+
+# (K, N): the Qwen3 hidden sizes and expert FFN sizes as inputs, and odd ones
+QMV_SHAPES = [(1024, 24), (2048, 8), (4096, 16), (5120, 9), (768, 40), (1536, 12), (96, 13), (160, 1), (64, 1000)]
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_qmv(on_cpu, dtype, bits, group_size):
+    for i, (K, N) in enumerate(QMV_SHAPES):
+        if K % group_size:
+            continue
+        w = quantized((N, K), dtype, group_size, bits, seed=i)
+        x = mx.random.normal((K,), key=mx.random.key(100 + i)).astype(dtype)
+        assert_close(kernels.qmv_custom(x, *w), qmatvec64(*w, f64(x)), dtype)
+
+
+def moe_reference(x, ids, scores, gate, up, down, h=None):
+    """float64 (h, y) of the selected experts; y from `h` when given (to check the down kernel alone),
+    else from the float64 h rounded to x's dtype, as the gate/up kernel writes it."""
+    def expert(proj, e, v):
+        w, sc, b, group_size, bits = proj
+        return qmatvec64(w[e], sc[e], b[e], group_size, bits, v)
+
+    ids = np.array(ids).astype(int).tolist()
+    g = np.stack([expert(gate, e, f64(x)) for e in ids])
+    u = np.stack([expert(up, e, f64(x)) for e in ids])
+    h_ref = g / (1 + np.exp(-g)) * u
+    h = f64(h) if h is not None else f64(mx.array(h_ref.astype(np.float32)).astype(x.dtype))
+    y = np.stack([expert(down, e, h[j]) for j, e in enumerate(ids)])
+    return h_ref, (f64(scores)[:, None] * y).sum(0)
+
+
+# (D hidden, I expert FFN, E experts, expert ids): Qwen3-30B-A3B / 235B-A22B shapes, repeated and
+# adjacent ids, and odd sizes
+MOE_CASES = [
+    (2048, 768, 128, [0, 1, 2, 64, 64, 126, 127, 127]),
+    (4096, 1536, 8, [3, 3, 4, 5, 0, 7, 6, 6]),
+    (5120, 1536, 4, [1, 1, 1, 1, 2, 2, 3, 0]),
+    (1024, 768, 9, [8, 7, 6]),
+    (384, 128, 5, [4, 0, 4]),
+    (96, 64, 5, [4, 0, 4]),
+]
+
+
+# every (bits, group size, dtype) on the small cases; the large ones at one setting per dtype
+MOE_RUNS = [(case, dtype, bits, gs) for case in (3, 4) for dtype in (mx.bfloat16, mx.float16)
+            for bits, gs in ((4, 32), (4, 64), (8, 64), (8, 128), (4, 128))]
+MOE_RUNS += [(5, dtype, bits, 32) for dtype in (mx.bfloat16, mx.float16) for bits in (4, 8)]
+MOE_RUNS += [(0, mx.bfloat16, 4, 64), (1, mx.bfloat16, 4, 64), (1, mx.float16, 8, 128),
+             (2, mx.float16, 4, 128), (2, mx.bfloat16, 8, 32)]
+
+
+@pytest.mark.parametrize("case,dtype,bits,group_size", MOE_RUNS)
+def test_moe_gate_up_and_down(on_cpu, case, dtype, bits, group_size):
+    D, I, E, ids = MOE_CASES[case]
+    gate, up = quantized((E, I, D), dtype, group_size, bits, 1), quantized((E, I, D), dtype, group_size, bits, 2)
+    down = quantized((E, D, I), dtype, group_size, bits, 3)
+    x = mx.random.normal((D,), key=mx.random.key(4)).astype(dtype)
+    ids = mx.array(ids, dtype=mx.uint32)
+    scores = mx.softmax(mx.random.normal((ids.size,), key=mx.random.key(5))).astype(dtype)
+
+    (gw, gs_, gb, _, _), (uw, us, ub, _, _), (dw, ds, db, _, _) = gate, up, down
+    h = kernels.MOE_GATE_UP([x, ids, gw, gs_, gb, uw, us, ub], kernels._template(dtype, bits, group_size),
+                            kernels._grid(I, ids.size), [(ids.size, I)], [dtype])[0]
+    h_ref, _ = moe_reference(x, ids, scores, gate, up, down)
+    assert_close(h, h_ref, dtype)
+    # down + combine, from the kernel's own h (so the check is of this kernel alone)
+    y = kernels.MOE_DOWN([h, ids, scores, dw, ds, db], kernels._template(dtype, bits, group_size),
+                         kernels._grid(D), [(D,)], [dtype])[0]
+    assert_close(y, moe_reference(x, ids, scores, gate, up, down, h=h)[1], dtype)
+
+
+@pytest.mark.parametrize("name", ["qmv", "moe"])
+def test_every_thread_order_gives_the_same_bits(monkeypatch, name):
+    results = []
+    for order in ex.ORDERS:
+        monkeypatch.setattr(kernels, "launch", lambda k, order=order, **kw: ex.launch(k, order=order, seed=7, **kw))
+        if name == "qmv":
+            w = quantized((13, 160), mx.bfloat16, 32, 4, 0)
+            out = kernels.qmv_custom(mx.random.normal((160,), key=mx.random.key(1)).astype(mx.bfloat16), *w)
+        else:
+            projs = [quantized(s, mx.float16, 32, 8, i) for i, s in enumerate([(5, 64, 96), (5, 64, 96), (5, 96, 64)])]
+            x = mx.random.normal((96,), key=mx.random.key(1)).astype(mx.float16)
+            ids = mx.array([4, 0, 4], dtype=mx.uint32)
+            out = kernels.moe_custom(x, ids, mx.array([0.5, 0.3, 0.2], dtype=mx.float16), *projs)
+        results.append(np.array(out.astype(mx.float32)))
+    assert all(np.array_equal(results[0], r) for r in results[1:])
+
+
+def test_address_sanitizer_finds_no_out_of_bounds_access(monkeypatch):
+    monkeypatch.setattr(kernels, "launch", lambda k, **kw: ex.launch(k, sanitize=True, **kw))
+    w = quantized((13, 160), mx.bfloat16, 32, 4, 0)  # rows and inputs that fill no block evenly
+    x = mx.random.normal((160,), key=mx.random.key(1)).astype(mx.bfloat16)
+    assert_close(kernels.qmv_custom(x, *w), qmatvec64(*w, f64(x)), mx.bfloat16)
+    projs = [quantized(s, mx.bfloat16, 32, 8, i) for i, s in enumerate([(5, 64, 96), (5, 64, 96), (5, 96, 64)])]
+    ids, scores = mx.array([4, 0, 4], dtype=mx.uint32), mx.array([0.5, 0.3, 0.2], dtype=mx.bfloat16)
+    x = mx.random.normal((96,), key=mx.random.key(2)).astype(mx.bfloat16)
+    assert_close(kernels.moe_custom(x, ids, scores, *projs), moe_reference(x, ids, scores, *projs)[1], mx.bfloat16)
+
+
+# ---- the executor itself: a missing barrier, an overrun and an unwritten output must show ----
+
+SHIFT = """
+    uint i = thread_position_in_threadgroup.x;
+    threadgroup float buf[64];
+    buf[i] = inp[thread_position_in_grid.x];
+    {barrier}
+    out[thread_position_in_grid.x] = buf[(i + 1) % 64];
+"""
+
+
+def _shift(barrier: bool, order: str):
+    body = SHIFT.format(barrier="threadgroup_barrier(mem_flags::mem_threadgroup);" if barrier else "")
+    k = mx.fast.metal_kernel(name=f"shift{int(barrier)}", input_names=["inp"], output_names=["out"], source=body)
+    x = mx.arange(128, dtype=mx.float32)
+    return np.array(ex.run(k, [x], template=[], grid=(128, 1, 1), threadgroup=(64, 1, 1), output_shapes=[(128,)],
+                           output_dtypes=[mx.float32], order=order, seed=3, input_names=["inp"])[0])
+
+
+def test_executor_gives_barriers_their_meaning():
+    want = np.concatenate([np.roll(np.arange(64), -1), 64 + np.roll(np.arange(64), -1)])
+    for order in ex.ORDERS:
+        assert np.array_equal(_shift(True, order), want)
+    # without the barrier, some order reads a neighbour's slot before it is written: poison
+    assert any(not np.array_equal(_shift(False, order), want) for order in ex.ORDERS)
+
+
+def test_executor_reports_an_overrun_under_asan():
+    body = "out[thread_position_in_grid.x] = inp[thread_position_in_grid.x + 1];"
+    k = mx.fast.metal_kernel(name="overrun", input_names=["inp"], output_names=["out"], source=body)
+    x = mx.zeros((32,))
+    with pytest.raises(RuntimeError, match="AddressSanitizer"):
+        ex.run(k, [x], template=[], grid=(32, 1, 1), threadgroup=(32, 1, 1), output_shapes=[(32,)],
+               output_dtypes=[mx.float32], sanitize=True, input_names=["inp"])
+
+
+def test_executor_shows_unwritten_outputs_and_simd_sum():
+    body = """
+    float s = simd_sum(inp[thread_position_in_grid.x]);
+    if (thread_index_in_simdgroup == 0) out[simdgroup_index_in_threadgroup] = s;
+"""
+    k = mx.fast.metal_kernel(name="sums", input_names=["inp"], output_names=["out"], source=body)
+    out = ex.run(k, [mx.arange(64, dtype=mx.float32)], template=[], grid=(64, 1, 1), threadgroup=(64, 1, 1),
+                 output_shapes=[(3,)], output_dtypes=[mx.float32], input_names=["inp"])[0]
+    got = np.array(out)
+    assert got[:2].tolist() == [sum(range(32)), sum(range(32, 64))] and np.isnan(got[2])
+
+
+# ---- dispatch ----
+
+def _tiny_moe(dtype=mx.bfloat16):
+    from mlx_qwen3.models import qwen3_moe
+
+    args = qwen3_moe.ModelArgs.from_dict(dict(
+        model_type="qwen3_moe", vocab_size=256, hidden_size=128, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=64, rms_norm_eps=1e-6,
+        max_position_embeddings=256, num_experts=8, num_experts_per_tok=3, moe_intermediate_size=64,
+        norm_topk_prob=True, mlp_only_layers=[1]))
+    mx.random.seed(0)
+    model = qwen3_moe.Model(args)
+    import mlx.nn as nn
+
+    nn.quantize(model, 32, 4, class_predicate=lambda p, m: hasattr(m, "to_quantized") and not p.endswith("mlp.gate"))
+    model.set_dtype(dtype)
+    mx.eval(model.parameters())
+    return model
+
+
+def _decode_logits(model):
+    from mlx_qwen3.models.base import make_cache, process_prompt
+
+    cache = make_cache(model)
+    process_prompt(model, mx.array([[5, 17, 99, 3]]), cache)
+    return model(mx.array([[42]]), cache=cache)[0, -1]
+
+
+def test_a_whole_moe_decode_step_with_the_kernels_equals_the_twins(on_cpu, monkeypatch):
+    model = _tiny_moe()
+    kernels.set_mode("builtin")
+    try:
+        twins = _decode_logits(model)
+        assert on_cpu == []
+        kernels.set_mode("auto")
+        monkeypatch.setattr(kernels, "on_metal", lambda: True)
+        monkeypatch.setattr(kernels, "_checked", set())
+        custom = _decode_logits(model)
+        kernels.set_mode("builtin")
+        model.set_dtype(mx.float32)  # the same quantized weights, float32 activations: the yardstick
+        exact = _decode_logits(model)
+    finally:
+        kernels.set_mode("auto")
+    # the dense projections, lm_head and both MoE kernels ran here, after their self-checks
+    assert {"qmv", "moe_gate_up", "moe_down"} <= set(on_cpu)
+
+    def err(a):
+        return float(mx.abs(a.astype(mx.float32) - exact).max() / mx.abs(exact).max())
+
+    print(f"relative error against float32: kernels {err(custom):.4f}, twins {err(twins):.4f}")
+    # bf16 rounds differently along the two paths; the kernels are no further from float32 than the twins
+    assert err(custom) < 0.05 and err(twins) < 0.05
+    assert err(custom) <= 1.5 * err(twins)
+
+
+def test_a_failing_kernel_warns_once_and_falls_back(monkeypatch, caplog):
+    def broken(kernel, **kwargs):
+        raise RuntimeError("Unable to build metal library from source")
+
+    monkeypatch.setattr(kernels, "launch", broken)
+    monkeypatch.setattr(kernels, "on_metal", lambda: True)
+    monkeypatch.setattr(kernels, "_disabled", set())
+    model = _tiny_moe()
+    with caplog.at_level(logging.WARNING, logger="mlx_qwen3.kernels"):
+        first = _decode_logits(model)
+        second = _decode_logits(model)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len([w for w in warnings if "qmv" in w]) == 1 and len([w for w in warnings if "moe" in w]) == 1
+    assert "Unable to build metal library" in warnings[0]
+    kernels.set_mode("builtin")
+    try:
+        assert mx.array_equal(first, _decode_logits(model)) and mx.array_equal(first, second)
+    finally:
+        kernels.set_mode("auto")
+
+
+def test_a_wrong_kernel_is_caught_by_its_self_check(on_cpu, monkeypatch, caplog):
+    real = kernels.launch
+
+    def wrong(kernel, **kwargs):
+        return [o * 1.5 for o in real(kernel, **kwargs)]
+
+    monkeypatch.setattr(kernels, "launch", wrong)
+    monkeypatch.setattr(kernels, "on_metal", lambda: True)
+    monkeypatch.setattr(kernels, "_disabled", set())
+    monkeypatch.setattr(kernels, "_checked", set())
+    w = quantized((8, 64), mx.bfloat16, 32, 4, 0)
+    layer = type("Q", (), {"mode": "affine", "group_size": 32, "bits": 4, "weight": w[0], "scales": w[1],
+                           "biases": w[2], "__contains__": lambda self, k: False, "get": lambda self, k: w[2]})()
+    with caplog.at_level(logging.WARNING, logger="mlx_qwen3.kernels"):
+        kernels.quantized_linear(layer, mx.ones((1, 1, 64), dtype=mx.bfloat16))
+    assert "failed its self-check" in caplog.text and "relative error" in caplog.text
+    assert "qmv" in kernels._disabled
+
+
+def test_modes(monkeypatch):
+    monkeypatch.setattr(kernels, "on_metal", lambda: True)
+    monkeypatch.setenv("MLX_QWEN3_KERNELS", "builtin")
+    kernels._mode = None
+    assert not kernels._use("qmv", ("k",), lambda: "never checked")
+    monkeypatch.setenv("MLX_QWEN3_KERNELS", "custom")
+    assert kernels._use("qmv", ("k",), lambda: "custom skips the check")
+    monkeypatch.setattr(kernels, "on_metal", lambda: False)
+    assert not kernels._use("qmv", ("k",), lambda: None)  # off Metal the twins run, whatever the mode
+    with pytest.raises(ValueError, match="kernels must be one of auto, custom, builtin"):
+        kernels.set_mode("fast")
