@@ -4,6 +4,7 @@ import json
 import re
 import struct
 from pathlib import Path
+from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -168,8 +169,10 @@ def _few(names: list, n: int = 3) -> str:
     return ", ".join(names[:n]) + more
 
 
-def load_model(path_or_id, lazy: bool = False):
+def load_model(path_or_id, lazy: bool = False, kernels: Optional[str] = None):
     """Load the model alone. Returns (model, config dict)."""
+    if kernels is not None:
+        _set_kernels(kernels)
     folder = resolve(str(path_or_id))
     config = read_config(folder)
     model = build_model(config)
@@ -183,12 +186,14 @@ def load_model(path_or_id, lazy: bool = False):
     return model, config
 
 
-def load(path_or_id, lazy: bool = False):
+def load(path_or_id, lazy: bool = False, kernels: Optional[str] = None):
     """Load a Qwen3, Qwen3-MoE or Qwen2/QwQ model and its tokenizer.
 
     Args:
         path_or_id: a local folder (Hugging Face or MLX layout) or a Hugging Face Hub id.
         lazy: leave the weights on disk until first use.
+        kernels: "auto" (custom Metal kernels after a self-check), "custom" or "builtin", for this
+            process; default: MLX_QWEN3_KERNELS, else auto.
 
     Returns:
         (model, tokenizer)
@@ -196,8 +201,17 @@ def load(path_or_id, lazy: bool = False):
     from .tokenizer import Tokenizer
 
     folder = resolve(str(path_or_id))
-    model, _ = load_model(folder, lazy=lazy)
+    model, _ = load_model(folder, lazy=lazy, kernels=kernels)
     return model, Tokenizer.from_folder(folder)
+
+
+def _set_kernels(mode: str):
+    from . import kernels
+
+    try:
+        kernels.set_mode(mode)
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def main():

@@ -1,0 +1,136 @@
+"""python -m mlx_qwen3.selftest [--model M]: check each custom kernel against its twin and time both.
+
+Prints one JSON report to paste into a bug report: per op, whether the kernel agrees with MLX's
+built-ins and how fast each is; with --model, whole-model decode tok/s with and without the kernels.
+"""
+
+import json
+import platform
+import statistics
+import time
+
+import mlx.core as mx
+
+from . import kernels
+
+# model -> its hidden size D, MoE expert FFN I, experts E, experts per token k, dense (N, K) layers
+DEFAULT_SHAPES = {
+    "Qwen3-30B-A3B": dict(D=2048, I=768, E=128, k=8, dense=[(4096, 2048), (512, 2048), (2048, 4096)]),
+    "Qwen3-4B": dict(D=2560, I=None, E=None, k=None, dense=[(4096, 2560), (9728, 2560), (2560, 9728)]),
+}
+
+
+def _time(fn, iters: int) -> float:
+    """Median seconds of one call, evaluated."""
+    mx.eval(fn())
+    times = []
+    for _ in range(iters):
+        tic = time.perf_counter()
+        mx.eval(fn())
+        times.append(time.perf_counter() - tic)
+    return statistics.median(times)
+
+
+def _compare(name, shape, custom, twin, args, iters, metal) -> dict:
+    """Time custom(*args) and twin(*args); check the kernel against the twin run in float32."""
+    row = {"op": name, "shape": shape}
+    builtin = _time(lambda: twin(*args), iters)
+    row["builtin_us"] = round(builtin * 1e6, 1)
+    if not metal:
+        row["custom"] = "not run: no Metal device here (the built-ins run)"
+        return row
+    try:
+        got, want = custom(*args).astype(mx.float32), twin(*kernels.float32(*args))
+        err = (mx.abs(got - want).max() / (mx.abs(want).max() + 1e-6)).item()
+        row.update(ok=err <= 1e-2, max_rel_err=err)
+        t = _time(lambda: custom(*args), iters)
+        row.update(custom_us=round(t * 1e6, 1), speedup=round(builtin / t, 3))
+    except Exception as e:  # a compile error is a finding, not a crash of the report
+        row.update(ok=False, error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    return row
+
+
+def op_report(shapes: dict, dtype=mx.bfloat16, bits=4, group_size=64, iters=20) -> list:
+    """Each kernel against its twin at the given model shapes, random weights."""
+    metal = kernels.on_metal()
+    rows = []
+    for model, s in shapes.items():
+        D = s["D"]
+        for i, (N, K) in enumerate(s["dense"]):
+            w = kernels.random_quantized((N, K), dtype, group_size, bits, mx.random.key(i))
+            x = mx.random.normal((K,)).astype(dtype)
+            rows.append(_compare("qmv", f"{model} {N}x{K}", kernels.qmv_custom, kernels.qmv_twin, (x, *w),
+                                 iters, metal))
+        if s.get("E"):
+            E, I, k = s["E"], s["I"], s["k"]
+            gate = kernels.random_quantized((E, I, D), dtype, group_size, bits, mx.random.key(10))
+            up = kernels.random_quantized((E, I, D), dtype, group_size, bits, mx.random.key(11))
+            down = kernels.random_quantized((E, D, I), dtype, group_size, bits, mx.random.key(12))
+            x = mx.random.normal((D,)).astype(dtype)
+            ids = mx.random.permutation(E)[:k].astype(mx.uint32)
+            scores = mx.softmax(mx.random.normal((k,))).astype(dtype)
+            rows.append(_compare("moe (gate+up+down)", f"{model} {k} of {E} experts, {D}->{I}->{D}",
+                                 kernels.moe_custom, kernels.moe_twin, (x, ids, scores, gate, up, down), iters, metal))
+    return rows
+
+
+def model_report(path: str, tokens: int = 64) -> dict:
+    """Whole-model decode tok/s on a loaded model, with the kernels and with the built-ins."""
+    from .generate import generate_step
+    from .load import load_model
+    from .models.base import make_cache
+
+    model, _ = load_model(path)
+    out = {"model": path}
+    saved = kernels._mode
+    try:
+        for m in ("builtin", "auto") if kernels.on_metal() else ("builtin",):
+            kernels.set_mode(m)
+            steps = generate_step(model, mx.array([1, 2, 3, 4], dtype=mx.uint32), make_cache(model),
+                                  lambda logits: mx.argmax(logits, axis=-1))
+            next(steps)
+            tic = time.perf_counter()
+            for _ in range(tokens):
+                next(steps)
+            out[f"decode_tps_{'builtin' if m == 'builtin' else 'custom'}"] = tokens / (time.perf_counter() - tic)
+            steps.close()
+    finally:
+        kernels._mode = saved
+    if "decode_tps_custom" in out:
+        out["ratio"] = out["decode_tps_custom"] / out["decode_tps_builtin"]
+        out["kernels_disabled_after_self_check"] = sorted(kernels._disabled)
+    return out
+
+
+def environment() -> dict:
+    info = {"mlx": mx.__version__, "device": str(mx.default_device()), "metal": kernels.on_metal(),
+            "kernels_mode": kernels.mode(), "python": platform.python_version(), "machine": platform.machine()}
+    if info["metal"]:
+        info["gpu"] = mx.metal.device_info().get("device_name")
+    return info
+
+
+def main():
+    import click
+
+    from .errors import run_cli
+
+    @click.command(context_settings={"help_option_names": ["-h", "--help"]})
+    @click.option("--model", default=None, help="Also time whole-model decode on this model.")
+    @click.option("--tokens", type=int, default=64, show_default=True)
+    @click.option("--iters", type=int, default=20, show_default=True)
+    @click.option("--ops/--no-ops", default=True, show_default=True, help="Check and time each kernel.")
+    def cli(model, tokens, iters, ops):
+        """Check each custom kernel against MLX's built-ins and time both; print JSON."""
+        report = {"environment": environment()}
+        if ops:
+            report["ops"] = op_report(DEFAULT_SHAPES, iters=iters)
+        if model:
+            report["model"] = model_report(model, tokens)
+        print(json.dumps(report, indent=2))
+
+    run_cli(cli)
+
+
+if __name__ == "__main__":
+    main()
