@@ -55,7 +55,9 @@ class GenerationOptions:
     top_k: Optional[int] = None
     min_p: Optional[float] = None
     presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    stop: tuple = ()  # strings that end the answer (not included in it)
     seed: Optional[int] = None
     enable_thinking: Optional[bool] = None
     thinking_budget: Optional[int] = None
@@ -73,6 +75,7 @@ class GenerationOptions:
             (self.top_k is None or self.top_k >= 0, f"top_k must be >= 0 (0: off), not {self.top_k}"),
             (self.min_p is None or 0 <= self.min_p <= 1, f"min_p must be in [0, 1], not {self.min_p}"),
             (-2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], not {self.presence_penalty}"),
+            (-2 <= self.frequency_penalty <= 2, f"frequency_penalty must be in [-2, 2], not {self.frequency_penalty}"),
             (self.repetition_penalty > 0, f"repetition_penalty must be > 0, not {self.repetition_penalty}"),
             (self.thinking_budget is None or self.thinking_budget >= 0,
              f"thinking_budget must be >= 0, not {self.thinking_budget}"),
@@ -107,6 +110,7 @@ class GenerationResult:
     finish_reason: str  # stop | length | cancelled
     prompt_tokens: int
     generation_tokens: int
+    thinking_tokens: int  # of generation_tokens, those spent thinking (the tags included)
     prompt_tps: float
     generation_tps: float
     peak_memory: float  # GB
@@ -157,7 +161,7 @@ def run(model, tokenizer, prompt_ids: list, cache: list, opts: GenerationOptions
     start = cache[0].offset
     params = opts.sampling(thinking, tokenizer.generation_config)
     sampler = make_sampler(params["temperature"], params["top_p"], params["top_k"], params["min_p"], opts.seed)
-    processors = make_processors(opts.presence_penalty, opts.repetition_penalty)
+    processors = make_processors(opts.presence_penalty, opts.repetition_penalty, opts.frequency_penalty)
     router = ThinkingRouter(tokenizer, thinking=starts_in_thinking(prompt_ids, tokenizer))
     eos = tokenizer.eos_token_ids
     max_tokens = min(opts.max_tokens, window - len(prompt_ids))
@@ -180,6 +184,9 @@ def run(model, tokenizer, prompt_ids: list, cache: list, opts: GenerationOptions
     mx.reset_peak_memory()
     tic = time.perf_counter()
     prompt_time, n, finish = None, 0, "length"
+    stops = _StopStrings(opts.stop)
+    answer = ""
+    thinking_tokens = 0
     steps = generate_step(model, mx.array(prompt_ids[start:], dtype=mx.uint32), cache, sampler, processors, forced)
     end_thought_if_due()
     try:
@@ -193,9 +200,18 @@ def run(model, tokenizer, prompt_ids: list, cache: list, opts: GenerationOptions
                 break
             n += 1
             thinking_before = router.state == "thinking"
-            yield from router.feed(token)
+            for event in router.feed(token):
+                if event.type == "answer":
+                    event = Event("answer", stops.feed(event.text))
+                    answer += event.text
+                if event.text or event.tool_call:
+                    yield event
             thought += thinking_before and router.state == "thinking"
+            thinking_tokens += thinking_before or router.state == "thinking"
             end_thought_if_due()
+            if stops.hit:
+                finish = "stop"
+                break
             if opts.cancel is not None and opts.cancel.is_set():
                 finish = "cancelled"
                 break
@@ -203,19 +219,61 @@ def run(model, tokenizer, prompt_ids: list, cache: list, opts: GenerationOptions
                 break
     finally:
         steps.close()
-    yield from router.finish()
+    for event in router.finish() + [Event("answer", "")]:
+        if event.type == "answer":  # the last event flushes what the stop strings held back
+            event = Event("answer", "" if stops.hit else stops.feed(event.text) + stops.flush())
+            answer += event.text
+        if event.text or event.tool_call:
+            yield event
     gen_time = time.perf_counter() - tic
     yield GenerationResult(
         thinking=router.texts["thinking"],
-        answer=router.texts["answer"],
+        answer=answer,
         tool_calls=router.tool_calls,
         finish_reason=finish,
         prompt_tokens=len(prompt_ids),
         generation_tokens=n,
+        thinking_tokens=thinking_tokens,
         prompt_tps=(len(prompt_ids) - start) / prompt_time if prompt_time else 0.0,
         generation_tps=(n - 1) / gen_time if n > 1 and gen_time > 0 else 0.0,
         peak_memory=mx.get_peak_memory() / 1e9,
     )
+
+
+class _StopStrings:
+    """Cuts the answer at the first stop string; text that may be the start of one is held back."""
+
+    def __init__(self, stops):
+        self.stops = [s for s in ([stops] if isinstance(stops, str) else stops) if s]
+        self.held, self.hit = "", False
+
+    def feed(self, text: str) -> str:
+        buf = self.held + text
+        found = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        if found:
+            self.hit, self.held = True, ""
+            return buf[: min(found)]
+        keep = max((k for s in self.stops for k in range(1, len(s)) if buf.endswith(s[:k])), default=0)
+        self.held = buf[len(buf) - keep:]
+        return buf[: len(buf) - keep]
+
+    def flush(self) -> str:
+        out, self.held = self.held, ""
+        return out
+
+
+def rewind(cache: list, cached: list, ids: list) -> list:
+    """Trim `cache` (which holds `cached`) to the longest prefix it shares with `ids`, keeping at least
+    one token of `ids` to feed; returns what the cache then holds."""
+    common = 0
+    for a, b in zip(cached, ids):
+        if a != b:
+            break
+        common += 1
+    common = min(common, len(ids) - 1)
+    for c in cache:
+        c.trim(c.offset - common)
+    return cached[:common]
 
 
 def stream_generate(model, tokenizer, prompt, **options) -> Iterator:
@@ -273,7 +331,7 @@ class ChatSession:
             raise UserError("the message is empty; give some text")
         messages = self.messages + [turn]
         ids = render_prompt(self.tokenizer, messages, opts)
-        self._rewind(ids)
+        self.cached = rewind(self.cache, self.cached, ids)
         result = None
         for event in run(self.model, self.tokenizer, ids, self.cache, opts,
                          thinking_wanted(messages, opts.enable_thinking), fed=self.cached):
@@ -285,19 +343,6 @@ class ChatSession:
         for event in self.stream(message, **options):
             pass
         return event
-
-    def _rewind(self, ids: list):
-        common = 0
-        for a, b in zip(self.cached, ids):
-            if a != b:
-                break
-            common += 1
-        common = min(common, len(ids) - 1)  # at least one new token must go through the model
-        drop = self.cache[0].offset - common
-        for c in self.cache:
-            c.trim(drop)
-        self.cached = self.cached[:common]
-
 
 def _assistant_message(result: GenerationResult) -> dict:
     message = {"role": "assistant", "content": result.answer}

@@ -69,10 +69,24 @@ def _seen(tokens: mx.array, logits: mx.array) -> mx.array:
     return mx.expand_dims(mask.at[tokens].maximum(1), 0)
 
 
-def make_processors(presence: float = 0.0, repetition: float = 1.0) -> list:
+def frequency_penalty(penalty: float) -> Callable:
+    """Subtract `penalty` times the number of times each token was generated (OpenAI's)."""
+
+    def apply(tokens: mx.array, logits: mx.array) -> mx.array:
+        if tokens.size == 0:
+            return logits
+        counts = mx.zeros(logits.shape[-1], dtype=logits.dtype).at[tokens].add(1)
+        return logits - penalty * counts[None]
+
+    return apply
+
+
+def make_processors(presence: float = 0.0, repetition: float = 1.0, frequency: float = 0.0) -> list:
     processors = []
     if presence:
         processors.append(presence_penalty(presence))
+    if frequency:
+        processors.append(frequency_penalty(frequency))
     if repetition != 1.0:
         processors.append(repetition_penalty(repetition))
     return processors

@@ -296,3 +296,25 @@ def test_generation_stops_at_the_context_window(scripted):
     model, tok = scripted([prompt_tail(tok, enable_thinking=False)] + ids_of(tok, ["a b", "a"]), max_position_embeddings=64)
     result = generate(model, tok, "Loop", enable_thinking=False, **GREEDY)
     assert result.finish_reason == "length" and result.prompt_tokens + result.generation_tokens == 64
+
+
+def test_stop_strings_cut_the_answer(scripted):
+    tok = tokenizer()
+    reply = ids_of(tok, ["<think>", "Let me think", "</think>", "\n\n", "The answer is 4.", "<|im_end|>"])
+    model, tok = scripted([prompt_tail(tok)] + reply)
+    events, result = collect(stream_generate(model, tok, "q", stop=["answer i", "never"], **GREEDY))
+    assert result.answer == "The " and result.finish_reason == "stop" and result.thinking == "Let me think"
+    check_streams_add_up(events, result)
+    held = generate(model, tok, "q", stop=["4.x"], **GREEDY)  # a stop string's start is held, then let go
+    assert held.answer == "The answer is 4." and held.finish_reason == "stop"
+    assert result.thinking_tokens == 5 and result.generation_tokens == 5 + 1 + 3  # <think> .. </think>, \n\n, 3 of the answer
+
+
+def test_frequency_and_presence_penalties():
+    from mlx_qwen3.sample import frequency_penalty, presence_penalty, repetition_penalty
+
+    logits = mx.zeros((1, 5))
+    seen = mx.array([3, 3, 1])
+    assert frequency_penalty(0.5)(seen, logits).tolist() == [[0, -0.5, 0, -1.0, 0]]
+    assert presence_penalty(0.5)(seen, logits).tolist() == [[0, -0.5, 0, -0.5, 0]]
+    assert repetition_penalty(2.0)(seen, mx.array([[1.0, 1.0, 1.0, -1.0, 1.0]])).tolist() == [[1, 0.5, 1, -2, 1]]
