@@ -7,6 +7,7 @@ order, reusing the KV cache of the cached prompt that shares the longest prefix 
 
 import asyncio
 import hmac
+import html
 import json
 import queue
 import threading
@@ -265,7 +266,7 @@ def create_app(model, tokenizer, model_name: str, api_key: Optional[str] = None,
             {"id": model_name, "object": "model", "created": created, "owned_by": "mlx-qwen3"}]})
 
     async def page(request):
-        return HTMLResponse(PAGE.read_text().replace("{{MODEL}}", model_name))
+        return HTMLResponse(PAGE.read_text().replace("{{MODEL}}", html.escape(model_name)))
 
     async def chat(request: Request):
         try:

@@ -258,3 +258,12 @@ def test_unknown_routes_and_methods(server):
     assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
     # and the server is still fine
     assert httpx.get(f"{server}/health").status_code == 200
+
+
+def test_server_cli_bad_model_is_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "mlx_qwen3.server", "--model", str(tmp_path / "none")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "does not exist" in out.stderr

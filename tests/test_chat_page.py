@@ -1,0 +1,66 @@
+"""The chat page at /, in headless Chromium: type, send, see thinking and answer land in their places."""
+
+import shutil
+
+import pytest
+from test_server import answering, serving  # noqa: F401  (the scripted model and the server helper)
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+DRIVER = shutil.which("chromedriver")
+pytestmark = pytest.mark.skipif(
+    not (CHROMIUM and DRIVER),
+    reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(DRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+def _send(driver, text):
+    from selenium.webdriver.common.by import By
+
+    box = driver.find_element(By.ID, "input")
+    box.send_keys(text)
+    driver.find_element(By.ID, "send").click()
+
+
+def _wait_for(driver, script, timeout=60):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout).until(lambda d: d.execute_script(script))
+
+
+def test_thinking_and_answer_arrive_in_their_places(answering, browser, tmp_path):  # noqa: F811
+    with serving(*answering) as url:
+        browser.get(url + "/")
+        assert browser.find_element("id", "model").text == "qwen3-tiny"
+        _send(browser, "What is 2+2?")
+        answer = _wait_for(browser, "const a = document.querySelector('.assistant .answer');"
+                                    "return a && a.textContent === 'The answer is 4.' && a.textContent")
+        assert answer == "The answer is 4."
+        thought = browser.execute_script("return document.querySelector('.assistant details.thinking .thought').textContent")
+        assert thought == "Let me think"
+        hidden = browser.execute_script("return document.querySelector('.assistant details.thinking').hidden")
+        assert hidden is False
+        browser.save_screenshot(str(tmp_path / "chat_page.png"))
+
+        # thinking off: the next reply comes without a thinking block
+        browser.find_element("id", "think").click()
+        _wait_for(browser, "return !document.getElementById('send').disabled")
+        _send(browser, "Hello")
+        _wait_for(browser, "const a = document.querySelectorAll('.assistant .answer');"
+                           "return a.length === 2 && a[1].textContent === 'Hi there!'")
+        hidden = browser.execute_script("return document.querySelectorAll('.assistant details.thinking')[1].hidden")
+        assert hidden is True
