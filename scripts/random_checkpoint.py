@@ -14,6 +14,8 @@ import mlx.core as mx
 TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "qwen3-tokenizer"
 
 SHAPES = {
+    "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, tie_word_embeddings=True),  # Qwen3's vocabulary, little else
     "qwen3-0.6b": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
                        num_key_value_heads=8, tie_word_embeddings=True),
     "qwen3-1.7b": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
@@ -22,7 +24,7 @@ SHAPES = {
 
 
 def config_for(shape: str, layers=None) -> dict:
-    c = dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", head_dim=128, vocab_size=151936,
+    c = dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", head_dim=64 if shape == "tiny" else 128, vocab_size=151936,
              max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1000000, torch_dtype="bfloat16",
              **SHAPES[shape])
     if layers:
