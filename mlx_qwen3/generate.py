@@ -1,5 +1,9 @@
 """generate_step (token ids) -> stream_generate (events) -> generate (a result); ChatSession; the CLI."""
 
+import json
+import signal
+import sys
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field, fields
@@ -344,6 +348,7 @@ class ChatSession:
             pass
         return event
 
+
 def _assistant_message(result: GenerationResult) -> dict:
     message = {"role": "assistant", "content": result.answer}
     if result.thinking:
@@ -369,9 +374,6 @@ class Printer:
         self.channel = None
 
     def show(self, event) -> Optional[GenerationResult]:
-        import json
-        import sys
-
         out = sys.stdout
         if self.as_json:
             if event.type == "done":
@@ -404,8 +406,6 @@ class Printer:
 
     def _enter(self, channel):
         """Open or close the thinking block when the channel changes."""
-        import sys
-
         if channel == self.channel:
             return
         out = sys.stdout
@@ -426,8 +426,6 @@ def _stats(r: GenerationResult) -> str:
 
 def _show_stream(events, printer: Printer, cancel) -> GenerationResult:
     """Print a stream; the first Ctrl-C cancels generation cleanly, a second one stops at once."""
-    import signal
-
     def on_sigint(*_):
         if cancel.is_set():
             raise KeyboardInterrupt
@@ -444,9 +442,6 @@ def _show_stream(events, printer: Printer, cancel) -> GenerationResult:
 
 
 def main():
-    import sys
-    import threading
-
     import click
 
     from .errors import run_cli
@@ -490,9 +485,6 @@ def main():
 
 
 def _repl(session: ChatSession, printer: Printer, first: Optional[str]) -> int:
-    import sys
-    import threading
-
     commands = "/think, /no_think, /budget N (or off), /reset, /exit"
     print(f"chat: {commands}; Ctrl-C stops a reply, Ctrl-D leaves", file=sys.stderr)
     line = first

@@ -292,7 +292,10 @@ def create_app(model, tokenizer, model_name: str, api_key: Optional[str] = None,
         if stream:
             return StreamingResponse(_sse(job, cid, now, model_name, include_usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await _complete(request, job, cid, now, model_name, error)
+        try:
+            return JSONResponse(await _complete(request, job, cid, now, model_name))
+        except RequestError as e:
+            return error(e)
 
     async def not_found(request, exc):
         status = getattr(exc, "status_code", 404)
@@ -310,8 +313,8 @@ def create_app(model, tokenizer, model_name: str, api_key: Optional[str] = None,
     return app
 
 
-async def _complete(request, job: Job, cid, now, model_name, error):
-    """A whole reply as one JSON object; a client that leaves cancels it."""
+async def _complete(request, job: Job, cid, now, model_name) -> dict:
+    """A whole reply as one chat.completion object; a client that leaves cancels it."""
     result, failure = None, None
     while True:
         try:
@@ -328,7 +331,7 @@ async def _complete(request, job: Job, cid, now, model_name, error):
             result = item
     if failure is not None or result is None:
         message = str(failure) if failure else "the generation was cancelled"
-        return error(RequestError(400 if isinstance(failure, UserError) else 500, message, None, "generation_failed"))
+        raise RequestError(400 if isinstance(failure, UserError) else 500, message, None, "generation_failed")
     message = {"role": "assistant", "content": result.answer or None}
     if result.thinking:
         message["reasoning_content"] = message["reasoning"] = result.thinking
@@ -338,13 +341,11 @@ async def _complete(request, job: Job, cid, now, model_name, error):
     bad = [c for c in result.tool_calls if not c.get("name")]
     if bad:  # a malformed call is reported in the content, not dropped
         message["content"] = (message["content"] or "") + "".join(f"\n[tool call error: {c['error']}]" for c in bad)
-    from starlette.responses import JSONResponse
-
-    return JSONResponse({
+    return {
         "id": cid, "object": "chat.completion", "created": now, "model": model_name,
         "choices": [{"index": 0, "message": message, "finish_reason": _finish(result)}],
         "usage": _usage(result, job.reused),
-    })
+    }
 
 
 async def _sse(job: Job, cid, now, model_name, include_usage):

@@ -1,6 +1,16 @@
-import pytest
+import socket
+import threading
+import time
+from contextlib import contextmanager
 
+import pytest
+from chain import build as build_scripted
+from chain import ids_of, successors, tokenizer
 from checkpoints import build
+
+from mlx_qwen3 import load
+
+NAME = "qwen3-tiny"  # what the test servers call their model
 
 
 @pytest.fixture(scope="session")
@@ -15,3 +25,71 @@ def checkpoint(tmp_path_factory):
         return made[name]
 
     return get
+
+
+# ---- scripted models (tests/chain.py) shared by the server, chat page and menubar tests ----
+
+def _tail(tok, **kwargs):
+    return tok.encode(tok.apply_chat_template([{"role": "user", "content": "x"}], **kwargs))[-1]
+
+
+@pytest.fixture(scope="session")
+def answering(tmp_path_factory):
+    """Thinks "Let me think", answers "The answer is 4."; without thinking answers "Hi there."."""
+    tok = tokenizer()
+    think = [_tail(tok)] + ids_of(tok, ["<think>", "Let me think", "</think>", "The answer is 4.", "<|im_end|>"])
+    plain = [_tail(tok, enable_thinking=False)] + ids_of(tok, ["Hi there!", "<|im_end|>"])
+    return load(build_scripted(tmp_path_factory.mktemp("answering"), successors(think, plain), max_position_embeddings=256))
+
+
+@pytest.fixture(scope="module")
+def server(answering):
+    with serving(*answering) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def tool_model(tmp_path_factory):
+    tok = tokenizer()
+    script = [_tail(tok)] + ids_of(tok, ["<think>", "Plan", "</think>", "<tool_call>", '{"name":"f","arguments":{}}',
+                                         "</tool_call>", "<|im_end|>"])
+    return load(build_scripted(tmp_path_factory.mktemp("tools"), successors(script)))
+
+
+@pytest.fixture(scope="session")
+def looping(tmp_path_factory):
+    """Answers "a ba ba b..." without end (max_tokens or a disconnect stop it)."""
+    tok = tokenizer()
+    script = [_tail(tok, enable_thinking=False)] + ids_of(tok, ["a b", "a"])
+    return load(build_scripted(tmp_path_factory.mktemp("loop"), successors(script), max_position_embeddings=100000))
+
+
+
+@pytest.fixture(scope="session")
+def serve():
+    """serve(model, tokenizer, **create_app options): a context manager giving a live server's URL."""
+    return serving
+
+
+@contextmanager
+def serving(model, tok, **options):
+    import uvicorn
+
+    from mlx_qwen3.server import create_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(model, tok, NAME, **options), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+

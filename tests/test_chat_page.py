@@ -3,7 +3,6 @@
 import shutil
 
 import pytest
-from test_server import answering, serving  # noqa: F401  (the scripted model and the server helper)
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
@@ -42,8 +41,8 @@ def _wait_for(driver, script, timeout=60):
     return WebDriverWait(driver, timeout).until(lambda d: d.execute_script(script))
 
 
-def test_thinking_and_answer_arrive_in_their_places(answering, browser, tmp_path):  # noqa: F811
-    with serving(*answering) as url:
+def test_thinking_and_answer_arrive_in_their_places(answering, serve, browser, tmp_path):
+    with serve(*answering) as url:
         browser.get(url + "/")
         assert browser.find_element("id", "model").text == "qwen3-tiny"
         _send(browser, "What is 2+2?")

@@ -7,7 +7,6 @@ import select
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 from chain import build, ids_of, successors, tokenizer

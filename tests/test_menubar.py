@@ -3,7 +3,6 @@
 import time
 
 import pytest
-from test_server import answering, looping  # noqa: F401  (scripted models)
 
 from mlx_qwen3.menubar import AssistantController, MenubarApp
 
@@ -13,7 +12,7 @@ def settled(c, timeout=30):
     return c.snapshot()
 
 
-def test_ask_streams_thinking_and_answer(answering):  # noqa: F811
+def test_ask_streams_thinking_and_answer(answering):
     c = AssistantController(*answering, "qwen3-tiny", temperature=0)
     assert c.snapshot()["model"] == "qwen3-tiny" and c.snapshot()["status"] == "ready"
     assert c.ask("What is 2+2?")
@@ -22,7 +21,7 @@ def test_ask_streams_thinking_and_answer(answering):  # noqa: F811
     assert s["status"].startswith("done")
 
 
-def test_thinking_toggle(answering):  # noqa: F811
+def test_thinking_toggle(answering):
     c = AssistantController(*answering, "m", temperature=0)
     assert c.toggle_thinking() is False and c.snapshot()["thinking_enabled"] is False
     c.ask("Hello")
@@ -30,7 +29,7 @@ def test_thinking_toggle(answering):  # noqa: F811
     assert (s["thinking"], s["answer"]) == ("", "Hi there!")
 
 
-def test_stop_button_and_busy_guard(looping):  # noqa: F811
+def test_stop_button_and_busy_guard(looping):
     c = AssistantController(*looping, "m", temperature=0, enable_thinking=False)
     c.thinking_enabled = False
     assert c.ask("go")
@@ -42,7 +41,7 @@ def test_stop_button_and_busy_guard(looping):  # noqa: F811
     assert s["status"].startswith("stopped") and s["answer"].startswith("a b") and not s["busy"]
 
 
-def test_empty_prompt_and_new_chat(answering):  # noqa: F811
+def test_empty_prompt_and_new_chat(answering):
     c = AssistantController(*answering, "m", temperature=0)
     assert c.ask("   ") is False and c.snapshot()["status"] == "type a question first"
     c.ask("What is 2+2?")
@@ -73,7 +72,7 @@ class FakeRumps:
             self.fn = fn
 
 
-def test_the_rumps_layer_shows_the_controller(answering):  # noqa: F811
+def test_the_rumps_layer_shows_the_controller(answering):
     c = AssistantController(*answering, "qwen3-tiny", temperature=0)
     app = MenubarApp(FakeRumps, c)
     assert app.model_item.title == "Model: qwen3-tiny"

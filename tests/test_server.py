@@ -1,82 +1,20 @@
 """The OpenAI-compatible server, driven by the real openai client and raw HTTP, on scripted models."""
 
 import json
-import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
 import httpx
 import pytest
-from chain import build, ids_of, successors, tokenizer
+from conftest import NAME
 
-from mlx_qwen3 import load
 from mlx_qwen3.generate import generate
-from mlx_qwen3.server import create_app
-
-NAME = "qwen3-tiny"
-
-
-@contextmanager
-def serving(model, tok, **options):
-    import uvicorn
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(model, tok, NAME, **options), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def client(url, key="none"):
     from openai import OpenAI
 
     return OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
-
-
-def _tail(tok, **kwargs):
-    return tok.encode(tok.apply_chat_template([{"role": "user", "content": "x"}], **kwargs))[-1]
-
-
-@pytest.fixture(scope="module")
-def answering(tmp_path_factory):
-    """Thinks "Let me think", answers "The answer is 4."; without thinking answers "Hi there."."""
-    tok = tokenizer()
-    think = [_tail(tok)] + ids_of(tok, ["<think>", "Let me think", "</think>", "The answer is 4.", "<|im_end|>"])
-    plain = [_tail(tok, enable_thinking=False)] + ids_of(tok, ["Hi there!", "<|im_end|>"])
-    return load(build(tmp_path_factory.mktemp("answering"), successors(think, plain), max_position_embeddings=256))
-
-
-@pytest.fixture(scope="module")
-def server(answering):
-    with serving(*answering) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def tool_model(tmp_path_factory):
-    tok = tokenizer()
-    script = [_tail(tok)] + ids_of(tok, ["<think>", "Plan", "</think>", "<tool_call>", '{"name":"f","arguments":{}}',
-                                         "</tool_call>", "<|im_end|>"])
-    return load(build(tmp_path_factory.mktemp("tools"), successors(script)))
-
-
-@pytest.fixture(scope="module")
-def looping(tmp_path_factory):
-    """Answers "a ba ba b..." without end (max_tokens or a disconnect stop it)."""
-    tok = tokenizer()
-    script = [_tail(tok, enable_thinking=False)] + ids_of(tok, ["a b", "a"])
-    return load(build(tmp_path_factory.mktemp("loop"), successors(script), max_position_embeddings=100000))
 
 
 NO_THINK = {"chat_template_kwargs": {"enable_thinking": False}}
@@ -145,9 +83,9 @@ def test_prefix_cache_is_reused(server):
     assert cached >= first.usage.prompt_tokens - 1 and second.choices[0].message.content == "The answer is 4."
 
 
-def test_tool_calls(tool_model):
+def test_tool_calls(tool_model, serve):
     tools = [{"type": "function", "function": {"name": "f", "description": "does f", "parameters": {"type": "object"}}}]
-    with serving(*tool_model) as url:
+    with serve(*tool_model) as url:
         c = client(url)
         r = c.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "use f"}], tools=tools,
                                       temperature=0)
@@ -165,7 +103,7 @@ def test_tool_calls(tool_model):
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
-def test_sixteen_concurrent_streams_each_get_their_own_answer(looping):
+def test_sixteen_concurrent_streams_each_get_their_own_answer(looping, serve):
     model, tok = looping
     expected = {n: generate(model, tok, "go", enable_thinking=False, temperature=0, max_tokens=n).answer
                 for n in range(3, 19)}
@@ -181,7 +119,7 @@ def test_sixteen_concurrent_streams_each_get_their_own_answer(looping):
                 finish = c.finish_reason or finish
         return n, text, finish
 
-    with serving(model, tok) as url:
+    with serve(model, tok) as url:
         with ThreadPoolExecutor(16) as pool:
             results = list(pool.map(ask, expected))
     assert len(results) == 16
@@ -189,8 +127,8 @@ def test_sixteen_concurrent_streams_each_get_their_own_answer(looping):
         assert text == expected[n] and finish == "length"
 
 
-def test_a_client_that_leaves_frees_the_slot(looping):
-    with serving(*looping) as url:
+def test_a_client_that_leaves_frees_the_slot(looping, serve):
+    with serve(*looping) as url:
         body = {"messages": [{"role": "user", "content": "go"}], "stream": True, "max_tokens": 50000, **NO_THINK}
         with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=30) as r:
             for i, _ in enumerate(r.iter_lines()):
@@ -206,8 +144,8 @@ def test_a_client_that_leaves_frees_the_slot(looping):
         assert httpx.get(f"{url}/health").json()["waiting"] == 0
 
 
-def test_api_key(answering):
-    with serving(*answering, api_key="sekrit") as url:
+def test_api_key(answering, serve):
+    with serve(*answering, api_key="sekrit") as url:
         from openai import AuthenticationError
 
         with pytest.raises(AuthenticationError):
