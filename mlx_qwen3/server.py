@@ -1,8 +1,8 @@
 """An OpenAI-compatible local server on top of the generator: /v1/models, /v1/chat/completions
 (server-sent events or one JSON), /health, and a chat page at /.
 
-One model, one generation at a time: requests wait in a queue and a worker thread runs them in
-order, reusing the KV cache of the cached prompt that shares the longest prefix with the new one.
+One model, one worker thread: up to 8 requests run time-sliced (one step each in turn), the rest
+wait in a queue; each starts from the cached prompt that shares the longest prefix with it.
 """
 
 import asyncio
@@ -147,12 +147,17 @@ class Job:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, cache_slots: int = 4):
+    """Runs the jobs on one worker thread, time-sliced: each round, every active job (up to
+    `max_active`) advances by one step of its own generator and its own KV cache, so a new request
+    starts at once instead of waiting for the ones before it. Outputs never mix: each job has its
+    own queue. Finished caches go back to a small pool, keyed by the tokens they hold."""
+
+    def __init__(self, model, tokenizer, cache_slots: int = 4, max_active: int = 8):
         self.model, self.tokenizer = model, tokenizer
         self.jobs = queue.Queue()
         self.cached = []  # [(token ids in the cache, cache)], most recent last
-        self.slots = cache_slots
-        self.busy = False
+        self.slots, self.max_active = cache_slots, max_active
+        self.active = 0
         threading.Thread(target=self._work, daemon=True, name="mlx-qwen3-generation").start()
 
     def submit(self, job: Job):
@@ -160,7 +165,7 @@ class Engine:
 
     @property
     def waiting(self) -> int:
-        return self.jobs.qsize() + self.busy
+        return self.jobs.qsize() + self.active
 
     def _take_cache(self, ids: list):
         best = max(range(len(self.cached)), key=lambda i: _common(self.cached[i][0], ids), default=None)
@@ -169,24 +174,39 @@ class Engine:
         cached, cache = self.cached.pop(best)
         return cache, rewind(cache, cached, ids)
 
-    def _work(self):
-        while True:
-            job = self.jobs.get()
+    def _admit(self, active: list):
+        """Start the waiting jobs there is room for; block only when there is nothing else to do."""
+        while len(active) < self.max_active:
+            try:
+                job = self.jobs.get(block=not active)
+            except queue.Empty:
+                return
             if job.opts.cancel.is_set():  # the client left while it waited
                 job.put(None)
                 continue
-            self.busy = True
             cache, fed = self._take_cache(job.ids)
             job.reused = len(fed)
-            try:
-                for event in run(self.model, self.tokenizer, job.ids, cache, job.opts, job.thinking, fed=fed):
-                    job.put(event)
-            except Exception as e:  # reported to that request; the server goes on
-                job.put(e)
-            finally:
+            steps = run(self.model, self.tokenizer, job.ids, cache, job.opts, job.thinking, fed=fed)
+            active.append((job, steps, cache, fed))
+
+    def _work(self):
+        active = []
+        while True:
+            self._admit(active)
+            self.active = len(active)
+            for entry in list(active):
+                job, steps, cache, fed = entry
+                try:
+                    job.put(next(steps))
+                    continue
+                except StopIteration:
+                    pass
+                except Exception as e:  # reported to that request; the others go on
+                    job.put(e)
+                active.remove(entry)
                 self.cached = (self.cached + [(fed, cache)])[-self.slots:]
-                self.busy = False
                 job.put(None)
+            self.active = len(active)
 
 
 def _common(a: list, b: list) -> int:
