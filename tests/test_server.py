@@ -205,3 +205,15 @@ def test_server_cli_bad_model_is_one_line(tmp_path):
     out = subprocess.run([sys.executable, "-m", "mlx_qwen3.server", "--model", str(tmp_path / "none")],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "does not exist" in out.stderr
+
+
+def test_a_long_reply_does_not_hold_up_a_short_one(looping, serve):
+    with serve(*looping) as url:
+        body = {"messages": [{"role": "user", "content": "go"}], "stream": True, "max_tokens": 50000, **NO_THINK}
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as long_reply:
+            lines = long_reply.iter_lines()
+            next(lines)  # the long reply is under way
+            r = client(url).chat.completions.create(model=NAME, messages=[{"role": "user", "content": "go"}],
+                                                    max_tokens=3, temperature=0, extra_body=NO_THINK)
+            assert r.choices[0].message.content == "a ba"
+            assert httpx.get(f"{url}/health").json()["waiting"] == 1  # the long one, still going
