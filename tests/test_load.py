@@ -198,3 +198,16 @@ def test_truncated_file_on_the_cli_exits_2_without_traceback(folder):
     out = run_cli(str(folder))
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "truncated" in out.stderr
+
+
+def test_the_package_exports_functions_not_their_modules():
+    import importlib
+
+    import mlx_qwen3
+
+    for module in ("load", "generate"):
+        importlib.import_module(f"mlx_qwen3.{module}")
+    from mlx_qwen3 import ChatSession, generate, load, stream_generate
+
+    assert all(callable(f) and not isinstance(f, type(mlx_qwen3)) for f in (generate, load, stream_generate))
+    assert ChatSession.__name__ == "ChatSession"
