@@ -266,15 +266,20 @@ class _StopStrings:
         return out
 
 
+def common_prefix(a: list, b: list) -> int:
+    """How many leading tokens two id lists share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def rewind(cache: list, cached: list, ids: list) -> list:
     """Trim `cache` (which holds `cached`) to the longest prefix it shares with `ids`, keeping at least
     one token of `ids` to feed; returns what the cache then holds."""
-    common = 0
-    for a, b in zip(cached, ids):
-        if a != b:
-            break
-        common += 1
-    common = min(common, len(ids) - 1)
+    common = min(common_prefix(cached, ids), len(ids) - 1)
     for c in cache:
         c.trim(c.offset - common)
     return cached[:common]

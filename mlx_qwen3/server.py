@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import UserError
-from .generate import GenerationOptions, GenerationResult, context_window, render_prompt, rewind, run, to_messages
+from .generate import (GenerationOptions, GenerationResult, common_prefix, context_window, render_prompt, rewind, run,
+                       to_messages)
 from .models.base import make_cache
 from .thinking import thinking_wanted
 
@@ -168,8 +169,8 @@ class Engine:
         return self.jobs.qsize() + self.active
 
     def _take_cache(self, ids: list):
-        best = max(range(len(self.cached)), key=lambda i: _common(self.cached[i][0], ids), default=None)
-        if best is None or _common(self.cached[best][0], ids) == 0:
+        best = max(range(len(self.cached)), key=lambda i: common_prefix(self.cached[i][0], ids), default=None)
+        if best is None or common_prefix(self.cached[best][0], ids) == 0:
             return make_cache(self.model), []
         cached, cache = self.cached.pop(best)
         return cache, rewind(cache, cached, ids)
@@ -207,15 +208,6 @@ class Engine:
                 self.cached = (self.cached + [(fed, cache)])[-self.slots:]
                 job.put(None)
             self.active = len(active)
-
-
-def _common(a: list, b: list) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 # ---- OpenAI's response shapes ----
