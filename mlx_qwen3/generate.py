@@ -191,6 +191,20 @@ def run(model, tokenizer, prompt_ids: list, cache: list, opts: GenerationOptions
     stops = _StopStrings(opts.stop)
     answer = ""
     thinking_tokens = 0
+
+    def cut(events: list, last: bool = False) -> list:
+        """The router's events with the answer cut at a stop string (`last`: let go of what was held)."""
+        nonlocal answer
+        out = []
+        for event in events:
+            if event.type == "answer":
+                text = "" if last and stops.hit else stops.feed(event.text) + (stops.flush() if last else "")
+                event = Event("answer", text)
+                answer += text
+            if event.text or event.tool_call:
+                out.append(event)
+        return out
+
     steps = generate_step(model, mx.array(prompt_ids[start:], dtype=mx.uint32), cache, sampler, processors, forced)
     end_thought_if_due()
     try:
@@ -204,12 +218,7 @@ def run(model, tokenizer, prompt_ids: list, cache: list, opts: GenerationOptions
                 break
             n += 1
             thinking_before = router.state == "thinking"
-            for event in router.feed(token):
-                if event.type == "answer":
-                    event = Event("answer", stops.feed(event.text))
-                    answer += event.text
-                if event.text or event.tool_call:
-                    yield event
+            yield from cut(router.feed(token))
             thought += thinking_before and router.state == "thinking"
             thinking_tokens += thinking_before or router.state == "thinking"
             end_thought_if_due()
@@ -223,12 +232,7 @@ def run(model, tokenizer, prompt_ids: list, cache: list, opts: GenerationOptions
                 break
     finally:
         steps.close()
-    for event in router.finish() + [Event("answer", "")]:
-        if event.type == "answer":  # the last event flushes what the stop strings held back
-            event = Event("answer", "" if stops.hit else stops.feed(event.text) + stops.flush())
-            answer += event.text
-        if event.text or event.tool_call:
-            yield event
+    yield from cut(router.finish() + [Event("answer", "")], last=True)
     gen_time = time.perf_counter() - tic
     yield GenerationResult(
         thinking=router.texts["thinking"],

@@ -110,10 +110,15 @@ def set_mode(mode: str):
     _mode = mode
 
 
+_bad_env = set()  # values of MLX_QWEN3_KERNELS already warned about (mode() runs once per layer)
+
+
 def mode() -> str:
     m = _mode or os.environ.get("MLX_QWEN3_KERNELS", "auto")
     if m not in MODES:
-        log.warning("MLX_QWEN3_KERNELS=%s is not one of %s; using auto", m, ", ".join(MODES))
+        if m not in _bad_env:
+            log.warning("MLX_QWEN3_KERNELS=%s is not one of %s; using auto", m, ", ".join(MODES))
+            _bad_env.add(m)
         m = "auto"
     return m
 

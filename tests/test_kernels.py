@@ -361,3 +361,12 @@ def test_selftest_cli_with_a_model(tmp_path):
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     assert report["environment"]["metal"] is False and report["model"]["decode_tps_builtin"] > 0
+
+
+def test_a_bad_environment_value_warns_once(monkeypatch, caplog):
+    monkeypatch.setenv("MLX_QWEN3_KERNELS", "turbo")
+    monkeypatch.setattr(kernels, "_mode", None)
+    monkeypatch.setattr(kernels, "_bad_env", set())
+    with caplog.at_level(logging.WARNING, logger="mlx_qwen3.kernels"):
+        assert [kernels.mode() for _ in range(3)] == ["auto"] * 3
+    assert caplog.text.count("MLX_QWEN3_KERNELS=turbo") == 1
