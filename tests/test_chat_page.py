@@ -12,7 +12,7 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def browser():
+def browser(tmp_path_factory):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -20,8 +20,9 @@ def browser():
     options.binary_location = CHROMIUM
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage"):
+                 "--disable-dev-shm-usage", f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
         options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(DRIVER), options=options)
     yield driver
     driver.quit()
@@ -35,10 +36,17 @@ def _send(driver, text):
     driver.find_element(By.ID, "send").click()
 
 
-def _wait_for(driver, script, timeout=60):
+def _wait_for(driver, script, timeout=120):
+    """Polls script until it returns something true; on timeout, fails with what the page shows."""
+    from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, timeout).until(lambda d: d.execute_script(script))
+    try:
+        return WebDriverWait(driver, timeout).until(lambda d: d.execute_script(script))
+    except TimeoutException:
+        shown = driver.execute_script("return document.getElementById('log').innerText")
+        console = [entry["message"] for entry in driver.get_log("browser")]
+        pytest.fail(f"after {timeout} s the page shows {shown!r}; its console: {console}")
 
 
 def test_thinking_and_answer_arrive_in_their_places(answering, serve, browser, tmp_path):
