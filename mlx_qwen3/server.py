@@ -144,7 +144,10 @@ class Job:
         self.reused = 0
 
     def put(self, item):
-        self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+        except RuntimeError:  # its event loop has closed (the server is stopping): nobody is listening
+            self.opts.cancel.set()
 
 
 class Engine:
@@ -185,9 +188,14 @@ class Engine:
             if job.opts.cancel.is_set():  # the client left while it waited
                 job.put(None)
                 continue
-            cache, fed = self._take_cache(job.ids)
-            job.reused = len(fed)
-            steps = run(self.model, self.tokenizer, job.ids, cache, job.opts, job.thinking, fed=fed)
+            try:
+                cache, fed = self._take_cache(job.ids)
+                job.reused = len(fed)
+                steps = run(self.model, self.tokenizer, job.ids, cache, job.opts, job.thinking, fed=fed)
+            except Exception as e:  # reported to that request; the worker goes on
+                job.put(e)
+                job.put(None)
+                continue
             active.append((job, steps, cache, fed))
 
     def _work(self):

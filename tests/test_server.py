@@ -217,3 +217,23 @@ def test_a_long_reply_does_not_hold_up_a_short_one(looping, serve):
                                                     max_tokens=3, temperature=0, extra_body=NO_THINK)
             assert r.choices[0].message.content == "a ba"
             assert httpx.get(f"{url}/health").json()["waiting"] == 1  # the long one, still going
+
+
+def test_a_request_that_fails_to_start_leaves_the_worker_serving(answering, serve, monkeypatch):
+    import mlx_qwen3.server as server_module
+
+    real_run, calls = server_module.run, []
+
+    def run_failing_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("no memory for the cache")
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(server_module, "run", run_failing_once)
+    with serve(*answering) as url:
+        body = {"messages": [{"role": "user", "content": "2+2?"}], "temperature": 0}
+        first = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+        assert first.status_code == 500 and "no memory for the cache" in first.json()["error"]["message"]
+        second = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+        assert second.status_code == 200 and second.json()["choices"][0]["message"]["content"] == "The answer is 4."
