@@ -2,13 +2,15 @@
 (server-sent events or one JSON), /health, and a chat page at /.
 
 One model, one worker thread: up to 8 requests run time-sliced (one step each in turn), the rest
-wait in a queue; each starts from the cached prompt that shares the longest prefix with it.
+wait in a queue; each starts from the cached prompt that shares the longest prefix with it. The
+cached prompts are bounded in number and in bytes (a 32k-token QwQ-32B prompt holds 8.6 GB).
 """
 
 import asyncio
 import hmac
 import html
 import json
+import os
 import queue
 import threading
 import time
@@ -19,10 +21,24 @@ from typing import Optional
 from .errors import UserError
 from .generate import (GenerationOptions, GenerationResult, common_prefix, context_window, render_prompt, rewind, run,
                        to_messages)
+from mlx.utils import tree_flatten
+
 from .models.base import make_cache
 from .thinking import thinking_wanted
 
 MAX_BODY = 4 * 2**20  # bytes of JSON a request may carry
+CACHE_SLOTS = 4  # finished requests' caches kept for reuse
+
+
+def default_cache_bytes(model) -> int:
+    """A quarter of the memory the weights leave free: the GPU's recommended working set on a Mac,
+    physical memory elsewhere."""
+    import mlx.core as mx
+
+    total = mx.device_info().get("max_recommended_working_set_size") or (
+        os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    return max(0, total - weights) // 4
 PAGE = Path(__file__).with_name("chat.html")
 
 
@@ -154,13 +170,16 @@ class Engine:
     """Runs the jobs on one worker thread, time-sliced: each round, every active job (up to
     `max_active`) advances by one step of its own generator and its own KV cache, so a new request
     starts at once instead of waiting for the ones before it. Outputs never mix: each job has its
-    own queue. Finished caches go back to a small pool, keyed by the tokens they hold."""
+    own queue. Finished caches go back to a small pool, keyed by the tokens they hold: the newest
+    `cache_slots` of them that fit in `cache_bytes` together."""
 
-    def __init__(self, model, tokenizer, cache_slots: int = 4, max_active: int = 8):
+    def __init__(self, model, tokenizer, cache_slots: int = CACHE_SLOTS, cache_bytes: Optional[int] = None,
+                 max_active: int = 8):
         self.model, self.tokenizer = model, tokenizer
         self.jobs = queue.Queue()
         self.cached = []  # [(token ids in the cache, cache)], most recent last
         self.slots, self.max_active = cache_slots, max_active
+        self.cache_bytes = default_cache_bytes(model) if cache_bytes is None else cache_bytes
         self.active = 0
         threading.Thread(target=self._work, daemon=True, name="mlx-qwen3-generation").start()
 
@@ -172,11 +191,29 @@ class Engine:
         return self.jobs.qsize() + self.active
 
     def _take_cache(self, ids: list):
+        """-> (a cache for `ids`, the tokens it already holds). A request that continues a cached one
+        takes that cache over; one that only shares a prefix gets a copy of it, so that the cached
+        conversation stays whole for its own next turn."""
         best = max(range(len(self.cached)), key=lambda i: common_prefix(self.cached[i][0], ids), default=None)
-        if best is None or common_prefix(self.cached[best][0], ids) == 0:
+        common = 0 if best is None else min(common_prefix(self.cached[best][0], ids), len(ids) - 1)
+        if common <= 0:
             return make_cache(self.model), []
-        cached, cache = self.cached.pop(best)
-        return cache, rewind(cache, cached, ids)
+        cached, cache = self.cached[best]
+        if common == len(cached):
+            self.cached.pop(best)
+            return cache, rewind(cache, cached, ids)
+        return [c.copy(common) for c in cache], cached[:common]
+
+    def _keep(self, ids: list, cache: list):
+        # an entry whose tokens all begin the new one's is covered by it
+        self.cached = [(c_ids, c) for c_ids, c in self.cached if common_prefix(c_ids, ids) < len(c_ids)]
+        self.cached.append((ids, cache))
+        while self.cached and (len(self.cached) > self.slots or self.cached_bytes > self.cache_bytes):
+            self.cached.pop(0)
+
+    @property
+    def cached_bytes(self) -> int:
+        return sum(c.nbytes for _, cache in list(self.cached) for c in cache)
 
     def _admit(self, active: list):
         """Start the waiting jobs there is room for; block only when there is nothing else to do."""
@@ -213,7 +250,7 @@ class Engine:
                 except Exception as e:  # reported to that request; the others go on
                     job.put(e)
                 active.remove(entry)
-                self.cached = (self.cached + [(fed, cache)])[-self.slots:]
+                self._keep(fed, cache)
                 job.put(None)
             self.active = len(active)
 
@@ -243,14 +280,15 @@ def _finish(result: GenerationResult) -> str:
 
 # ---- the app ----
 
-def create_app(model, tokenizer, model_name: str, api_key: Optional[str] = None, max_body: int = MAX_BODY):
+def create_app(model, tokenizer, model_name: str, api_key: Optional[str] = None, max_body: int = MAX_BODY,
+               cache_slots: int = CACHE_SLOTS, cache_bytes: Optional[int] = None):
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
     from starlette.requests import ClientDisconnect, Request
     from starlette.responses import HTMLResponse, JSONResponse, StreamingResponse
     from starlette.routing import Route
 
-    engine = Engine(model, tokenizer)
+    engine = Engine(model, tokenizer, cache_slots, cache_bytes)
     window = context_window(model)
     created = int(time.time())
 
@@ -277,7 +315,8 @@ def create_app(model, tokenizer, model_name: str, api_key: Optional[str] = None,
             raise RequestError(400, f"the body is not valid JSON: {e}", None, "invalid_json") from None
 
     async def health(request):
-        return JSONResponse({"status": "ok", "model": model_name, "waiting": engine.waiting})
+        return JSONResponse({"status": "ok", "model": model_name, "waiting": engine.waiting,
+                             "cached_prompts": len(engine.cached), "cached_bytes": engine.cached_bytes})
 
     async def models(request):
         if not authorized(request):
@@ -416,7 +455,11 @@ def main():
     @click.option("--host", default="127.0.0.1", show_default=True, help="Only this machine, unless told.")
     @click.option("--port", type=int, default=8080, show_default=True)
     @click.option("--api-key", default=None, help="Require 'Authorization: Bearer KEY' on /v1.")
-    def cli(model, host, port, api_key):
+    @click.option("--prompt-cache", "cache_slots", type=click.IntRange(0), default=CACHE_SLOTS, show_default=True,
+                  help="Finished prompts whose KV cache is kept for reuse.")
+    @click.option("--prompt-cache-gb", type=click.FloatRange(0), default=None,
+                  help="At most this much memory for them  [default: a quarter of what the weights leave free]")
+    def cli(model, host, port, api_key, cache_slots, prompt_cache_gb):
         """An OpenAI-compatible server for one Qwen3 / Qwen3-MoE / QwQ model."""
         try:
             import uvicorn
@@ -425,7 +468,8 @@ def main():
         from .load import load
 
         m, tokenizer = load(model)
-        app = create_app(m, tokenizer, model, api_key)
+        cache_bytes = None if prompt_cache_gb is None else int(prompt_cache_gb * 2**30)
+        app = create_app(m, tokenizer, model, api_key, cache_slots=cache_slots, cache_bytes=cache_bytes)
         print(f"serving {model} on http://{host}:{port} (chat page at /, API at /v1)")
         uvicorn.run(app, host=host, port=port, log_level="warning")
 

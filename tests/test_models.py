@@ -59,6 +59,17 @@ def test_cache_trim_rewinds(loaded):
     assert rel_err(again, model(ids)[:, -1]) < TOL
 
 
+def test_cache_copy_shares_a_prefix_and_leaves_the_original_whole(loaded):
+    model, _, _ = loaded("qwen3")
+    a = prompt(1, 30, seed=4)
+    b = np.concatenate([a[:, :12], prompt(1, 18, seed=5)], axis=1)  # shares a's first 12 tokens
+    cache = make_cache(model)
+    process_prompt(model, mx.array(a[:, :20]), cache)
+    copied = [c.copy(12) for c in cache]
+    assert rel_err(process_prompt(model, mx.array(b[:, 12:]), copied), model(mx.array(b))[:, -1]) < TOL
+    assert rel_err(process_prompt(model, mx.array(a[:, 20:]), cache), model(mx.array(a))[:, -1]) < TOL
+
+
 @pytest.mark.parametrize("name", SPECS)
 def test_batch_rows_are_independent(loaded, name):
     model, _, _ = loaded(name)

@@ -22,7 +22,8 @@ NO_THINK = {"chat_template_kwargs": {"enable_thinking": False}}
 
 def test_models_and_health(server):
     assert [m.id for m in client(server).models.list().data] == [NAME]
-    assert httpx.get(f"{server}/health").json() == {"status": "ok", "model": NAME, "waiting": 0}
+    health = httpx.get(f"{server}/health").json()
+    assert {k: health[k] for k in ("status", "model", "waiting")} == {"status": "ok", "model": NAME, "waiting": 0}
 
 
 def test_chat_completion_separates_reasoning(server):
@@ -81,6 +82,32 @@ def test_prefix_cache_is_reused(server):
     second = c.chat.completions.create(model=NAME, messages=messages, temperature=0)
     cached = second.usage.prompt_tokens_details.cached_tokens
     assert cached >= first.usage.prompt_tokens - 1 and second.choices[0].message.content == "The answer is 4."
+
+
+def test_two_alternating_conversations_each_keep_their_prefix(answering, serve):
+    with serve(*answering) as url:
+        c = client(url)
+        turns = {name: [{"role": "user", "content": f"{name} says: " + "tell me more " * 20}] for name in "AB"}
+        first = {name: c.chat.completions.create(model=NAME, messages=m, temperature=0) for name, m in turns.items()}
+        for name, messages in turns.items():  # A's second turn comes after B's first
+            messages += [{"role": "assistant", "content": "The answer is 4."}, {"role": "user", "content": "and?"}]
+            again = c.chat.completions.create(model=NAME, messages=messages, temperature=0)
+            assert again.usage.prompt_tokens_details.cached_tokens >= first[name].usage.prompt_tokens - 1
+            assert again.choices[0].message.content == "The answer is 4."
+
+
+@pytest.mark.parametrize("slots, gigabytes, kept", [(4, None, 2), (1, None, 1), (4, 1e-9, 0)])
+def test_prompt_cache_is_bounded_in_number_and_bytes(answering, serve, slots, gigabytes, kept):
+    cache_bytes = None if gigabytes is None else int(gigabytes * 2**30)
+    with serve(*answering, cache_slots=slots, cache_bytes=cache_bytes) as url:
+        c = client(url)
+        for text in ("first question", "second question"):
+            c.chat.completions.create(model=NAME, messages=[{"role": "user", "content": text}], temperature=0)
+        health = httpx.get(f"{url}/health").json()
+        assert health["cached_prompts"] == kept and (health["cached_bytes"] > 0) == (kept > 0)
+        again = c.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "second question"}],
+                                          temperature=0)
+        assert (again.usage.prompt_tokens_details.cached_tokens > 0) == (kept > 0)
 
 
 def test_tool_calls(tool_model, serve):

@@ -137,6 +137,18 @@ class KVCache:
     def state(self):
         return [] if self.keys is None else [self.keys, self.values]
 
+    def copy(self, n: int) -> "KVCache":
+        """A new cache holding this one's first `n` positions; this one is left as it is."""
+        c = KVCache()
+        if self.keys is not None and n > 0:
+            c.keys, c.values, c.offset = self.keys[..., :n, :], self.values[..., :n, :], n
+        return c
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held, preallocated positions included."""
+        return sum(a.nbytes for a in self.state)
+
 
 def make_cache(model) -> list:
     return [KVCache() for _ in model.layers]
