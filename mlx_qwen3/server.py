@@ -1,8 +1,8 @@
 """An OpenAI-compatible local server on top of the generator: /v1/models, /v1/chat/completions
 (server-sent events or one JSON), /health, and a chat page at /.
 
-One model, one worker thread: up to 8 requests run time-sliced (one step each in turn), the rest
-wait in a queue; each starts from the cached prompt that shares the longest prefix with it. The
+One model, one worker thread: up to 8 requests (--parallel) run time-sliced (one step each in turn),
+the rest wait in a queue; each starts from the cached prompt that shares the longest prefix with it. The
 cached prompts are bounded in number and in bytes (a 32k-token QwQ-32B prompt holds 8.6 GB).
 """
 
@@ -28,6 +28,7 @@ from .thinking import thinking_wanted
 
 MAX_BODY = 4 * 2**20  # bytes of JSON a request may carry
 CACHE_SLOTS = 4  # finished requests' caches kept for reuse
+PARALLEL = 8  # requests generating at once, time-sliced; each holds its own KV cache
 
 
 def default_cache_bytes(model) -> int:
@@ -174,7 +175,7 @@ class Engine:
     `cache_slots` of them that fit in `cache_bytes` together."""
 
     def __init__(self, model, tokenizer, cache_slots: int = CACHE_SLOTS, cache_bytes: Optional[int] = None,
-                 max_active: int = 8):
+                 max_active: int = PARALLEL):
         self.model, self.tokenizer = model, tokenizer
         self.jobs = queue.Queue()
         self.cached = []  # [(token ids in the cache, cache)], most recent last
@@ -281,14 +282,14 @@ def _finish(result: GenerationResult) -> str:
 # ---- the app ----
 
 def create_app(model, tokenizer, model_name: str, api_key: Optional[str] = None, max_body: int = MAX_BODY,
-               cache_slots: int = CACHE_SLOTS, cache_bytes: Optional[int] = None):
+               cache_slots: int = CACHE_SLOTS, cache_bytes: Optional[int] = None, parallel: int = PARALLEL):
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
     from starlette.requests import ClientDisconnect, Request
     from starlette.responses import HTMLResponse, JSONResponse, StreamingResponse
     from starlette.routing import Route
 
-    engine = Engine(model, tokenizer, cache_slots, cache_bytes)
+    engine = Engine(model, tokenizer, cache_slots, cache_bytes, parallel)
     window = context_window(model)
     created = int(time.time())
 
@@ -455,11 +456,14 @@ def main():
     @click.option("--host", default="127.0.0.1", show_default=True, help="Only this machine, unless told.")
     @click.option("--port", type=int, default=8080, show_default=True)
     @click.option("--api-key", default=None, help="Require 'Authorization: Bearer KEY' on /v1.")
+    @click.option("--parallel", type=click.IntRange(1), default=PARALLEL, show_default=True,
+                  help="Requests generating at once (time-sliced); more wait in a queue. Lower it for big models "
+                       "and long contexts: each holds its own KV cache.")
     @click.option("--prompt-cache", "cache_slots", type=click.IntRange(0), default=CACHE_SLOTS, show_default=True,
                   help="Finished prompts whose KV cache is kept for reuse.")
     @click.option("--prompt-cache-gb", type=click.FloatRange(0), default=None,
-                  help="At most this much memory for them  [default: a quarter of what the weights leave free]")
-    def cli(model, host, port, api_key, cache_slots, prompt_cache_gb):
+                  help="At most this many GiB for them (default: a quarter of the memory the weights leave free).")
+    def cli(model, host, port, api_key, parallel, cache_slots, prompt_cache_gb):
         """An OpenAI-compatible server for one Qwen3 / Qwen3-MoE / QwQ model."""
         try:
             import uvicorn
@@ -469,7 +473,8 @@ def main():
 
         m, tokenizer = load(model)
         cache_bytes = None if prompt_cache_gb is None else int(prompt_cache_gb * 2**30)
-        app = create_app(m, tokenizer, model, api_key, cache_slots=cache_slots, cache_bytes=cache_bytes)
+        app = create_app(m, tokenizer, model, api_key, cache_slots=cache_slots, cache_bytes=cache_bytes,
+                         parallel=parallel)
         print(f"serving {model} on http://{host}:{port} (chat page at /, API at /v1)")
         uvicorn.run(app, host=host, port=port, log_level="warning")
 

@@ -264,3 +264,21 @@ def test_a_request_that_fails_to_start_leaves_the_worker_serving(answering, serv
         assert first.status_code == 500 and "no memory for the cache" in first.json()["error"]["message"]
         second = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
         assert second.status_code == 200 and second.json()["choices"][0]["message"]["content"] == "The answer is 4."
+
+
+def test_parallel_one_queues_the_second_request(looping, serve):
+    with serve(*looping, parallel=1) as url:
+        body = {"messages": [{"role": "user", "content": "go"}], "stream": True, "max_tokens": 50000, **NO_THINK}
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as long_reply:
+            lines = long_reply.iter_lines()
+            next(lines)  # the long reply is under way
+            with ThreadPoolExecutor(1) as pool:
+                short = pool.submit(client(url).chat.completions.create, model=NAME, max_tokens=3, temperature=0,
+                                    messages=[{"role": "user", "content": "go"}], extra_body=NO_THINK)
+                deadline = time.time() + 30
+                while httpx.get(f"{url}/health").json()["waiting"] < 2 and time.time() < deadline:
+                    time.sleep(0.05)
+                time.sleep(0.5)
+                assert not short.done()  # it waits its turn
+                long_reply.close()  # the long one leaves; the short one runs
+                assert short.result(timeout=60).choices[0].message.content == "a ba"
