@@ -18,29 +18,28 @@ import uuid
 from pathlib import Path
 from typing import Optional
 
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
 from .errors import UserError
 from .generate import (GenerationOptions, GenerationResult, common_prefix, context_window, render_prompt, rewind, run,
                        to_messages)
-from mlx.utils import tree_flatten
-
 from .models.base import make_cache
 from .thinking import thinking_wanted
 
 MAX_BODY = 4 * 2**20  # bytes of JSON a request may carry
 CACHE_SLOTS = 4  # finished requests' caches kept for reuse
 PARALLEL = 8  # requests generating at once, time-sliced; each holds its own KV cache
+PAGE = Path(__file__).with_name("chat.html")
 
 
 def default_cache_bytes(model) -> int:
     """A quarter of the memory the weights leave free: the GPU's recommended working set on a Mac,
     physical memory elsewhere."""
-    import mlx.core as mx
-
     total = mx.device_info().get("max_recommended_working_set_size") or (
         os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     return max(0, total - weights) // 4
-PAGE = Path(__file__).with_name("chat.html")
 
 
 class RequestError(Exception):
@@ -246,12 +245,11 @@ class Engine:
                 try:
                     job.put(next(steps))
                     continue
-                except StopIteration:
-                    pass
+                except StopIteration:  # done or cancelled: the cache holds exactly `fed`, worth keeping
+                    self._keep(fed, cache)
                 except Exception as e:  # reported to that request; the others go on
                     job.put(e)
                 active.remove(entry)
-                self._keep(fed, cache)
                 job.put(None)
             self.active = len(active)
 
