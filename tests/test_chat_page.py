@@ -36,13 +36,20 @@ def _send(driver, text):
     driver.find_element(By.ID, "send").click()
 
 
-def _wait_for(driver, script, timeout=120):
-    """Polls script until it returns something true; on timeout, fails with what the page shows."""
+def _wait_for(driver, script, timeout=120, fail_on_error=True):
+    """Polls script until it returns something true; fails at once on an error shown in the page
+    (unless told not to), and on timeout with what the page shows."""
     from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.support.ui import WebDriverWait
 
+    def done(d):
+        error = d.execute_script("const e = document.querySelector('.msg.error'); return e && e.textContent")
+        if error and fail_on_error:
+            pytest.fail(f"the page shows an error: {error}")
+        return d.execute_script(script)
+
     try:
-        return WebDriverWait(driver, timeout).until(lambda d: d.execute_script(script))
+        return WebDriverWait(driver, timeout).until(done)
     except TimeoutException:
         shown = driver.execute_script("return document.getElementById('log').innerText")
         console = [entry["message"] for entry in driver.get_log("browser")]
@@ -71,3 +78,20 @@ def test_thinking_and_answer_arrive_in_their_places(answering, serve, browser, t
                            "return a.length === 2 && a[1].textContent === 'Hi there!'")
         hidden = browser.execute_script("return document.querySelectorAll('.assistant details.thinking')[1].hidden")
         assert hidden is True
+
+
+def test_api_key_field(answering, serve, browser):
+    with serve(*answering, api_key="sesame") as url:
+        browser.get(url + "/")
+        browser.execute_script("localStorage.clear(); document.getElementById('key').value = '';")
+        _send(browser, "What is 2+2?")
+        error = _wait_for(browser, "const e = document.querySelector('.msg.error'); return e && e.textContent",
+                          fail_on_error=False)
+        assert "Authorization" in error
+        key = browser.find_element("id", "key")
+        key.send_keys("sesame")
+        _send(browser, "What is 2+2?")
+        _wait_for(browser, "const a = document.querySelectorAll('.assistant .answer');"
+                           "return a.length === 2 && a[1].textContent === 'The answer is 4.'", fail_on_error=False)
+        browser.get(url + "/")  # the key is remembered
+        assert browser.find_element("id", "key").get_attribute("value") == "sesame"
