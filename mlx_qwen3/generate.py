@@ -1,15 +1,18 @@
 """generate_step (token ids) -> stream_generate (events) -> generate (a result); ChatSession; the CLI."""
 
 import json
+import logging
 import signal
 import sys
 import threading
 import time
 from collections import deque
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field, fields
 from typing import Iterator, Optional
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
 from .errors import UserError
 from .models.base import make_cache, process_prompt
@@ -19,7 +22,39 @@ from .thinking import Event, ThinkingRouter, starts_in_thinking, thinking_wanted
 # Qwen's recommended sampling per mode; generation_config.json overrides, then the caller.
 THINKING_DEFAULTS = dict(temperature=0.6, top_p=0.95, top_k=20, min_p=0.0)
 NON_THINKING_DEFAULTS = dict(temperature=0.7, top_p=0.8, top_k=20, min_p=0.0)
+log = logging.getLogger(__name__)
 WRAP_UP = "\n\nConsidering the limited time, I have to give the solution based on the thinking directly now.\n"
+
+
+_wired_lock = threading.Lock()
+_wired = {"users": 0, "old": 0}
+
+
+@contextmanager
+def wired(model):
+    """While any generation runs, keep up to the GPU's recommended working set wired (as mlx-lm does),
+    so macOS does not page the weights out between tokens; the old limit returns when the last ends.
+    Off Metal, nothing to do."""
+    limit = mx.device_info().get("max_recommended_working_set_size") if mx.metal.is_available() else None
+    if not limit:
+        yield
+        return
+    with _wired_lock:
+        if _wired["users"] == 0:
+            weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+            if weights > 0.9 * limit:
+                log.warning("the weights take %d MB of the %d MB Metal keeps resident; generation may be slow",
+                            weights // 2**20, limit // 2**20)
+            _wired["old"] = mx.set_wired_limit(limit)
+        _wired["users"] += 1
+    try:
+        yield
+    finally:
+        with _wired_lock:
+            _wired["users"] -= 1
+            if _wired["users"] == 0:
+                mx.synchronize()  # the limit must not change under a running evaluation
+                mx.set_wired_limit(_wired["old"])
 
 
 def generate_step(model, prompt: mx.array, cache: list, sampler, processors=(), forced: Optional[deque] = None):
@@ -207,7 +242,7 @@ def run(model, tokenizer, prompt_ids: list, cache: list, opts: GenerationOptions
 
     steps = generate_step(model, mx.array(prompt_ids[start:], dtype=mx.uint32), cache, sampler, processors, forced)
     end_thought_if_due()
-    try:
+    with wired(model), closing(steps):
         for token in steps:
             if prompt_time is None:
                 prompt_time = time.perf_counter() - tic
@@ -230,8 +265,6 @@ def run(model, tokenizer, prompt_ids: list, cache: list, opts: GenerationOptions
                 break
             if n >= max_tokens:
                 break
-    finally:
-        steps.close()
     yield from cut(router.finish() + [Event("answer", "")], last=True)
     gen_time = time.perf_counter() - tic
     yield GenerationResult(

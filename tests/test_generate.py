@@ -318,3 +318,24 @@ def test_frequency_and_presence_penalties():
     assert frequency_penalty(0.5)(seen, logits).tolist() == [[0, -0.5, 0, -1.0, 0]]
     assert presence_penalty(0.5)(seen, logits).tolist() == [[0, -0.5, 0, -0.5, 0]]
     assert repetition_penalty(2.0)(seen, mx.array([[1.0, 1.0, 1.0, -1.0, 1.0]])).tolist() == [[1, 0.5, 1, -2, 1]]
+
+
+def test_weights_stay_wired_while_any_generation_runs(answering, monkeypatch):
+    """On Metal the recommended working set is wired for the generations' time, as mlx-lm does; two
+    overlapping generations restore the old limit only when the last one ends."""
+    limits = [0]
+
+    def set_wired_limit(n):
+        old = limits[-1]
+        limits.append(n)
+        return old
+
+    monkeypatch.setattr(mx.metal, "is_available", lambda: True)
+    monkeypatch.setattr(mx, "device_info", lambda: {"max_recommended_working_set_size": 2**30})
+    monkeypatch.setattr(mx, "set_wired_limit", set_wired_limit)
+    model, tok = answering
+    first, second = stream_generate(model, tok, "What is 2+2?"), stream_generate(model, tok, "What is 2+2?")
+    next(first), next(second)
+    assert limits == [0, 2**30]
+    assert list(first)[-1].answer == "The answer is 4." and limits[-1] == 2**30  # the second still runs
+    assert list(second)[-1].answer == "The answer is 4." and limits == [0, 2**30, 0]
