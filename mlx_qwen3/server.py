@@ -104,12 +104,17 @@ def parse_messages(raw) -> list:
     return out
 
 
+def serves(served: str, wanted: str) -> bool:
+    """Whether a request's `model` names the served one: as given to --model, or its last path part."""
+    return wanted in (served, served.rstrip("/").split("/")[-1])
+
+
 def parse_request(body, served: str) -> tuple:
     """-> (messages, GenerationOptions keywords, stream, include_usage)."""
     if not isinstance(body, dict):
         raise RequestError(400, "the body must be a JSON object", None, "invalid_body")
     model = _field(body, "model", str)
-    if model is not None and model not in (served, served.rstrip("/").split("/")[-1]):
+    if model is not None and not serves(served, model):
         raise RequestError(404, f"the model '{model}' is not served here; this server has '{served}'", "model",
                            "model_not_found")
     messages = parse_messages(body.get("messages"))
@@ -320,8 +325,14 @@ def create_app(model, tokenizer, model_name: str, api_key: Optional[str] = None,
     async def models(request):
         if not authorized(request):
             return error(RequestError(401, "a valid 'Authorization: Bearer KEY' header is needed", None, "invalid_api_key"))
-        return JSONResponse({"object": "list", "data": [
-            {"id": model_name, "object": "model", "created": created, "owned_by": "mlx-qwen3"}]})
+        served = {"id": model_name, "object": "model", "created": created, "owned_by": "mlx-qwen3"}
+        wanted = request.path_params.get("model_id")
+        if wanted is None:
+            return JSONResponse({"object": "list", "data": [served]})
+        if not serves(model_name, wanted):
+            return error(RequestError(404, f"the model '{wanted}' is not served here; this server has '{model_name}'",
+                                      "model", "model_not_found"))
+        return JSONResponse(served)
 
     async def page(request):
         return HTMLResponse(PAGE.read_text().replace("{{MODEL}}", html.escape(model_name)))
@@ -364,6 +375,7 @@ def create_app(model, tokenizer, model_name: str, api_key: Optional[str] = None,
         Route("/", page),
         Route("/health", health),
         Route("/v1/models", models),
+        Route("/v1/models/{model_id:path}", models),
         Route("/v1/chat/completions", chat, methods=["POST"]),
     ]
     app = Starlette(routes=routes, exception_handlers={HTTPException: not_found})

@@ -22,6 +22,9 @@ NO_THINK = {"chat_template_kwargs": {"enable_thinking": False}}
 
 def test_models_and_health(server):
     assert [m.id for m in client(server).models.list().data] == [NAME]
+    assert client(server).models.retrieve(NAME).id == NAME
+    missing = httpx.get(f"{server}/v1/models/other-model")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
     health = httpx.get(f"{server}/health").json()
     assert {k: health[k] for k in ("status", "model", "waiting")} == {"status": "ok", "model": NAME, "waiting": 0}
 
