@@ -27,7 +27,7 @@ WRAP_UP = "\n\nConsidering the limited time, I have to give the solution based o
 
 
 _wired_lock = threading.Lock()
-_wired = {"users": 0, "old": 0}
+_wired = {"users": 0, "old": 0, "warned": False}
 
 
 @contextmanager
@@ -42,7 +42,8 @@ def wired(model):
     with _wired_lock:
         if _wired["users"] == 0:
             weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
-            if weights > 0.9 * limit:
+            if weights > 0.9 * limit and not _wired["warned"]:
+                _wired["warned"] = True
                 log.warning("the weights take %d MB of the %d MB Metal keeps resident; generation may be slow",
                             weights // 2**20, limit // 2**20)
             _wired["old"] = mx.set_wired_limit(limit)
