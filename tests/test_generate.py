@@ -8,7 +8,7 @@ import pytest
 from chain import build, ids_of, qwq_template, successors, tokenizer
 
 from mlx_qwen3 import UserError, load
-from mlx_qwen3.generate import ChatSession, GenerationOptions, generate, stream_generate
+from mlx_qwen3.generate import ChatSession, GenerationOptions, _wired, generate, stream_generate
 
 GREEDY = dict(temperature=0)
 
@@ -339,3 +339,15 @@ def test_weights_stay_wired_while_any_generation_runs(answering, monkeypatch):
     assert limits == [0, 2**30]
     assert list(first)[-1].answer == "The answer is 4." and limits[-1] == 2**30  # the second still runs
     assert list(second)[-1].answer == "The answer is 4." and limits == [0, 2**30, 0]
+
+
+def test_weights_over_the_working_set_warn_once(answering, monkeypatch, caplog):
+    monkeypatch.setattr(mx.metal, "is_available", lambda: True)
+    monkeypatch.setattr(mx, "device_info", lambda: {"max_recommended_working_set_size": 2**20})
+    monkeypatch.setattr(mx, "set_wired_limit", lambda n: 0)
+    monkeypatch.setitem(_wired, "warned", False)
+    model, tok = answering
+    for _ in range(2):
+        generate(model, tok, "What is 2+2?")
+    assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
+    assert "MB Metal keeps resident" in caplog.records[0].message
