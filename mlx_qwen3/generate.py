@@ -12,10 +12,9 @@ from dataclasses import dataclass, field, fields
 from typing import Iterator, Optional
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
 
 from .errors import UserError
-from .models.base import make_cache, process_prompt
+from .models.base import make_cache, process_prompt, weight_bytes
 from .sample import make_processors, make_sampler
 from .thinking import Event, ThinkingRouter, starts_in_thinking, thinking_wanted
 
@@ -30,22 +29,26 @@ _wired_lock = threading.Lock()
 _wired = {"users": 0, "old": 0, "warned": False}
 
 
+def recommended_working_set() -> Optional[int]:
+    """The bytes Metal recommends keeping resident on this Mac; None off Metal."""
+    return mx.device_info().get("max_recommended_working_set_size") if mx.metal.is_available() else None
+
+
 @contextmanager
 def wired(model):
     """While any generation runs, keep up to the GPU's recommended working set wired (as mlx-lm does),
     so macOS does not page the weights out between tokens; the old limit returns when the last ends.
     Off Metal, nothing to do."""
-    limit = mx.device_info().get("max_recommended_working_set_size") if mx.metal.is_available() else None
+    limit = recommended_working_set()
     if not limit:
         yield
         return
     with _wired_lock:
         if _wired["users"] == 0:
-            weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
-            if weights > 0.9 * limit and not _wired["warned"]:
+            if not _wired["warned"] and weight_bytes(model) > 0.9 * limit:
                 _wired["warned"] = True
                 log.warning("the weights take %d MB of the %d MB Metal keeps resident; generation may be slow",
-                            weights // 2**20, limit // 2**20)
+                            weight_bytes(model) // 2**20, limit // 2**20)
             _wired["old"] = mx.set_wired_limit(limit)
         _wired["users"] += 1
     try:

@@ -12,6 +12,7 @@ from mlx.utils import tree_flatten
 
 from .errors import UserError, run_cli
 from .models import MODELS
+from .models.base import weight_bytes
 
 # What a model needs from a Hub repo: configs, weights, tokenizer, chat template.
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt"]
@@ -222,11 +223,10 @@ def main():
     @click.argument("model")
     def cli(model):
         m, config = load_model(model, lazy=True)
-        nbytes = sum(v.nbytes for _, v in tree_flatten(m.parameters()))
         print(json.dumps({
             "model_type": config["model_type"],
             "layers": len(m.layers),
-            "weight_bytes": nbytes,
+            "weight_bytes": weight_bytes(m),
             "quantization": config.get("quantization"),
         }))
 

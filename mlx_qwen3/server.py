@@ -18,13 +18,10 @@ import uuid
 from pathlib import Path
 from typing import Optional
 
-import mlx.core as mx
-from mlx.utils import tree_flatten
-
 from .errors import UserError
-from .generate import (GenerationOptions, GenerationResult, common_prefix, context_window, render_prompt, rewind, run,
-                       to_messages)
-from .models.base import make_cache
+from .generate import (GenerationOptions, GenerationResult, common_prefix, context_window, recommended_working_set,
+                       render_prompt, rewind, run, to_messages)
+from .models.base import make_cache, weight_bytes
 from .thinking import thinking_wanted
 
 MAX_BODY = 4 * 2**20  # bytes of JSON a request may carry
@@ -36,10 +33,8 @@ PAGE = Path(__file__).with_name("chat.html")
 def default_cache_bytes(model) -> int:
     """A quarter of the memory the weights leave free: the GPU's recommended working set on a Mac,
     physical memory elsewhere."""
-    total = mx.device_info().get("max_recommended_working_set_size") or (
-        os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
-    return max(0, total - weights) // 4
+    total = recommended_working_set() or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return max(0, total - weight_bytes(model)) // 4
 
 
 class RequestError(Exception):
@@ -199,8 +194,9 @@ class Engine:
         """-> (a cache for `ids`, the tokens it already holds). A request that continues a cached one
         takes that cache over; one that only shares a prefix gets a copy of it, so that the cached
         conversation stays whole for its own next turn."""
-        best = max(range(len(self.cached)), key=lambda i: common_prefix(self.cached[i][0], ids), default=None)
-        common = 0 if best is None else min(common_prefix(self.cached[best][0], ids), len(ids) - 1)
+        shared = [common_prefix(cached, ids) for cached, _ in self.cached]
+        best = max(range(len(shared)), key=shared.__getitem__, default=None)
+        common = 0 if best is None else min(shared[best], len(ids) - 1)
         if common <= 0:
             return make_cache(self.model), []
         cached, cache = self.cached[best]
@@ -305,6 +301,9 @@ def create_app(model, tokenizer, model_name: str, api_key: Optional[str] = None,
         given = request.headers.get("authorization", "")
         return hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode())
 
+    def unauthorized() -> RequestError:
+        return RequestError(401, "a valid 'Authorization: Bearer KEY' header is needed", None, "invalid_api_key")
+
     async def read_json(request: Request):
         if int(request.headers.get("content-length") or 0) > max_body:
             raise RequestError(413, f"the body is over {max_body} bytes", None, "body_too_large")
@@ -324,7 +323,7 @@ def create_app(model, tokenizer, model_name: str, api_key: Optional[str] = None,
 
     async def models(request):
         if not authorized(request):
-            return error(RequestError(401, "a valid 'Authorization: Bearer KEY' header is needed", None, "invalid_api_key"))
+            return error(unauthorized())
         served = {"id": model_name, "object": "model", "created": created, "owned_by": "mlx-qwen3"}
         wanted = request.path_params.get("model_id")
         if wanted is None:
@@ -340,7 +339,7 @@ def create_app(model, tokenizer, model_name: str, api_key: Optional[str] = None,
     async def chat(request: Request):
         try:
             if not authorized(request):
-                raise RequestError(401, "a valid 'Authorization: Bearer KEY' header is needed", None, "invalid_api_key")
+                raise unauthorized()
             messages, options, stream, include_usage = parse_request(await read_json(request), model_name)
             opts = GenerationOptions.from_kwargs(cancel=threading.Event(), **options)
             messages = to_messages(messages, opts.system)

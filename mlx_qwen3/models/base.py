@@ -7,6 +7,7 @@ from typing import Any, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 from .. import kernels
 
@@ -152,6 +153,11 @@ class KVCache:
 
 def make_cache(model) -> list:
     return [KVCache() for _ in model.layers]
+
+
+def weight_bytes(model) -> int:
+    """The bytes the model's parameters take (quantized weights with their scales and biases)."""
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
 
 
 def process_prompt(model, ids: mx.array, cache: list, chunk_size: int = 512) -> mx.array:
