@@ -16,6 +16,7 @@ from mlx_qwen3.tokenizer import Tokenizer
 
 H = 64
 VOCAB = 151936  # Qwen3's embedding rows (the tokenizer uses 151669 of them)
+SHARPNESS = 5.0  # the head's scale: sampling at Qwen's defaults (temperature 0.6, top-k 20) follows the script too
 
 
 @lru_cache(maxsize=1)
@@ -67,6 +68,7 @@ def build(folder, succ: dict, *, max_position_embeddings=4096, template=None, ge
     for a, b in succ.items():
         r = emb[a, 1:]
         head[b, 1:] += r / np.linalg.norm(r)
+    head *= SHARPNESS
     for a, b in succ.items():
         assert int(np.argmax(head @ normed[a])) == b, "the random embedding broke the chain; change the seed"
 
