@@ -2,6 +2,7 @@
 
 import json
 import logging
+import math
 import signal
 import sys
 import threading
@@ -24,6 +25,32 @@ NON_THINKING_DEFAULTS = dict(temperature=0.7, top_p=0.8, top_k=20, min_p=0.0)
 log = logging.getLogger(__name__)
 WRAP_UP = "\n\nConsidering the limited time, I have to give the solution based on the thinking directly now.\n"
 
+
+# The arguments the chat template gets from the request itself; chat_template_kwargs may not override them.
+RESERVED_TEMPLATE_ARGS = frozenset({"messages", "tools", "add_generation_prompt", "bos_token", "eos_token"})
+_INT, _NUM = (int,), (int, float)
+_KIND_NAMES = {_INT: "an integer", _NUM: "a number", (bool,): "a boolean", (str,): "a string",
+               (tuple, list): "a list of strings", (list,): "a list", (dict,): "a dict"}
+# (option, types, check, the range it checks): every entry point goes through these, once.
+_CHECKS = [
+    ("max_tokens", _INT, lambda v: v >= 1, "at least 1"),
+    ("temperature", _NUM, lambda v: 0 <= v < math.inf, ">= 0 and finite"),
+    ("top_p", _NUM, lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("top_k", _INT, lambda v: v >= 0, ">= 0 (0: off)"),
+    ("min_p", _NUM, lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("presence_penalty", _NUM, lambda v: -2 <= v <= 2, "in [-2, 2]"),
+    ("frequency_penalty", _NUM, lambda v: -2 <= v <= 2, "in [-2, 2]"),
+    # beyond these, logits divided or multiplied by the penalty overflow half precision
+    ("repetition_penalty", _NUM, lambda v: 0.01 <= v <= 10, "in [0.01, 10] (1: off)"),
+    ("seed", _INT, lambda v: 0 <= v < 2**64, "in [0, 2**64)"),
+    ("thinking_budget", _INT, lambda v: v >= 0, ">= 0"),
+    ("enable_thinking", (bool,), lambda v: True, ""),
+    ("stop", (tuple, list), lambda v: all(isinstance(s, str) for s in v), "a list of strings"),
+    ("wrap_up", (str,), lambda v: True, ""),
+    ("system", (str,), lambda v: True, ""),
+    ("tools", (list,), lambda v: True, ""),
+    ("chat_template_kwargs", (dict,), lambda v: True, ""),
+]
 
 _wired_lock = threading.Lock()
 _wired = {"users": 0, "old": 0, "warned": False}
@@ -111,21 +138,18 @@ class GenerationOptions:
     cancel: object = None  # a threading.Event: set it from another thread to stop
 
     def __post_init__(self):
-        checks = [
-            (self.max_tokens >= 1, f"max_tokens must be at least 1, not {self.max_tokens}"),
-            (self.temperature is None or self.temperature >= 0, f"temperature must be >= 0, not {self.temperature}"),
-            (self.top_p is None or 0 < self.top_p <= 1, f"top_p must be in (0, 1], not {self.top_p}"),
-            (self.top_k is None or self.top_k >= 0, f"top_k must be >= 0 (0: off), not {self.top_k}"),
-            (self.min_p is None or 0 <= self.min_p <= 1, f"min_p must be in [0, 1], not {self.min_p}"),
-            (-2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], not {self.presence_penalty}"),
-            (-2 <= self.frequency_penalty <= 2, f"frequency_penalty must be in [-2, 2], not {self.frequency_penalty}"),
-            (self.repetition_penalty > 0, f"repetition_penalty must be > 0, not {self.repetition_penalty}"),
-            (self.thinking_budget is None or self.thinking_budget >= 0,
-             f"thinking_budget must be >= 0, not {self.thinking_budget}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise UserError(message)
+        for name, kind, ok, span in _CHECKS:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not isinstance(value, kind) or isinstance(value, bool) and bool not in kind:  # True is an int too
+                raise UserError(f"{name} must be {_KIND_NAMES[kind]}, not {value!r}")
+            if not ok(value):  # NaN fails every range
+                raise UserError(f"{name} must be {span}, not {value}")
+        for key in self.chat_template_kwargs:
+            if not isinstance(key, str) or key in RESERVED_TEMPLATE_ARGS:
+                raise UserError(f"chat_template_kwargs may not set {key!r}: the template gets it from the request "
+                                f"itself (reserved: {', '.join(sorted(RESERVED_TEMPLATE_ARGS))})")
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "GenerationOptions":
@@ -215,6 +239,7 @@ def run(model, tokenizer, prompt_ids: list, cache: list, opts: GenerationOptions
         ending = tokenizer.encode(opts.wrap_up) + [tokenizer.token_id("</think>")] + tokenizer.encode("\n\n")
         reserve = max(1, min(512, max_tokens // 4))  # room kept for the answer
         budget = max(0, min(opts.thinking_budget, max_tokens - len(ending) - reserve))
+    _check_ids(model, prompt_ids + ending)
 
     def end_thought_if_due():
         nonlocal budget
@@ -283,6 +308,15 @@ def run(model, tokenizer, prompt_ids: list, cache: list, opts: GenerationOptions
         generation_tps=(n - 1) / gen_time if n > 1 and gen_time > 0 else 0.0,
         peak_memory=mx.get_peak_memory() / 1e9,
     )
+
+
+def _check_ids(model, ids: list):
+    """Never feed an id the embedding has no row for (MLX would read past it, unchecked)."""
+    rows = model.args.vocab_size
+    top = max(ids, default=0)
+    if top >= rows:
+        raise UserError(f"token id {top} is past the model's {rows}-row embedding; "
+                        "the tokenizer does not belong to this model")
 
 
 class _StopStrings:

@@ -4,12 +4,17 @@ from typing import Callable, Optional
 
 import mlx.core as mx
 
+# Below this a temperature samples greedily: logits divided by it overflow float32 (1e-38 and less) long
+# before it could pick anything but the most likely token.
+GREEDY_BELOW = 1e-5
+
 
 def make_sampler(temperature: float, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
                  seed: Optional[int] = None) -> Callable:
     """logits -> token (shape (1,)). Temperature 0 is greedy; otherwise temperature, then top-k,
-    top-p and min-p filters (as transformers and vLLM order them), then a categorical draw."""
-    if temperature == 0:
+    top-p and min-p filters (as transformers and vLLM order them), then a categorical draw.
+    A temperature under GREEDY_BELOW is taken as 0."""
+    if temperature < GREEDY_BELOW:
         return lambda logits: mx.argmax(logits, axis=-1)
     key = [mx.random.key(seed) if seed is not None else None]
 

@@ -264,11 +264,20 @@ def test_chat_session_reuses_the_cache_and_rewinds_dropped_thinking(scripted):
 
 @pytest.mark.parametrize("options,message", [
     (dict(temperature=-1), "temperature must be >= 0"),
+    (dict(temperature=float("inf")), "temperature must be >= 0 and finite"),
+    (dict(temperature="0.5"), "temperature must be a number, not '0.5'"),
+    (dict(max_tokens=True), "max_tokens must be an integer"),
     (dict(top_p=0), r"top_p must be in \(0, 1\]"),
     (dict(top_k=-3), "top_k must be >= 0"),
     (dict(min_p=2), r"min_p must be in \[0, 1\]"),
     (dict(presence_penalty=3), r"presence_penalty must be in \[-2, 2\]"),
-    (dict(repetition_penalty=0), "repetition_penalty must be > 0"),
+    (dict(repetition_penalty=0), r"repetition_penalty must be in \[0.01, 10\]"),
+    (dict(repetition_penalty=float("1e999")), r"repetition_penalty must be in \[0.01, 10\]"),
+    (dict(presence_penalty=float("nan")), r"presence_penalty must be in \[-2, 2\], not nan"),
+    (dict(seed=-1), r"seed must be in \[0, 2\*\*64\)"),
+    (dict(seed=2**64), r"seed must be in \[0, 2\*\*64\)"),
+    (dict(chat_template_kwargs={"messages": []}), "chat_template_kwargs may not set 'messages'"),
+    (dict(chat_template_kwargs={"add_generation_prompt": False}), "may not set 'add_generation_prompt'"),
     (dict(max_tokens=0), "max_tokens must be at least 1"),
     (dict(thinking_budget=-1), "thinking_budget must be >= 0"),
     (dict(temprature=1), "unknown generation option 'temprature'"),
@@ -351,3 +360,20 @@ def test_weights_over_the_working_set_warn_once(answering, monkeypatch, caplog):
         assert generate(model, tok, "What is 2+2?", **GREEDY).answer == "The answer is 4."
     assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
     assert "MB Metal keeps resident" in caplog.records[0].message
+
+
+def test_a_temperature_too_small_for_float32_samples_greedily(scripted):
+    tok = tokenizer()
+    model, tok = scripted([prompt_tail(tok)] + ids_of(tok, ["<think>", "Let me think", "</think>", "Yes", "<|im_end|>"]))
+    greedy = generate(model, tok, "x", temperature=0)
+    for t in (1e-6, 1e-30, 1e-50):  # 1e-50 is 0 in float32: the division would give inf and NaN
+        r = generate(model, tok, "x", temperature=t, seed=1)
+        assert (r.thinking, r.answer) == (greedy.thinking, greedy.answer) == ("Let me think", "Yes")
+
+
+def test_an_id_past_the_embedding_is_never_fed(checkpoint):
+    from mlx_qwen3 import load_model
+
+    model, _ = load_model(checkpoint("qwen3")[0])  # 256 embedding rows; the real tokenizer has 151,669 ids
+    with pytest.raises(UserError, match=r"token id \d+ is past the model's 256-row embedding"):
+        generate(model, tokenizer(), "hi", max_tokens=2)
