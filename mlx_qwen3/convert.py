@@ -5,12 +5,15 @@ computed lazily and written straight to its shard, so peak memory is about one t
 """
 
 import json
+import logging
 import os
 import re
 import shutil
 import signal
 import struct
 import sys
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -18,6 +21,7 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import __version__
 from .errors import UserError, run_cli
 from .load import _check_weights, build_model, read_config, read_weights, resolve
 
@@ -31,6 +35,7 @@ SIDE_FILES = [
     "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json",
 ]
 _ST_DTYPES = {mx.bfloat16: "BF16", mx.float16: "F16", mx.float32: "F32", mx.uint32: "U32"}
+log = logging.getLogger(__name__)
 _MIXED = re.compile(r"^mixed_([234568])_([234568])$")  # the bit widths MLX packs
 
 
@@ -111,8 +116,7 @@ def convert(
     """
     policy = _check_options(quantize, bits, group_size, dtype, mixed, quantize_embeddings)
     src = resolve(hf_path)
-    out = Path(mlx_path).expanduser().absolute()
-    _check_output(src, out, force)
+    out = _check_output(src, mlx_path, force)
 
     config = read_config(src)
     if "quantization" in config:
@@ -124,23 +128,63 @@ def convert(
     target = getattr(mx, dtype) if dtype in DTYPES else None
 
     tensors, quant_config = _output_tensors(model, weights, policy, target)
-    _check_disk(out, sum(t.nbytes for t in tensors.values()))
+    side_files = [src / name for name in SIDE_FILES if (src / name).is_file()]
+    _check_disk(out, sum(t.nbytes for t in tensors.values()) + sum(f.stat().st_size for f in side_files))
 
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    _remove_stale_partials(out)
+    tmp, old = (out.parent / f".{out.name}.{kind}-{os.getpid()}" for kind in ("partial", "old"))
+    swapped = False
     try:
         tmp.mkdir(parents=True)
         _write_shards(tmp, tensors, max_shard_bytes)
         _write_config(tmp / "config.json", config, quant_config, dtype if target else None)
-        for name in SIDE_FILES:
-            if (src / name).is_file():
-                shutil.copy(src / name, tmp / name)
-        if out.exists():  # --force: the old folder goes only once the new one is complete
-            shutil.rmtree(out)
-        tmp.rename(out)
+        for f in side_files:
+            shutil.copy(f, tmp / f.name)
+        # The old folder aside, the new one in, the old one gone: one step for Ctrl-C and SIGTERM.
+        with _interrupts_deferred():
+            if _has_entries(out):
+                out.rename(old)
+            tmp.rename(out)
+            swapped = True
+            shutil.rmtree(old, ignore_errors=True)
+    except KeyboardInterrupt:
+        raise Interrupted(f"{out} holds the new conversion" if swapped else _unchanged(out)) from None
+    except OSError as e:
+        raise UserError(f"could not write {out}: {e.strerror or e}; {_unchanged(out)}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not out.exists():  # renamed aside, but the new one did not go in: put it back
+            old.rename(out)
     return out
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM stopped a conversion; the message says what the output folder holds."""
+
+
+def _unchanged(out: Path) -> str:
+    return f"{out} is as it was" if out.exists() else f"nothing was written to {out}"
+
+
+def _has_entries(folder: Path) -> bool:
+    return folder.is_dir() and any(folder.iterdir())
+
+
+@contextmanager
+def _interrupts_deferred():
+    """Ctrl-C and SIGTERM that arrive inside the block take effect at its end (main thread only:
+    signal handlers can be set nowhere else)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending = []
+    previous = {s: signal.signal(s, lambda signum, _: pending.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if pending:
+            raise KeyboardInterrupt
 
 
 def _check_options(quantize, bits, group_size, dtype, mixed, quantize_embeddings) -> Optional[QuantPolicy]:
@@ -156,14 +200,53 @@ def _check_options(quantize, bits, group_size, dtype, mixed, quantize_embeddings
     return QuantPolicy(recipe[0] if recipe else bits, group_size, recipe, quantize_embeddings)
 
 
-def _check_output(src: Path, out: Path, force: bool):
-    src = src.resolve()
-    if out.resolve() == src or src in out.resolve().parents:
+def _check_output(src: Path, mlx_path, force: bool) -> Path:
+    """The output folder, absolute; refused where writing it could lose anything."""
+    if not str(mlx_path).strip():
+        raise UserError("--mlx-path is empty; name the folder to create")
+    out = Path(mlx_path).expanduser().absolute()
+    src, real = src.resolve(), out.resolve()
+    if real == src or src in real.parents:
         raise UserError(f"the output {out} is inside the input folder {src}; write it somewhere else")
-    if out.exists() and not force:
-        raise UserError(f"{out} exists; pass --force to replace it, or choose another --mlx-path")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out} exists and is not a folder; remove it or choose another --mlx-path")
+    if src.is_relative_to(real):
+        raise UserError(f"the output {out} holds the input folder {src}; write it somewhere else")
+    if real in (Path(real.anchor), Path.home().resolve()) or Path.cwd().resolve().is_relative_to(real):
+        raise UserError(f"the output {out} is the root, home or current folder (or holds it); name a new folder")
+    _recover(out)
+    if not out.exists() and not out.is_symlink() or out.is_dir() and not out.is_symlink() and not _has_entries(out):
+        return out  # nothing there to lose (an empty folder is filled)
+    if not force:
+        raise UserError(f"{out} exists; pass --force to replace it (an earlier conversion only), or choose another --mlx-path")
+    why = _not_a_conversion(out)
+    if why:
+        raise UserError(f"refusing to replace {out}: {why}; remove it yourself or choose another --mlx-path")
+    return out
+
+
+# What a conversion (ours or mlx-lm's) leaves in its folder; --force replaces no folder holding anything else.
+_OUTPUT_FILES = re.compile(r"^(config\.json|model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json"
+                           r"|README\.md|\.DS_Store)$")
+
+
+def _not_a_conversion(out: Path) -> Optional[str]:
+    """Why --force may not replace `out`, or None where it is an earlier MLX conversion and nothing else."""
+    if out.is_symlink():
+        return "it is a symbolic link"
+    if not out.is_dir():
+        return "it is not a folder"
+    odd = sorted(p.name for p in out.iterdir()
+                 if p.is_symlink() or not p.is_file() or not (_OUTPUT_FILES.match(p.name) or p.name in SIDE_FILES))
+    if odd:
+        return f"it holds what a conversion does not write ({', '.join(odd[:3])})"
+    try:
+        config = json.loads((out / "config.json").read_text())
+    except (OSError, ValueError):
+        config = None
+    ours = isinstance(config, dict) and str(config.get("converted_by", "")).startswith("mlx-qwen3")
+    mlx_lm = isinstance(config, dict) and isinstance(config.get("quantization"), dict)
+    if not (ours or mlx_lm) or not list(out.glob("*.safetensors")):
+        return "it is not an earlier MLX conversion (weights and a config.json marked by mlx-qwen3 or quantized by mlx-lm)"
+    return None
 
 
 def _check_disk(out: Path, nbytes: int):
@@ -181,11 +264,20 @@ def _size(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
-def _remove_stale_partials(out: Path):
-    """A conversion killed outright (SIGKILL) cannot clean up after itself; the next one does."""
-    for p in out.parent.glob(f".{out.name}.partial-*"):
-        pid = p.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
+def _recover(out: Path):
+    """What a conversion killed outright (SIGKILL) left beside `out`: its partial folder goes; an old
+    folder it had set aside goes back in place if the new one never went in, else it goes too."""
+    if not out.parent.is_dir():
+        return
+    for p in sorted(out.parent.iterdir()):
+        kind, _, pid = p.name[len(out.name) + 2:].rpartition("-")
+        if not p.name.startswith(f".{out.name}.") or kind not in ("partial", "old") or not pid.isdigit() \
+                or _alive(int(pid)):
+            continue
+        if kind == "old" and not out.exists():
+            p.rename(out)
+            log.warning("restored %s, which a conversion killed while replacing it had set aside", out)
+        else:
             shutil.rmtree(p, ignore_errors=True)
 
 
@@ -281,6 +373,7 @@ def _write_config(file: Path, config: dict, quant: Optional[dict], dtype: Option
     for key in ("torch_dtype", "dtype"):
         if dtype and key in config:
             config[key] = dtype
+    config["converted_by"] = f"mlx-qwen3 {__version__}"  # what lets --force replace this folder later
     if quant:
         config["quantization"] = quant
         config["quantization_config"] = quant  # transformers-style tools look here
@@ -311,7 +404,10 @@ def main():
         signal.signal(signal.SIGTERM, _interrupt)
         try:
             path = convert(hf_path, mlx_path, quantize, bits, group_size, dtype, mixed, quantize_embeddings, force)
-        except KeyboardInterrupt:
+        except Interrupted as e:
+            print(f"interrupted; {e}", file=sys.stderr)
+            sys.exit(130)
+        except KeyboardInterrupt:  # before anything was written
             print("interrupted; nothing was written", file=sys.stderr)
             sys.exit(130)
         print(f"wrote {path}")

@@ -30,6 +30,11 @@ def same_logits(a, b, ids=None):
     return rel_err(a(ids), b(ids))
 
 
+def snapshot(folder) -> dict:
+    """Every file below `folder` with its bytes (a folder's state, to compare before and after)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def run_convert(*args, env=None, **kw):
     env = {**os.environ, **(env or {})}
     cmd = [sys.executable, "-m", "mlx_qwen3.convert", *args]
@@ -143,14 +148,14 @@ def test_transformers5_config_gets_mlx_lm_spellings(checkpoint, tmp_path):
 
 def test_existing_output_needs_force(checkpoint, tmp_path):
     src, _ = checkpoint("qwen3")
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep").write_text("x")
+    out = convert(src, tmp_path / "out", quantize=True, group_size=32)
+    before = snapshot(out)
     with pytest.raises(UserError, match="exists; pass --force"):
         convert(src, out)
-    assert (out / "keep").exists()
-    convert(src, out, force=True)
-    assert not (out / "keep").exists() and (out / "config.json").exists()
+    assert snapshot(out) == before
+    convert(src, out, force=True)  # an earlier conversion of ours: replaced, now float
+    assert "quantization" not in json.loads((out / "config.json").read_text())
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
 def test_an_exception_mid_conversion_leaves_nothing(checkpoint, tmp_path, monkeypatch):
@@ -165,7 +170,7 @@ def test_an_exception_mid_conversion_leaves_nothing(checkpoint, tmp_path, monkey
 
     real = convert_module.write_safetensors
     monkeypatch.setattr(convert_module, "write_safetensors", failing)
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match="could not write .*: disk on fire; nothing was written"):
         convert(src, tmp_path / "out", quantize=True, group_size=32, max_shard_bytes=40_000)
     assert list(tmp_path.iterdir()) == []
 
@@ -343,3 +348,214 @@ def test_conversion_streams_tensor_by_tensor(tmp_path):
     grew = (peak_kb(str(src), str(tmp_path / "out")) - peak_kb("-", "-")) * 1024
     largest = I * H * 4
     assert grew < 4 * largest < total / 3, f"grew {grew / 1e6:.0f} MB converting {total / 1e6:.0f} MB"
+
+
+# ---- --force replaces only an earlier conversion, atomically (issue 9, point 1) ----
+# Every target below is made inside pytest's fresh tmp_path: "~" and "." are pointed there (HOME, chdir),
+# and "/" is never named (any input lies under it, so the rule "holds the input folder" refuses it).
+
+def _earlier(src, folder):
+    return convert(src, folder, quantize=True, group_size=32)
+
+
+def _target(kind, src, tmp_path, monkeypatch):
+    """-> (the --mlx-path argument, the folder that must stay untouched, the phrase of the refusal)."""
+    if kind == "other files":
+        out = _earlier(src, tmp_path / "out")
+        (out / "notes.txt").write_text("mine")
+        return str(out), out, "holds what a conversion does not write (notes.txt)"
+    if kind == "a subfolder":
+        out = _earlier(src, tmp_path / "out")
+        (out / "runs").mkdir()
+        return str(out), out, "holds what a conversion does not write (runs)"
+    if kind == "holds the input":
+        hf = tmp_path / "models" / "x" / "hf"
+        shutil.copytree(src, hf)
+        return str(tmp_path / "models" / "x"), tmp_path / "models", "holds the input folder"
+    if kind == "is the input":
+        return str(src), src, "is inside the input folder"
+    if kind == "a Hugging Face folder":
+        hf = tmp_path / "other_hf"
+        shutil.copytree(src, hf)
+        return str(hf), hf, "is not an earlier MLX conversion"
+    if kind == "a symlink":
+        out = _earlier(src, tmp_path / "out")
+        (tmp_path / "link").symlink_to(out)
+        return str(tmp_path / "link"), tmp_path, "is a symbolic link"
+    if kind == "a file":
+        (tmp_path / "out").write_text("x")
+        return str(tmp_path / "out"), tmp_path, "is not a folder"
+    if kind == "home":
+        home = _earlier(src, tmp_path / "home")
+        monkeypatch.setenv("HOME", str(home))
+        return "~", home, "is the root, home or current folder"
+    if kind == "current folder":
+        here = _earlier(src, tmp_path / "here")
+        monkeypatch.chdir(here)
+        return ".", here, "is the root, home or current folder"
+    if kind == "holds the current folder":
+        out = _earlier(src, tmp_path / "out")
+        (tmp_path / "out" / "sub").mkdir()
+        monkeypatch.chdir(tmp_path / "out" / "sub")
+        return "..", out, "is the root, home or current folder"
+    if kind == "empty string":
+        here = _earlier(src, tmp_path / "here")
+        monkeypatch.chdir(here)
+        return "", here, "--mlx-path is empty"
+    raise ValueError(kind)
+
+
+REFUSED = ["other files", "a subfolder", "holds the input", "is the input", "a Hugging Face folder", "a symlink",
+           "a file", "home", "current folder", "holds the current folder", "empty string"]
+
+
+@pytest.mark.parametrize("kind", REFUSED)
+def test_force_refuses_what_is_not_an_earlier_conversion(checkpoint, tmp_path, monkeypatch, kind):
+    src, _ = checkpoint("qwen3")
+    hf = tmp_path / "input"
+    shutil.copytree(src, hf)
+    target, keep, phrase = _target(kind, hf if kind != "holds the input" else src, tmp_path, monkeypatch)
+    if kind == "holds the input":
+        hf = tmp_path / "models" / "x" / "hf"
+    before_keep, before_input = snapshot(keep), snapshot(hf)
+    done = run_convert("--hf-path", str(hf), "--mlx-path", target, "--force", cwd=os.getcwd(),
+                       env={"HOME": os.environ["HOME"]})
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1 and phrase in done.stderr, done.stderr
+    assert snapshot(keep) == before_keep and snapshot(hf) == before_input
+    assert not [p for p in tmp_path.rglob(".*") if ".partial-" in p.name or ".old-" in p.name]
+
+
+def test_force_replaces_our_conversions_mlx_lm_folders_and_empty_folders(checkpoint, tmp_path):
+    src, _ = checkpoint("qwen3")
+    ours = convert(src, tmp_path / "ours")  # float: only our marker says what it is
+    assert json.loads((ours / "config.json").read_text())["converted_by"].startswith("mlx-qwen3 ")
+    mlx_lm = _earlier(src, tmp_path / "mlx_lm")  # mlx-lm's layout: no marker, quantized, a model card
+    config = json.loads((mlx_lm / "config.json").read_text())
+    del config["converted_by"]
+    (mlx_lm / "config.json").write_text(json.dumps(config))
+    (mlx_lm / "README.md").write_text("# a model card")
+    (tmp_path / "empty").mkdir()
+    for out in (ours, mlx_lm):
+        convert(src, out, quantize=True, bits=8, group_size=32, force=True)
+        assert load_model(out)[1]["quantization"]["bits"] == 8 and not (out / "README.md").exists()
+    convert(src, tmp_path / "empty")  # nothing to lose: no --force needed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "mlx_lm", "ours"]
+
+
+# The child stops itself with `sig` at a chosen moment of replacing the old folder:
+# "aside": as the old folder is about to be renamed aside (the moment it starts to change);
+# "between": after it was renamed aside, before the new one goes in; "removing": as the old one is deleted.
+AT_THE_SWAP = """
+import os, shutil, signal, sys
+import mlx_qwen3.convert as c
+out, sig, moment = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+rename, rmtree = os.rename, shutil.rmtree
+def patched_rename(a, b):
+    if os.fspath(a) == out and moment == "aside":
+        os.kill(os.getpid(), sig)
+    rename(a, b)
+    if os.fspath(a) == out and moment == "between":
+        os.kill(os.getpid(), sig)
+def patched_rmtree(p, *args, **kw):
+    if ".old-" in os.fspath(p) and moment == "removing":
+        os.kill(os.getpid(), sig)
+    rmtree(p, *args, **kw)
+os.rename, shutil.rmtree = patched_rename, patched_rmtree
+sys.argv = ["convert"] + sys.argv[4:]
+c.main()
+"""
+
+
+@pytest.mark.parametrize("moment", ["aside", "between", "removing"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
+def test_replacing_is_atomic_under_signals(checkpoint, tmp_path, sig, moment):
+    src, _ = checkpoint("qwen3")
+    out = _earlier(src, tmp_path / "out")
+    old = snapshot(out)
+    new = snapshot(convert(src, tmp_path / "reference"))
+    shutil.rmtree(tmp_path / "reference")
+    args = ["--hf-path", str(src), "--mlx-path", str(out), "--force"]
+    done = subprocess.run([sys.executable, "-c", AT_THE_SWAP, str(out), str(int(sig)), moment, *args],
+                          capture_output=True, text=True, timeout=120)
+    assert "Traceback" not in done.stderr, done.stderr
+    if sig != signal.SIGKILL:  # handled: the swap completes as one step, and the message says so
+        assert done.returncode == 130 and done.stderr.count("\n") == 1
+        assert f"interrupted; {out} holds the new conversion" in done.stderr
+        assert snapshot(out) == new and [p.name for p in tmp_path.iterdir()] == ["out"]
+        return
+    assert done.returncode == -signal.SIGKILL
+    # killed outright: whatever is under the name is whole, old or new, never a mix ...
+    if moment == "aside":
+        assert snapshot(out) == old
+    elif moment == "removing":
+        assert snapshot(out) == new
+    else:  # ... or, in the instant between the two renames, nothing is, and the old one is whole aside
+        assert not out.exists()
+        aside = [p for p in tmp_path.iterdir() if ".old-" in p.name]
+        assert len(aside) == 1 and snapshot(aside[0]) == old
+    # the next conversion puts things right before it begins: the old one back, leftovers removed
+    again = run_convert(*args[:-1])
+    assert again.returncode == 2 and "exists; pass --force" in again.stderr, again.stderr
+    assert snapshot(out) == (new if moment == "removing" else old)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+# ---- write failures: a full disk, a read-only folder (issue 9, point 10) ----
+
+def _mount_tmpfs(folder, size: str):
+    """A tmpfs of `size` at `folder` (root only: elsewhere the test says why it skips)."""
+    folder.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True,
+                          text=True)
+    if done.returncode:
+        pytest.skip(f"a small tmpfs cannot be mounted here ({done.stderr.strip() or 'mount failed'}); needs root")
+    return folder
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    yield _mount_tmpfs(tmp_path / "disk", "64k")
+    subprocess.run(["umount", "-l", str(tmp_path / "disk")], capture_output=True)
+
+
+@pytest.fixture
+def read_only_disk(tmp_path):
+    mnt = _mount_tmpfs(tmp_path / "ro", "16m")
+    subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+# The free-disk check is skipped, as if another program filled the disk after it.
+NO_DISK_CHECK = """
+import sys
+import mlx_qwen3.convert as c
+c._check_disk = lambda out, nbytes: None
+sys.argv = ["convert"] + sys.argv[1:]
+c.main()
+"""
+
+
+def test_a_disk_that_fills_mid_write_is_one_line_and_leaves_the_old_folder(checkpoint, small_disk):
+    src, _ = checkpoint("qwen3")  # about 0.3 MB of float32 weights: more than the 64 KiB disk holds
+    out = small_disk / "out"
+    out.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        (out / f).write_text(json.dumps({"converted_by": "mlx-qwen3 0.1.0"}) if f == "config.json" else "old")
+    old = snapshot(out)
+    for args in ([], ["--force"]):
+        done = subprocess.run([sys.executable, "-c", NO_DISK_CHECK, "--hf-path", str(src), "--mlx-path",
+                               str(small_disk / "new" if not args else out), *args],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+        assert done.stderr.count("\n") == 1 and "No space left on device" in done.stderr, done.stderr
+    assert snapshot(out) == old and sorted(p.name for p in small_disk.iterdir()) == ["out"]
+
+
+def test_a_read_only_output_folder_is_one_line(checkpoint, read_only_disk):
+    src, _ = checkpoint("qwen3")
+    done = run_convert("--hf-path", str(src), "--mlx-path", str(read_only_disk / "out"), "-q", "--group-size", "32")
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.count("\n") == 1 and "Read-only file system" in done.stderr, done.stderr
+
