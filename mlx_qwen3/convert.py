@@ -157,7 +157,7 @@ def convert(
     return out
 
 
-class Interrupted(Exception):
+class Interrupted(KeyboardInterrupt):
     """Ctrl-C or SIGTERM stopped a conversion; the message says what the output folder holds."""
 
 
