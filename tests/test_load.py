@@ -5,10 +5,12 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import mlx.core as mx
 import numpy as np
 import pytest
+from chain import build as build_scripted
 from checkpoints import build, copy_tokenizer, prompt, reference_logits, rel_err
 
 from mlx_qwen3 import UserError, load, load_model
@@ -80,9 +82,8 @@ def test_mlx_lm_quantized_folder_loads_with_the_same_logits(checkpoint, tmp_path
     assert rel_err(model(ids), peer(ids)) < 1e-5
 
 
-def test_load_returns_the_real_tokenizer(folder):
-    copy_tokenizer(folder)
-    model, tok = load(folder)
+def test_load_returns_the_real_tokenizer(tmp_path):
+    model, tok = load(build_scripted(tmp_path, {}))  # an embedding of Qwen3's 151,936 rows
     think = tok.token_id("<think>")
     assert think is not None and tok.decode([think]) == "<think>"
     assert tok.token_id("<|im_end|>") in tok.eos_token_ids
@@ -211,3 +212,73 @@ def test_the_package_exports_functions_not_their_modules():
 
     assert all(callable(f) and not isinstance(f, type(mlx_qwen3)) for f in (generate, load, stream_generate))
     assert ChatSession.__name__ == "ChatSession"
+
+
+def test_a_string_boolean_is_refused_not_read_as_true(folder):
+    edit_config(folder, tie_word_embeddings="false")  # bool("false") is True: the head would be dropped
+    with pytest.raises(UserError, match="tie_word_embeddings must be a boolean \\(true or false\\), not 'false'"):
+        load_model(folder)
+
+
+def test_whole_floats_count_as_integers_and_integers_as_floats(folder):
+    edit_config(folder, num_hidden_layers=2.0, rope_theta=10000)  # as some exporters write them
+    model, _ = load_model(folder)
+    assert model.args.num_hidden_layers == 2 and type(model.args.num_hidden_layers) is int
+    assert model.args.rope_theta == 10000.0 and type(model.args.rope_theta) is float
+    edit_config(folder, num_hidden_layers=2.5)
+    with pytest.raises(UserError, match="num_hidden_layers must be an integer, not 2.5"):
+        load_model(folder)
+
+
+def test_a_config_whose_weights_could_not_exist_is_refused_at_once(folder):
+    edit_config(folder, num_hidden_layers=1_000_000)  # built, it took minutes and gigabytes
+    start = time.monotonic()
+    with pytest.raises(UserError, match=r"describes [\d,]+ parameters \(at least [\d.]+ GB\), but the weights .* hold"):
+        load_model(folder)
+    assert time.monotonic() - start < 2
+
+
+def test_a_tokenizer_past_the_embedding_is_refused(folder):
+    """The real Qwen3 tokenizer (ids to 151,668) with a 256-row embedding: MLX would read past the table."""
+    copy_tokenizer(folder)
+    load_model(folder)  # the model alone is fine
+    with pytest.raises(UserError, match="the tokenizer's ids reach 151668, but the model's embedding has 256 rows"):
+        load(folder)
+
+
+def test_hub_cache_symlinks_into_its_blobs_still_load(checkpoint, tmp_path):
+    """The Hugging Face cache stores each file once under blobs/ and links it from snapshots/<commit>/:
+    those links leave the model folder but stay in the repo, and are read; any other link out is refused."""
+    src, _ = checkpoint("qwen3_moe")
+    repo = tmp_path / "hub" / "models--Qwen--Qwen3-Tiny"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for f in src.iterdir():
+        blob = repo / "blobs" / f"sha-{f.name}"
+        shutil.copy(f, blob)
+        (snapshot / f.name).symlink_to(os.path.relpath(blob, snapshot))
+    model, _ = load_model(snapshot)
+    assert len(model.layers) == 3
+
+    elsewhere = tmp_path / "elsewhere.safetensors"
+    shard = sorted(snapshot.glob("model-*.safetensors"))[0]
+    shutil.copy(shard, elsewhere)
+    shard.unlink()
+    shard.symlink_to(elsewhere)
+    with pytest.raises(UserError, match="a symlink to .*elsewhere.safetensors, outside the model folder"):
+        load_model(snapshot)
+
+
+def test_a_list_of_named_chat_templates_loads(tmp_path):
+    """tokenizer_config.json's [{"name", "template"}, ...] form: "default", or "tool_use" when tools are given."""
+    folder = build_scripted(tmp_path, {})
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = [{"name": "default", "template": "plain {{ messages[0].content }}"},
+                            {"name": "tool_use", "template": "tools {{ tools | length }} {{ messages[0].content }}"}]
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    _, tok = load(folder)
+    messages = [{"role": "user", "content": "hi"}]
+    assert tok.apply_chat_template(messages) == "plain hi"
+    assert tok.apply_chat_template(messages, tools=[{"type": "function", "function": {"name": "f"}}]) == "tools 1 hi"
+    assert set(tok.chat_templates) == {"default", "tool_use"} and tok.chat_template == "plain {{ messages[0].content }}"

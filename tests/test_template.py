@@ -66,3 +66,52 @@ def test_a_template_error_is_one_clear_line():
     bad = Tokenizer(tok._tok, {}, "{{ raise_exception('only user and assistant roles') }}")
     with pytest.raises(UserError, match="the chat template refused the conversation: only user and assistant roles"):
         bad.apply_chat_template([{"role": "user", "content": "Hi"}])
+
+
+def _named_templates_folder(tmp_path, layout):
+    """The real tokenizer with Qwen3's template as "default" and a variant as "tool_use", in either of
+    the layouts Hugging Face writes: a list in tokenizer_config.json, or .jinja files."""
+    import json
+    import shutil
+
+    tokenizer()  # skips when the real tokenizer is missing
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(TOKENIZER_DIR / f, tmp_path / f)
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    default = cfg.pop("chat_template")
+    tool_use = "TOOL TEMPLATE\n" + default
+    if layout == "list":
+        cfg["chat_template"] = [{"name": "default", "template": default}, {"name": "tool_use", "template": tool_use}]
+    else:
+        (tmp_path / "chat_template.jinja").write_text(default)
+        (tmp_path / "additional_chat_templates").mkdir()
+        (tmp_path / "additional_chat_templates" / "tool_use.jinja").write_text(tool_use)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return tmp_path
+
+
+@pytest.mark.parametrize("layout", ["list", "files"])
+@pytest.mark.parametrize("tools", [None, TOOLS])
+def test_named_templates_are_picked_as_transformers_picks_them(tmp_path, layout, tools):
+    from transformers import AutoTokenizer
+
+    folder = _named_templates_folder(tmp_path, layout)
+    messages = CONVERSATIONS["tool round trip"]
+    ours = Tokenizer.from_folder(folder).apply_chat_template(messages, tools=tools)
+    theirs = AutoTokenizer.from_pretrained(str(folder)).apply_chat_template(
+        messages, tools=tools, add_generation_prompt=True, tokenize=False)
+    assert ours == theirs
+    assert ours.startswith("TOOL TEMPLATE") == (tools is not None)
+
+
+@pytest.mark.parametrize("template,error", [
+    ("{{ messages + 1 }}", "TypeError: can only concatenate list"),
+    ("{{ 1 // (messages | length - 1) }}", "ZeroDivisionError"),
+    ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "RecursionError"),
+])
+def test_any_failure_of_a_template_is_one_clear_line(template, error):
+    tok = tokenizer()
+    bad = Tokenizer(tok._tok, {}, template)
+    with pytest.raises(UserError, match=f"the chat template (failed on|refused) this conversation.*({error})") as e:
+        bad.apply_chat_template([{"role": "user", "content": "Hi"}])
+    assert "\n" not in str(e.value)

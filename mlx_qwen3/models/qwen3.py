@@ -6,7 +6,7 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .base import MLP, Attention, BaseModelArgs, Linear
+from .base import MLP, Attention, BaseModelArgs, Linear, check_rope_scaling
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -27,9 +27,44 @@ class ModelArgs(BaseModelArgs):
     attention_bias: bool = False
     use_sliding_window: bool = False
 
-    def __post_init__(self):
+    def check(self):
+        super().check()
         if self.use_sliding_window:
             raise ValueError("use_sliding_window=true is not supported (no official Qwen3 or QwQ model uses it)")
+        check_rope_scaling(self.rope_scaling)
+        heads, kv = self.num_attention_heads, self.num_key_value_heads
+        if self.head_dim is None and self.hidden_size % heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads {heads} "
+                "(and head_dim is not given)"
+            )
+        if self.dims_per_head % 2:
+            raise ValueError(f"the head dimension {self.dims_per_head} is odd; rotary embeddings need it even")
+        if heads % kv:
+            raise ValueError(f"num_key_value_heads {kv} does not divide num_attention_heads {heads}")
+
+    @property
+    def dims_per_head(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    def parameter_count(self) -> int:
+        """The parameters this config implies (what build_model would allocate), by formula: no model built."""
+        D, hd, L = self.hidden_size, self.dims_per_head, self.num_hidden_layers
+        H, KV = self.num_attention_heads, self.num_key_value_heads
+        attention = D * hd * (2 * H + 2 * KV) + 2 * D  # q, k, v, o and the two layer norms
+        attention += hd * (H + 2 * KV) if self.qkv_bias else 0
+        attention += D if self.attention_bias else 0
+        attention += 2 * hd if self.qk_norm else 0
+        sparse = self.sparse_layers()
+        mlps = (L - sparse) * 3 * D * self.intermediate_size + sparse * self.sparse_mlp_parameters()
+        heads_and_embedding = self.vocab_size * D * (1 if self.tie_word_embeddings else 2) + D
+        return L * attention + mlps + heads_and_embedding
+
+    def sparse_layers(self) -> int:
+        return 0
+
+    def sparse_mlp_parameters(self) -> int:
+        return 0
 
     @property
     def qk_norm(self) -> bool:

@@ -20,12 +20,31 @@ class ModelArgs(qwen3.ModelArgs):
     decoder_sparse_step: int = 1
     mlp_only_layers: list = field(default_factory=list)
 
+    def check(self):
+        super().check()
+        if self.num_experts and self.num_experts_per_tok > self.num_experts:
+            raise ValueError(
+                f"num_experts_per_tok {self.num_experts_per_tok} is more than num_experts {self.num_experts}"
+            )
+
     def is_sparse(self, layer_idx: int) -> bool:
         return (
             layer_idx not in self.mlp_only_layers
             and self.num_experts > 0
             and (layer_idx + 1) % self.decoder_sparse_step == 0
         )
+
+    def sparse_layers(self) -> int:
+        """How many layers is_sparse() picks, counted without a loop over the layers."""
+        if not self.num_experts:
+            return 0
+        L, step = self.num_hidden_layers, self.decoder_sparse_step
+        exempt = {i for i in self.mlp_only_layers if i < L and (i + 1) % step == 0}
+        return L // step - len(exempt)
+
+    def sparse_mlp_parameters(self) -> int:
+        D = self.hidden_size
+        return self.num_experts * D + 3 * self.num_experts * D * self.moe_intermediate_size
 
 
 class SwitchLinear(nn.Module):
