@@ -121,7 +121,7 @@ def convert(
     config = read_config(src)
     if "quantization" in config:
         raise UserError(f"{src} is already an MLX quantized folder; convert from the original checkpoint")
-    model = build_model(config)  # parameters stay lazy: never evaluated, never in memory
+    model = build_model(config, src)  # parameters stay lazy: never evaluated, never in memory
     weights = model.sanitize(read_weights(src))
     _check_weights(model, weights)
     dtype = dtype or config.get("torch_dtype") or config.get("dtype")

@@ -237,13 +237,11 @@ def model_args(config: dict):
         raise UserError(f"config.json for {model_type}: {e}") from None
 
 
-def build_model(config: dict, folder: Optional[Path] = None) -> nn.Module:
-    """The model config.json describes, its parameters lazy. With `folder`, first check that the
-    folder's weights can hold what the config describes: a config claiming a million layers is
-    refused in milliseconds instead of building them."""
+def build_model(config: dict, folder: Path) -> nn.Module:
+    """The model config.json describes, its parameters lazy, once the folder's weights are found able
+    to hold it: a config claiming a million layers is refused in milliseconds instead of built."""
     module, args = model_args(config)
-    if folder is not None:
-        check_size(args, folder)
+    check_size(args, folder)
     try:
         return module.Model(args)
     except (ValueError, TypeError) as e:

@@ -35,10 +35,10 @@ def snapshot(folder) -> dict:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def run_convert(*args, env=None, **kw):
+def run_convert(*args, env=None, timeout=120, **kw):
     env = {**os.environ, **(env or {})}
     cmd = [sys.executable, "-m", "mlx_qwen3.convert", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120, **kw)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, **kw)
 
 
 @pytest.mark.parametrize("name,bits", [("qwen3", 4), ("qwen3", 8), ("qwen3_moe", 4), ("qwen3_moe", 8)])
@@ -559,3 +559,25 @@ def test_a_read_only_output_folder_is_one_line(checkpoint, read_only_disk):
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert done.stderr.count("\n") == 1 and "Read-only file system" in done.stderr, done.stderr
 
+
+def test_integer_weights_are_one_line(checkpoint, tmp_path):
+    from test_load import rewrite_weights
+
+    src, _ = checkpoint("qwen3")
+    hf = tmp_path / "hf"
+    shutil.copytree(src, hf)
+    rewrite_weights(hf, lambda w: w.update({"model.norm.weight": w["model.norm.weight"].astype("int32")}))
+    done = run_convert("--hf-path", str(hf), "--mlx-path", str(tmp_path / "out"))
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.count("\n") == 1 and "model.norm.weight" in done.stderr, done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+def test_a_config_whose_weights_could_not_exist_is_refused_at_once(checkpoint, tmp_path):
+    src, _ = checkpoint("qwen3")
+    hf = tmp_path / "hf"
+    shutil.copytree(src, hf)
+    edit_config(hf, num_hidden_layers=1000000)
+    done = run_convert("--hf-path", str(hf), "--mlx-path", str(tmp_path / "out"), timeout=30)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
