@@ -1,9 +1,21 @@
 """generate_step (token ids) -> stream_generate (events) -> generate (a result); ChatSession; the CLI."""
 
+import os
+import signal
+
+if __name__ == "__main__":  # Ctrl-C while the modules import: exit status 130, as later, not a traceback
+    def _leave(*_):
+        try:
+            os.write(2, b"\n")
+        except OSError:
+            pass
+        os._exit(130)
+
+    signal.signal(signal.SIGINT, _leave)
+
 import json
 import logging
 import math
-import signal
 import sys
 import threading
 import time
@@ -185,11 +197,26 @@ class GenerationResult:
     text: str = ""
 
 
+def check_text(text: str, what: str):
+    """Text must be valid Unicode: a lone surrogate cannot be encoded for the tokenizer. One in
+    U+DC80..U+DCFF is a byte that was not UTF-8, kept by Python's surrogateescape (sys.argv, stdin
+    read so): it is named as that byte, at its offset in the bytes as they came."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        c = text[e.start]
+        if "\udc80" <= c <= "\udcff":
+            offset = len(text[:e.start].encode("utf-8"))
+            raise UserError(f"{what} is not valid UTF-8: byte 0x{ord(c) - 0xdc00:02x} at offset {offset}") from None
+        raise UserError(f"{what} is not valid Unicode: a lone surrogate U+{ord(c):04X} at character {e.start}") from None
+
+
 def to_messages(prompt, system: Optional[str] = None) -> list:
     """A plain prompt becomes one user message; a message list is taken as it is."""
     if isinstance(prompt, str):
         if not prompt.strip():
             raise UserError("the prompt is empty; give some text")
+        check_text(prompt, "the prompt")
         messages = [{"role": "user", "content": prompt}]
     else:
         messages = [dict(m) for m in prompt]
@@ -209,10 +236,15 @@ def context_window(model) -> int:
 
 
 def render_prompt(tokenizer, messages: list, opts: GenerationOptions) -> list:
+    for i, message in enumerate(messages):
+        for key, value in message.items() if isinstance(message, dict) else ():
+            if isinstance(value, str):
+                check_text(value, f"message {i}'s {key}")
     text = tokenizer.apply_chat_template(
         messages, tools=opts.tools, add_generation_prompt=True,
         **{"enable_thinking": opts.enable_thinking, **opts.chat_template_kwargs},
     )
+    check_text(text, "the prompt (with its tools and template arguments)")  # what the loop above cannot see
     return tokenizer.encode(text)
 
 
@@ -413,6 +445,8 @@ class ChatSession:
         turn = {"role": "user", "content": message} if isinstance(message, str) else dict(message)
         if isinstance(message, str) and not message.strip():
             raise UserError("the message is empty; give some text")
+        if isinstance(message, str):
+            check_text(message, "the message")
         messages = self.messages + [turn]
         ids = render_prompt(self.tokenizer, messages, opts)
         self.cached = rewind(self.cache, self.cached, ids)
@@ -442,6 +476,10 @@ def _assistant_message(result: GenerationResult) -> dict:
 
 
 # ---- the CLI: a thin shell over stream_generate and ChatSession ----
+# Its promises under faults: bad input (an option, a prompt that is not UTF-8) is one line and exit status 2,
+# before the model loads; in --chat a bad line is one line and the session goes on. A stdout whose reader
+# went away (`| head`) ends it quietly with exit status 141; a full one (`> /dev/full`) is one line and
+# exit status 1 (errors.run_cli). Ctrl-C stops a reply (exit status 130), a second one stops at once.
 
 DIM, RESET = "\x1b[2m", "\x1b[0m"
 
@@ -452,6 +490,8 @@ class Printer:
     def __init__(self, as_json: bool, hide_thinking: bool, tty: bool):
         self.as_json, self.hide_thinking, self.tty = as_json, hide_thinking, tty
         self.channel = None
+        # JSON escapes what a stdout that is not UTF-8 cannot show (plain text: see _prepare_stdout)
+        self.ascii = not _is_utf8(getattr(sys.stdout, "encoding", None))
 
     def show(self, event) -> Optional[GenerationResult]:
         out = sys.stdout
@@ -463,7 +503,7 @@ class Printer:
                 if event.tool_call is not None:
                     record["tool_call"] = event.tool_call
             if event.type != "thinking" or not self.hide_thinking:
-                print(json.dumps(record, ensure_ascii=False), flush=True)
+                print(json.dumps(record, ensure_ascii=self.ascii), flush=True)
             return event if event.type == "done" else None
         if event.type == "done":
             self._enter(None)
@@ -483,6 +523,17 @@ class Printer:
             out.write(event.text)
         out.flush()
         return None
+
+    def abandon(self):
+        """A stream cut short (a second Ctrl-C, a failed write): on a terminal, end the dimming, so that
+        the shell's prompt is not left dim."""
+        if self.tty and not self.as_json and self.channel == "thinking":
+            try:
+                sys.stdout.write(RESET + "\n")
+                sys.stdout.flush()
+            except Exception:  # the stream is what failed: nothing more to show
+                pass
+        self.channel = None
 
     def _enter(self, channel):
         """Open or close the thinking block when the channel changes."""
@@ -517,8 +568,47 @@ def _show_stream(events, printer: Printer, cancel) -> GenerationResult:
         for event in events:
             result = printer.show(event) or result
         return result
+    except BaseException:
+        printer.abandon()
+        raise
     finally:
         signal.signal(signal.SIGINT, previous)
+        if hasattr(events, "close"):
+            events.close()  # now, not when the garbage collector gets to it
+
+
+def _is_utf8(encoding: Optional[str]) -> bool:
+    import codecs
+
+    try:
+        return codecs.lookup(encoding or "").name == "utf-8"
+    except LookupError:
+        return False
+
+
+def _prepare_stdout():
+    """Text a stdout that is not UTF-8 cannot encode (a latin-1 locale, PYTHONIOENCODING=ascii) is
+    written as backslash escapes, not a UnicodeEncodeError. Lone surrogates never reach it."""
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None and not _is_utf8(getattr(sys.stdout, "encoding", None)):
+        reconfigure(errors="backslashreplace")
+
+
+def _read_stdin() -> str:
+    """All of stdin, as the prompt. Bytes that are not text in stdin's encoding (UTF-8, as a rule) are
+    refused, not replaced: a prompt must not change meaning unseen. Newlines as text mode reads them."""
+    encoding = getattr(sys.stdin, "encoding", None) or "utf-8"
+    buffer = getattr(sys.stdin, "buffer", None)
+    if buffer is None:  # stdin replaced by a text stream: it has decoded already
+        return sys.stdin.read()
+    data = buffer.read()
+    try:
+        text = data.decode(encoding)
+    except UnicodeDecodeError as e:
+        name = "UTF-8" if _is_utf8(encoding) else encoding
+        raise UserError(f"stdin is not valid {name}: byte 0x{data[e.start]:02x} at offset {e.start}; "
+                        f"convert it first (e.g. iconv -f latin1 -t utf-8)") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def main():
@@ -526,6 +616,11 @@ def main():
 
     from .errors import run_cli
     from .load import load
+
+    if sys.stdout is None:  # started with stdout closed (>&-); stderr may be closed too
+        if sys.stderr is not None:
+            print("error: cannot write the output: stdout is closed", file=sys.stderr)
+        sys.exit(1)
 
     @click.command(context_settings={"help_option_names": ["-h", "--help"]})
     @click.option("--model", required=True, help="Model folder or Hugging Face Hub id.")
@@ -546,15 +641,21 @@ def main():
     @click.option("--chat", is_flag=True, help="An interactive chat (/think, /no_think, /budget N, /reset, /exit).")
     def cli(model, prompt, chat, hide_thinking, as_json, **options):
         """Generate with a Qwen3 / Qwen3-MoE / QwQ model."""
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # from here click makes Ctrl-C exit status 130
         cancel = threading.Event()
         GenerationOptions.from_kwargs(**options)  # bad values fail before the model loads
+        if options["system"] is not None:
+            check_text(options["system"], "--system")  # sys.argv keeps bytes that are not UTF-8 as surrogates
         if prompt is None and not chat:
             raise UserError("give --prompt TEXT (or --prompt - to read stdin), or --chat")
         if prompt == "-":
-            prompt = sys.stdin.read()
+            prompt = _read_stdin()
+        elif prompt is not None:
+            check_text(prompt, "--prompt")
         if prompt is not None:
             to_messages(prompt)
         model, tokenizer = load(model)
+        _prepare_stdout()
         printer = Printer(as_json, hide_thinking, sys.stdout.isatty())
         if not chat:
             result = _show_stream(stream_generate(model, tokenizer, prompt, cancel=cancel, **options), printer, cancel)
@@ -567,6 +668,8 @@ def main():
 def _repl(session: ChatSession, printer: Printer, first: Optional[str]) -> int:
     commands = "/think, /no_think, /budget N (or off), /reset, /exit"
     print(f"chat: {commands}; Ctrl-C stops a reply, Ctrl-D leaves", file=sys.stderr)
+    if hasattr(sys.stdin, "reconfigure"):  # a line that is not UTF-8 arrives, to be refused alone
+        sys.stdin.reconfigure(errors="surrogateescape")
     line = first
     while True:
         if line is None:
@@ -577,8 +680,16 @@ def _repl(session: ChatSession, printer: Printer, first: Optional[str]) -> int:
             except KeyboardInterrupt:
                 print(file=sys.stderr)
                 return 130
+            except UnicodeDecodeError as e:  # only where stdin could not be reconfigured
+                print(f"error: that line is not valid {e.encoding}; nothing was sent", file=sys.stderr)
+                continue
         line, text = None, line.strip()
         if not text:
+            continue
+        try:
+            check_text(text, "that line")
+        except UserError as e:
+            print(f"error: {e}; nothing was sent", file=sys.stderr)
             continue
         if text == "/exit":
             return 0
@@ -587,11 +698,11 @@ def _repl(session: ChatSession, printer: Printer, first: Optional[str]) -> int:
         elif text in ("/think", "/no_think"):
             session.options["enable_thinking"] = text == "/think"
         elif text.startswith("/budget"):
-            arg = text.split()[1:] or ["?"]
-            if arg[0] == "off":
+            arg = (text.split()[1:] or ["?"])[0]
+            if arg == "off":
                 session.options["thinking_budget"] = None
-            elif arg[0].isdigit():
-                session.options["thinking_budget"] = int(arg[0])
+            elif (budget := _count(arg)) is not None:
+                session.options["thinking_budget"] = budget
             else:
                 print("usage: /budget N, or /budget off", file=sys.stderr)
         elif text.startswith("/") and text.split()[0] in ("/help", "/?"):
@@ -603,6 +714,14 @@ def _repl(session: ChatSession, printer: Printer, first: Optional[str]) -> int:
             except UserError as e:
                 print(f"error: {e}", file=sys.stderr)
             printer.channel = None
+
+
+def _count(text: str) -> Optional[int]:
+    """A whole number >= 0 written in digits, or None ("²" is a digit to str.isdigit, not to int)."""
+    try:
+        return int(text) if text.isdigit() else None
+    except ValueError:  # that, or more digits than int() reads (4,300)
+        return None
 
 
 if __name__ == "__main__":

@@ -121,3 +121,312 @@ def test_bad_input_is_one_line(model_dir, args, stdin, phrases):
 
 def test_unknown_model_is_one_line(tmp_path):
     one_line_error(cli("--model", str(tmp_path / "nope"), "--prompt", "hi"), "does not exist")
+
+
+# ---- faults: input that is not UTF-8, a stdout that is closed or full, odd option values, signals ----
+
+GREEDY_REPLY = "<think>\nLet me think\n</think>\n\nThe answer is 4.\n"
+
+
+def run_bytes(*args, stdin=b"", **kwargs):
+    """The CLI with arguments and stdin as bytes (as a shell passes them); stderr decoded for reading."""
+    kwargs.setdefault("stdout", subprocess.PIPE)
+    cmd = [sys.executable, "-m", "mlx_qwen3.generate", *args]
+    out = subprocess.run(cmd, input=stdin, stderr=subprocess.PIPE, timeout=120, **kwargs)
+    out.stderr = out.stderr.decode("utf-8", "backslashreplace")
+    return out
+
+
+def no_traceback(stderr):
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr
+
+
+@pytest.mark.parametrize("args,stdin,message", [
+    (["--prompt", "-"], b"What is \xff?", "stdin is not valid UTF-8: byte 0xff at offset 8"),
+    (["--prompt", "-", "--json"], b"\xed\xa0\x80", "stdin is not valid UTF-8: byte 0xed at offset 0"),  # a surrogate
+    ([b"--prompt", b"What is \xfe2+2?"], b"", "--prompt is not valid UTF-8: byte 0xfe at offset 8"),
+    (["--prompt", "hi", b"--system", b"be \xff"], b"", "--system is not valid UTF-8: byte 0xff at offset 3"),
+    (["--chat", b"--prompt", b"\xff"], b"", "--prompt is not valid UTF-8: byte 0xff at offset 0"),
+])
+def test_a_prompt_that_is_not_utf8_is_refused_in_one_line(model_dir, args, stdin, message):
+    """Refused, not decoded with replacement characters: a prompt must not change meaning unseen."""
+    one_line_error(run_bytes("--model", str(model_dir), *args, stdin=stdin), message)
+
+
+@pytest.mark.parametrize("errors", ["surrogateescape", "strict"])  # how Python reads stdin: Linux's C.UTF-8, macOS
+def test_in_chat_a_line_that_is_not_utf8_is_refused_and_the_session_goes_on(model_dir, errors):
+    script = b"What \xff?\n/budget \xfe\nWhat is 2+2?\n/exit\n"
+    env = dict(os.environ, PYTHONIOENCODING=f"utf-8:{errors}")
+    out = run_bytes("--model", str(model_dir), "--chat", "--temp", "0", stdin=script, env=env)
+    assert out.returncode == 0, out.stderr
+    no_traceback(out.stderr)
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: that line is not valid UTF-8: byte 0xff at offset 5; nothing was sent",
+                      "error: that line is not valid UTF-8: byte 0xfe at offset 8; nothing was sent"]
+    assert out.stdout.count(b"The answer is 4.") == 1 and out.stderr.count("finish:") == 1
+
+
+@pytest.mark.parametrize("budget", ["9" * 5000, "\u00b2"], ids=["5000 digits", "superscript 2"])
+def test_in_chat_a_budget_that_is_no_number_is_a_usage_line(model_dir, budget):
+    out = cli("--model", str(model_dir), "--chat", "--temp", "0", stdin=f"/budget {budget}\nWhat is 2+2?\n")
+    assert out.returncode == 0, out.stderr
+    no_traceback(out.stderr)
+    assert "usage: /budget N, or /budget off" in out.stderr and out.stdout.count("The answer is 4.") == 1
+
+
+CHAT = (["--chat"], b"What is 2+2?\n")
+MODES = {"plain": ([], b""), "json": (["--json"], b""), "chat": CHAT}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_stdout_whose_reader_is_gone_ends_quietly_with_141(model_dir, mode):
+    """As `yes | head` ends: no traceback, no "Exception ignored" from the flush at exit, 128 + SIGPIPE."""
+    extra, stdin = MODES[mode]
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        out = run_bytes("--model", str(model_dir), "--prompt", "What is 2+2?", "--temp", "0", *extra,
+                        stdin=stdin, stdout=write)
+    finally:
+        os.close(write)
+    assert out.returncode == 141, out.stderr
+    no_traceback(out.stderr)
+    assert "error" not in out.stderr
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_head_takes_what_it_wants_and_the_generator_ends_quietly(looping_dir, mode):
+    extra, stdin = MODES[mode]
+    args = " ".join(f"'{a}'" for a in [sys.executable, "-m", "mlx_qwen3.generate", "--model", str(looping_dir),
+                                         "--prompt", "Loop", "--no-think", "--temp", "0", "--max-tokens", "5000",
+                                         *extra])
+    script = f"{args} 2>err | head -c 10 >head.out; echo ${{PIPESTATUS[0]}} >status"
+    folder = looping_dir.parent / f"head-{mode}"
+    folder.mkdir(exist_ok=True)
+    subprocess.run(["bash", "-c", script], input=stdin, cwd=folder, timeout=120, env=cwd_env())
+    assert (folder / "status").read_text().strip() == "141"
+    assert len((folder / "head.out").read_bytes()) == 10
+    no_traceback((folder / "err").read_text())
+
+
+def cwd_env():
+    """The subprocess runs in another folder: it must import the mlx_qwen3 these tests import."""
+    import mlx_qwen3
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(mlx_qwen3.__file__)))
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+
+
+def limit_file_size():
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_FSIZE, (8, 8))  # a "disk" that is full after 8 bytes (EFBIG)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("full", ["/dev/full", "file size limit"])
+def test_a_full_stdout_is_one_line(model_dir, tmp_path, mode, full):
+    extra, stdin = MODES[mode]
+    if full == "/dev/full" and not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full here (macOS); the file size limit gives the same kind of failure")
+    target = "/dev/full" if full == "/dev/full" else tmp_path / "out"
+    with open(target, "wb") as f:
+        out = run_bytes("--model", str(model_dir), "--prompt", "What is 2+2?", "--temp", "0", *extra, stdin=stdin,
+                        stdout=f, preexec_fn=None if full == "/dev/full" else limit_file_size)
+    assert out.returncode == 1, out.stderr
+    no_traceback(out.stderr)
+    reason = "No space left on device" if full == "/dev/full" else "File too large"
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error")]
+    assert errors == [f"error: cannot write the output: {reason}"], out.stderr
+
+
+def test_a_closed_stdout_is_one_line_before_the_model_loads(tmp_path):
+    out = run_bytes("--model", str(tmp_path / "nope"), "--prompt", "hi", stdout=subprocess.DEVNULL,
+                    preexec_fn=lambda: os.close(1))
+    assert out.returncode == 1 and out.stderr == "error: cannot write the output: stdout is closed\n", out.stderr
+
+
+@pytest.mark.parametrize("args,code,stdout", [
+    (["--prompt", "-"], 2, ""),  # nothing to read: the prompt is empty
+    (["--chat"], 0, ">>> "),  # end of input at once: the session ends
+])
+def test_a_closed_stdin_reads_as_empty(model_dir, args, code, stdout):
+    """Before, MLX could not load the checkpoint: the file opened as fd 0, which it takes for a failure."""
+    out = subprocess.run([sys.executable, "-m", "mlx_qwen3.generate", "--model", str(model_dir), "--temp", "0", *args],
+                         capture_output=True, text=True, timeout=120, preexec_fn=lambda: os.close(0))
+    assert out.returncode == code and out.stdout == stdout, out.stderr
+    no_traceback(out.stderr)
+
+
+@pytest.mark.parametrize("stderr", ["closed", "full"])
+def test_a_stderr_that_cannot_be_written_changes_nothing(model_dir, tmp_path, stderr):
+    """The statistics cannot be shown; the reply is whole and the exit status 0."""
+    cmd = [sys.executable, "-m", "mlx_qwen3.generate", "--model", str(model_dir), "--prompt", "What is 2+2?",
+           "--temp", "0"]
+    if stderr == "closed":
+        out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=120, preexec_fn=lambda: os.close(2))
+    else:
+        with open(tmp_path / "err", "wb") as f:
+            out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=f, text=True, timeout=120,
+                                 preexec_fn=limit_file_size)
+    assert out.returncode == 0 and out.stdout == GREEDY_REPLY
+
+
+@pytest.fixture(scope="module")
+def unicode_dir(tmp_path_factory):
+    tok = tokenizer()
+    tail = tok.encode(tok.apply_chat_template([{"role": "user", "content": "x"}]))[-1]
+    reply = ids_of(tok, ["<think>", "Ça va", "</think>", "\n\n", "你好 — é", "<|im_end|>"])
+    return build(tmp_path_factory.mktemp("unicode"), successors([tail] + reply), max_position_embeddings=256)
+
+
+@pytest.mark.parametrize("extra,expected", [
+    ([], "\\u4f60\\u597d \\u2014 \\xe9"),
+    (["--json"], '"answer": "\\u4f60\\u597d \\u2014 \\u00e9"'),
+])
+def test_a_stdout_that_is_not_utf8_gets_escapes_not_a_traceback(unicode_dir, extra, expected):
+    """As with a latin-1 or ASCII locale: what it cannot encode is written as escapes."""
+    env = dict(os.environ, PYTHONIOENCODING="ascii:strict")
+    out = subprocess.run([sys.executable, "-m", "mlx_qwen3.generate", "--model", str(unicode_dir), "--prompt", "hi",
+                          "--temp", "0", *extra], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    assert expected in out.stdout
+
+
+BAD_OPTIONS = [
+    (["--seed", "-1"], "seed must be in [0, 2**64), not -1"),
+    (["--seed", str(2**64)], "seed must be in [0, 2**64)"),
+    (["--seed", "9" * 5000], "'--seed'"),  # more digits than int() reads
+    (["--max-tokens", "0"], "max_tokens must be at least 1, not 0"),
+    (["--thinking-budget", "-1"], "thinking_budget must be >= 0, not -1"),
+    (["--temp", "nan"], "temperature must be >= 0 and finite, not nan"),
+    (["--temp", "inf"], "temperature must be >= 0 and finite, not inf"),
+    (["--temp", "1" + "0" * 400], "temperature must be >= 0 and finite, not inf"),
+    (["--top-p", "nan"], "top_p must be in (0, 1], not nan"),
+    (["--top-k", "-1"], "top_k must be >= 0"),
+    (["--min-p", "nan"], "min_p must be in [0, 1], not nan"),
+    (["--presence-penalty", "-inf"], "presence_penalty must be in [-2, 2], not -inf"),
+    (["--repetition-penalty", "1e999"], "repetition_penalty must be in [0.01, 10] (1: off), not inf"),
+    (["--repetition-penalty", "0.001"], "repetition_penalty must be in [0.01, 10]"),
+    (["--repetition-penalty", "11"], "repetition_penalty must be in [0.01, 10]"),
+    (["--seed", "0x10"], "'0x10' is not a valid integer"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_OPTIONS, ids=[" ".join(a)[:24] for a, _ in BAD_OPTIONS])
+def test_bad_option_values_are_one_line_before_the_model_loads(tmp_path, args, message):
+    """The model folder does not exist: the option is what is reported, so it was checked first."""
+    one_line_error(cli("--model", str(tmp_path / "nope"), "--prompt", "hi", *args), message)
+
+
+@pytest.mark.parametrize("args", [["--temp", "1e-50"], ["--temp", "5e-324", "--seed", str(2**64 - 1)],
+                                  ["--temp", "0", "--max-tokens", str(10**30), "--repetition-penalty", "10"]])
+def test_extreme_values_in_range_work(model_dir, args):
+    """A temperature that underflows float32 samples greedily (the scripted reply), not NaN garbage."""
+    out = cli("--model", str(model_dir), "--prompt", "What is 2+2?", *args)
+    assert out.returncode == 0 and out.stdout == GREEDY_REPLY, out.stderr
+
+
+def pty_run(args, steps, timeout=60):
+    """Run the CLI on a terminal: steps are bytes to type, ("wait", bytes) to await, or a signal to send.
+    Returns (all output, exit status or -signal)."""
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execv(sys.executable, [sys.executable, "-m", "mlx_qwen3.generate", *args])
+    output = b""
+
+    def read_until(needle):
+        nonlocal output
+        while needle not in output:
+            ready, _, _ = select.select([fd], [], [], timeout)
+            assert ready, f"no {needle!r} in {output!r}"
+            output += os.read(fd, 4096)
+
+    import time
+
+    for step in steps:
+        if isinstance(step, tuple):
+            read_until(step[1])
+        elif isinstance(step, bytes):
+            time.sleep(0.3)  # readline is waiting (a Ctrl-C just before it is lost in CPython's readline)
+            os.write(fd, step)
+        else:
+            os.kill(pid, step)
+    while True:
+        try:
+            ready, _, _ = select.select([fd], [], [], timeout)
+            chunk = os.read(fd, 4096) if ready else b""
+        except OSError:
+            break
+        if not chunk:
+            break
+        output += chunk
+    _, status = os.waitpid(pid, 0)
+    return output.decode("utf-8", "replace"), os.waitstatus_to_exitcode(status)
+
+
+@pytest.mark.parametrize("steps,code", [
+    # a Ctrl-C stops the reply, the session goes on; Ctrl-D leaves
+    ([("wait", b">>> "), b"hi\n", ("wait", b"a ba b"), b"\x03", ("wait", b"finish: cancelled"), ("wait", b">>> "),
+      b"\x04"], 0),
+    ([("wait", b">>> "), b"\x03"], 130),  # at the prompt: leave
+    ([("wait", b">>> "), b"hi\n", ("wait", b"a ba b"), b"\x03", ("wait", b">>> "), b"\x03"], 130),
+    ([("wait", b">>> "), b"hi\n", ("wait", b"a ba b"), signal.SIGTERM], -signal.SIGTERM),
+    ([("wait", b">>> "), signal.SIGTERM], -signal.SIGTERM),
+], ids=["reply ^C, ^D", "prompt ^C", "reply ^C, prompt ^C", "reply SIGTERM", "prompt SIGTERM"])
+def test_chat_on_a_terminal_ends_without_a_traceback(looping_dir, steps, code):
+    output, status = pty_run(["--model", str(looping_dir), "--chat", "--no-think", "--temp", "0"], steps)
+    assert status == code, output
+    no_traceback(output)
+
+
+@pytest.mark.parametrize("module", ["mlx.core", "click", "mlx_qwen3.load"])
+def test_ctrl_c_while_starting_is_exit_130_without_a_traceback(model_dir, module):
+    """A Ctrl-C that lands while the modules import (as a user's does who presses it at once): made
+    certain by raising SIGINT from an import hook when `module` is imported."""
+    hook = f"""
+import os, runpy, signal, sys
+class Hook:
+    def find_spec(self, name, path=None, target=None):
+        if name == {module!r}:
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+sys.meta_path.insert(0, Hook())
+sys.argv = ["generate", "--model", {str(model_dir)!r}, "--prompt", "hi"]
+runpy.run_module("mlx_qwen3.generate", run_name="__main__", alter_sys=True)
+"""
+    out = subprocess.run([sys.executable, "-c", hook], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 130, out.stderr
+    no_traceback(out.stderr)
+    assert out.stdout == ""
+
+
+RUN_CLI = """
+import click
+from mlx_qwen3.errors import run_cli
+
+@click.command()
+def cli():
+    print("x" * 100)  # not flushed: written (or not) by the flush on the way out
+
+run_cli(cli)
+"""
+
+
+@pytest.mark.parametrize("stdout", ["reader gone", "full"])
+def test_every_cli_reports_output_it_could_not_write_on_the_way_out(tmp_path, stdout):
+    """errors.run_cli, which convert, load, server and selftest share: output still buffered at the end
+    gave "Exception ignored ... BrokenPipeError" and exit status 120."""
+    cmd = [sys.executable, "-c", RUN_CLI]
+    if stdout == "reader gone":
+        read, write = os.pipe()
+        os.close(read)
+        out = subprocess.run(cmd, stdout=write, stderr=subprocess.PIPE, text=True, timeout=60)
+        os.close(write)
+        assert out.returncode == 141 and out.stderr == "", out.stderr
+    else:
+        with open(tmp_path / "out", "wb") as f:
+            out = subprocess.run(cmd, stdout=f, stderr=subprocess.PIPE, text=True, timeout=60,
+                                 preexec_fn=limit_file_size)
+        assert out.returncode == 1 and out.stderr == "error: cannot write the output: File too large\n", out.stderr

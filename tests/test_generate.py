@@ -377,3 +377,45 @@ def test_an_id_past_the_embedding_is_never_fed(checkpoint):
     model, _ = load_model(checkpoint("qwen3")[0])  # 256 embedding rows; the real tokenizer has 151,669 ids
     with pytest.raises(UserError, match=r"token id \d+ is past the model's 256-row embedding"):
         generate(model, tokenizer(), "hi", max_tokens=2)
+
+
+def test_text_with_lone_surrogates_is_a_user_error(scripted):
+    """The tokenizer cannot encode a lone surrogate (it raised TypeError: TextInputSequence must be str)."""
+    tok = tokenizer()
+    model, tok = scripted([prompt_tail(tok), tok.token_id("<|im_end|>")])
+    cases = [
+        ("\ud800", {}, r"the prompt is not valid Unicode: a lone surrogate U\+D800 at character 0"),
+        ("caf\udce9", {}, "the prompt is not valid UTF-8: byte 0xe9 at offset 3"),  # as os.fsdecode keeps a byte
+        ("hi", dict(system="be \udfff"), r"message 0's content is not valid Unicode: a lone surrogate U\+DFFF"),
+        ([{"role": "user", "content": "a\ud83d"}], {}, r"message 0's content is not valid Unicode"),
+        ("hi", dict(tools=[{"type": "function", "function": {"name": "f\ud800", "parameters": {}}}]),
+         r"the prompt \(with its tools and template arguments\) is not valid Unicode"),
+    ]
+    for prompt, options, message in cases:
+        with pytest.raises(UserError, match=message):
+            generate(model, tok, prompt, **options)
+        with pytest.raises(UserError, match="not valid"):
+            ChatSession(model, tok, **options).send(prompt if isinstance(prompt, str) else prompt[0])
+
+
+def test_a_stream_cut_short_on_a_terminal_leaves_it_undimmed(capsys):
+    """A second Ctrl-C mid-thought (or a failed write) must not leave the user's terminal dim."""
+    import threading
+
+    from mlx_qwen3.generate import DIM, RESET, Printer, _show_stream
+    from mlx_qwen3.thinking import Event
+
+    closed = []
+
+    def events():
+        try:
+            yield Event("thinking", "Hmm")
+            raise KeyboardInterrupt
+        finally:
+            closed.append(True)
+
+    with pytest.raises(KeyboardInterrupt):
+        _show_stream(events(), Printer(as_json=False, hide_thinking=False, tty=True), threading.Event())
+    out = capsys.readouterr().out
+    assert out.startswith(DIM + "Thinking:\nHmm") and out.endswith(RESET + "\n")
+    assert closed  # and the stream was closed then, not left to the garbage collector
