@@ -158,6 +158,9 @@ class GenerationOptions:
                 raise UserError(f"{name} must be {_KIND_NAMES[kind]}, not {value!r}")
             if not ok(value):  # NaN fails every range
                 raise UserError(f"{name} must be {span}, not {value}")
+        for name, text in [("wrap_up", self.wrap_up), ("system", self.system)] + [("stop", s) for s in self.stop]:
+            if text is not None:
+                check_text(text, name)  # what the tokenizer or the stop matching would choke on
         for key in self.chat_template_kwargs:
             if not isinstance(key, str) or key in RESERVED_TEMPLATE_ARGS:
                 raise UserError(f"chat_template_kwargs may not set {key!r}: the template gets it from the request "

@@ -277,6 +277,8 @@ def test_chat_session_reuses_the_cache_and_rewinds_dropped_thinking(scripted):
     (dict(seed=-1), r"seed must be in \[0, 2\*\*64\)"),
     (dict(seed=2**64), r"seed must be in \[0, 2\*\*64\)"),
     (dict(chat_template_kwargs={"messages": []}), "chat_template_kwargs may not set 'messages'"),
+    (dict(thinking_budget=2, wrap_up="\ud800"), "wrap_up is not valid Unicode: a lone surrogate U\\+D800"),
+    (dict(stop=["ok", "\udcff"]), "stop is not valid UTF-8: byte 0xff at offset 0"),
     (dict(chat_template_kwargs={"add_generation_prompt": False}), "may not set 'add_generation_prompt'"),
     (dict(max_tokens=0), "max_tokens must be at least 1"),
     (dict(thinking_budget=-1), "thinking_budget must be >= 0"),
