@@ -3,6 +3,7 @@
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -285,3 +286,426 @@ def test_parallel_one_queues_the_second_request(looping, serve):
                 assert not short.done()  # it waits its turn
                 long_reply.close()  # the long one leaves; the short one runs
                 assert short.result(timeout=60).choices[0].message.content == "a ba"
+
+
+# ---- issue 9: bad input and faults ----
+
+def raw_post(url, body: bytes, headers=(), content_type="application/json"):
+    """A POST whose body is sent as is (lone surrogates, NaN, 4,301-digit integers: what json.dumps will not write)."""
+    from test_fuzz_server import exchange, parse, request
+
+    port = int(url.rsplit(":", 1)[1])
+    data = request(port, body=body, content_type=content_type, headers=headers)
+    responses = parse(exchange(port, data, False)[0])
+    return responses[0]
+
+
+def chat_json(**fields) -> str:
+    return json.dumps({"messages": [{"role": "user", "content": "x"}], "max_tokens": 1, **fields})
+
+
+def with_raw(field: str, value: str, **fields) -> bytes:
+    return (chat_json(**fields)[:-1] + f', "{field}": {value}}}').encode()
+
+
+def assistant_calls(calls: str) -> bytes:
+    return ('{"max_tokens": 1, "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "", '
+            f'"tool_calls": {calls}}}, {{"role": "tool", "content": "1"}}]}}').encode()
+
+
+HOSTILE = [  # (body, status, code, param): each once answered 500 (or a traceback), or could have
+    ('{"messages": [{"role": "user", "content": "a\\ud800b"}]}', 400, "invalid_unicode", "messages"),
+    ('{"model": "\\udc00", "messages": [{"role": "user", "content": "x"}]}', 400, "invalid_unicode", "model"),
+    (with_raw("stop", '["\\ud800"]'), 400, "invalid_unicode", "stop"),
+    (with_raw("tools", '[{"type": "function", "function": {"name": "\\udbff"}}]'), 400, "invalid_unicode", "tools"),
+    (assistant_calls('[{"function": {"name": "\\ud800", "arguments": "{}"}}]'), 400, "invalid_unicode", "messages"),
+    (with_raw("chat_template_kwargs", '{"\\ud800": 1}'), 400, "invalid_unicode", "chat_template_kwargs"),
+    (with_raw("user", '"\\ud800"'), 400, "invalid_unicode", "user"),  # fields we do not read, too
+    (with_raw("seed", "9" * 4301), 400, "invalid_json", None),
+    (with_raw("model", "[" * 1000 + "]" * 1000), 400, "invalid_json", None),
+    (with_raw("chat_template_kwargs", '{"x": ' + "[" * 150 + "]" * 150 + "}"), 400, "too_deep",
+     "chat_template_kwargs"),
+    (with_raw("tools", '[{"type": "function", "function": {"name": "f", "parameters": ' + "[" * 200 + "]" * 200 +
+              "}}]"), 400, "too_deep", "tools"),
+    (assistant_calls('["x"]'), 422, "invalid_tool_call", "messages[1]"),
+    (assistant_calls('[{"id": "c1", "type": "function"}]'), 422, "invalid_tool_call", "messages[1]"),
+    (assistant_calls('[{"function": null}]'), 422, "invalid_tool_call", "messages[1]"),
+    (assistant_calls('[{"function": {"name": "f", "arguments": 5}}]'), 422, "invalid_tool_call", "messages[1]"),
+    (assistant_calls('[{"function": {"arguments": "{}"}}]'), 422, "invalid_tool_call", "messages[1]"),
+    (assistant_calls('{"function": {"name": "f"}}'), 422, "invalid_type", "messages[1]"),
+    *[(chat_json(chat_template_kwargs={k: "x"}), 422, "reserved_template_argument", "chat_template_kwargs")
+      for k in ("messages", "add_generation_prompt", "tools", "bos_token", "eos_token", "self")],
+    (chat_json(seed=-1), 422, "out_of_range", "seed"),
+    (chat_json(seed=2**64), 422, "out_of_range", "seed"),
+    (with_raw("repetition_penalty", "1e999"), 422, "out_of_range", "repetition_penalty"),
+    (with_raw("repetition_penalty", "NaN"), 422, "out_of_range", "repetition_penalty"),
+    (chat_json(repetition_penalty=100), 422, "out_of_range", "repetition_penalty"),
+    (chat_json(repetition_penalty=0.001), 422, "out_of_range", "repetition_penalty"),
+    (with_raw("temperature", "NaN"), 422, "out_of_range", "temperature"),
+    (with_raw("top_p", "-Infinity"), 422, "out_of_range", "top_p"),
+    (chat_json(stop="s" * 5000), 422, "out_of_range", "stop"),
+]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("body,status,code,param", HOSTILE, ids=[f"{c}-{i}" for i, (_, _, c, _) in enumerate(HOSTILE)])
+def test_hostile_request_contents_get_4xx_json_even_when_streamed(server, body, status, code, param, stream):
+    if stream:  # a streamed request is checked before its 200: the same answer
+        body = body if isinstance(body, bytes) else body.encode()
+        body = body[:-1] + b', "stream": true}'
+    got, headers, raw = raw_post(server, body if isinstance(body, bytes) else body.encode())
+    error = json.loads(raw)["error"]
+    assert (got, error["code"], error["param"]) == (status, code, param), error
+    assert headers["content-type"] == "application/json"
+
+
+def test_valid_edge_values_are_served(server):
+    for fields in ({"seed": 0}, {"seed": 2**64 - 1}, {"repetition_penalty": 10}, {"repetition_penalty": 0.01},
+                   {"chat_template_kwargs": {"enable_thinking": False, "custom": [1, {"a": None}]}}):
+        r = httpx.post(f"{server}/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}],
+                                                              "max_tokens": 2, **fields}, timeout=30)
+        assert r.status_code == 200, (fields, r.text)
+    ok_calls = assistant_calls('[{"id": "c", "type": "function", "function": {"name": "f", "arguments": {"a": 1}}}]')
+    assert raw_post(server, ok_calls)[0] == 200
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_failing_template_or_tokenizer_is_a_4xx_not_a_500(answering, serve, monkeypatch, stream):
+    import mlx_qwen3.server as server_module
+
+    model, tok = answering
+    body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 1, "stream": stream}
+    with serve(model, tok) as url:
+        monkeypatch.setattr(tok, "apply_chat_template", lambda *a, **k: 1 / 0)
+        r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30)
+        assert (r.status_code, r.json()["error"]["code"]) == (400, "invalid_prompt")
+        assert "ZeroDivisionError" in r.json()["error"]["message"]
+        monkeypatch.undo()
+        monkeypatch.setattr(server_module._Unlocked, "encode", lambda self, text: [][0])
+        r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30)
+        assert (r.status_code, r.json()["error"]["code"]) == (400, "invalid_prompt")
+        monkeypatch.undo()
+        assert httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30).status_code == 200
+
+
+def test_the_server_tokenizes_as_the_tokenizer_does(answering):
+    from mlx_qwen3.server import _Unlocked
+
+    tok = answering[1]
+    for text in ("Hello, world!", "<|im_start|>user\nx<|im_end|>\n<think>\n\n</think>", "  spaces\n\n\ttabs ",
+                 "ünïcödé 漢字 🙂" * 50, "word " * 5000):
+        assert _Unlocked(tok, 10**9).encode(text) == tok.encode(text)
+
+
+def test_a_non_streaming_client_that_leaves_cancels_its_generation(looping, serve):
+    import socket
+
+    with serve(*looping) as url:
+        port = int(url.rsplit(":", 1)[1])
+        body = json.dumps({"messages": [{"role": "user", "content": "go"}], "max_tokens": 50000, **NO_THINK}).encode()
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        deadline = time.time() + 30
+        while httpx.get(f"{url}/health").json()["waiting"] == 0 and time.time() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.5)  # well under way
+        assert httpx.get(f"{url}/health").json()["waiting"] == 1
+        s.close()
+        left = time.time()
+        while httpx.get(f"{url}/health").json()["waiting"] and time.time() - left < 5:
+            time.sleep(0.01)
+        assert httpx.get(f"{url}/health").json()["waiting"] == 0 and time.time() - left < 1.5
+
+
+def test_health_answers_while_big_prompts_are_tokenized(looping, serve):
+    """Three prompts of 1.5 MB (a million tokens together: past the window, refused once tokenized) at once;
+    /health is asked every 20 ms meanwhile. Before, it waited out every tokenization (1.8 s)."""
+    size = 1_500_000
+    bodies = [json.dumps({"messages": [{"role": "user", "content": (f"request {i}: " + "hello world, this is a test. "
+                                                                    * (size // 29))[:size]}]}).encode()
+              for i in range(3)]
+    with serve(*looping) as url:
+        with ThreadPoolExecutor(3) as pool:
+            big = [pool.submit(httpx.post, f"{url}/v1/chat/completions", content=b, timeout=120,
+                               headers={"Content-Type": "application/json"}) for b in bodies]
+            times = []
+            with httpx.Client() as c:
+                while not all(f.done() for f in big):
+                    tic = time.perf_counter()
+                    assert c.get(f"{url}/health").status_code == 200
+                    times.append(time.perf_counter() - tic)
+                    time.sleep(0.02)
+        assert [f.result().json()["error"]["code"] for f in big] == ["context_length_exceeded"] * 3
+    times.sort()
+    print(f"\n/health during tokenizing: {len(times)} calls, median {1000 * times[len(times) // 2]:.0f} ms, "
+          f"max {1000 * times[-1]:.0f} ms")
+    assert len(times) >= 20  # it did run while they were tokenized
+    # the issue's bound is 100 ms: 9 in 10 calls keep it; the rest get a margin, for this test shares a 2-core
+    # machine with the tokenizer and the rest of the suite (alone it measured 25-48 ms at most)
+    assert times[int(0.9 * len(times))] < 0.1 and times[-1] < 0.25
+
+
+# ---- who may call: Host, Origin, CORS, Content-Type, the key ----
+
+def test_host_header_must_name_this_server(server):
+    port = server.rsplit(":", 1)[1]
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", "localhost", f"[::1]:{port}", f"LOCALHOST:{port}"):
+        assert httpx.get(f"{server}/health", headers={"Host": host}).status_code == 200, host
+    for host in ("evil.example", f"evil.example:{port}", f"127.0.0.1.nip.io:{port}", f"localhost.evil:{port}"):
+        for method, path in (("GET", "/health"), ("GET", "/"), ("POST", "/v1/chat/completions")):
+            r = httpx.request(method, f"{server}{path}", headers={"Host": host}, json={"messages": []})
+            assert (r.status_code, r.json()["error"]["code"]) == (403, "host_not_allowed"), (host, path)
+
+
+def test_origin_must_be_the_servers_own_page(server):
+    port = int(server.rsplit(":", 1)[1])
+    body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
+    own = httpx.post(f"{server}/v1/chat/completions", json=body, headers={"Origin": f"http://127.0.0.1:{port}"})
+    assert own.status_code == 200 and "access-control-allow-origin" not in own.headers
+    for origin in ("http://evil.example", f"http://localhost:{port}", f"http://127.0.0.1:{port + 1}", "null",
+                   f"https://127.0.0.1:{port}", "file://"):
+        r = httpx.post(f"{server}/v1/chat/completions", json=body, headers={"Origin": origin})
+        assert (r.status_code, r.json()["error"]["code"]) == (403, "origin_not_allowed"), origin
+        assert "access-control-allow-origin" not in r.headers
+    # a cross-origin text/plain POST needs no preflight in a browser: it is refused all the same
+    r = httpx.post(f"{server}/v1/chat/completions", content=json.dumps(body),
+                   headers={"Origin": "http://evil.example", "Content-Type": "text/plain"})
+    assert r.status_code == 403
+
+
+def test_allowed_origins_get_cors_answers(answering, serve):
+    site = "http://localhost:3000"
+    with serve(*answering, api_key="k", allow_origins=[site]) as url:
+        pre = httpx.options(f"{url}/v1/chat/completions", headers={
+            "Origin": site, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type, x-stainless-os"})
+        assert pre.status_code == 204 and pre.headers["access-control-allow-origin"] == site
+        assert "POST" in pre.headers["access-control-allow-methods"]
+        allowed = {h.strip().lower() for h in pre.headers["access-control-allow-headers"].split(",")}
+        assert {"authorization", "content-type", "x-stainless-os"} <= allowed
+        r = httpx.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}],
+                       "max_tokens": 1}, headers={"Origin": site, "Authorization": "Bearer k"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == site
+        assert "origin" in r.headers["vary"].lower()
+        r = httpx.post(f"{url}/v1/chat/completions", json={}, headers={"Origin": site})  # errors are readable too
+        assert r.status_code == 401 and r.headers["access-control-allow-origin"] == site
+        other = httpx.options(f"{url}/v1/chat/completions", headers={
+            "Origin": "http://localhost:3001", "Access-Control-Request-Method": "POST"})
+        assert other.status_code == 403 and "access-control-allow-origin" not in other.headers
+
+
+def test_bound_to_all_interfaces_any_host_but_still_no_foreign_origin(answering, serve):
+    with serve(*answering, host="0.0.0.0") as url:
+        port = int(url.rsplit(":", 1)[1])
+        body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
+        assert httpx.get(f"{url}/health", headers={"Host": f"my-mac.lan:{port}"}).status_code == 200
+        lan = {"Host": f"192.168.1.20:{port}", "Origin": f"http://192.168.1.20:{port}"}
+        assert httpx.post(f"{url}/v1/chat/completions", json=body, headers=lan).status_code == 200
+        rebound = {"Host": f"evil.example:{port}", "Origin": f"http://evil.example:{port}"}  # DNS rebinding
+        r = httpx.post(f"{url}/v1/chat/completions", json=body, headers=rebound)
+        assert (r.status_code, r.json()["error"]["code"]) == (403, "origin_not_allowed")
+
+
+@pytest.mark.parametrize("content_type,status", [
+    (None, 415), ("text/plain", 415), ("application/x-www-form-urlencoded", 415),
+    ("multipart/form-data; boundary=b", 415),
+    ("application/jsonp", 415), ("application/json", 200), ("application/json; charset=utf-8", 200),
+    ("Application/JSON;charset=UTF-8", 200)])
+def test_bodies_must_be_json(server, content_type, status):
+    headers = {} if content_type is None else {"Content-Type": content_type}
+    r = httpx.post(f"{server}/v1/chat/completions", headers=headers,
+                   content=json.dumps({"messages": [{"role": "user", "content": "x"}], "max_tokens": 1}))
+    assert r.status_code == status
+    if status == 415:
+        assert r.json()["error"]["code"] == "unsupported_media_type"
+
+
+def test_health_without_the_key_says_only_that_it_is_up(answering, serve):
+    with serve(*answering, api_key="k") as url:
+        assert httpx.get(f"{url}/health").json() == {"status": "ok"}
+        assert httpx.get(f"{url}/health", headers={"Authorization": "Bearer nope"}).json() == {"status": "ok"}
+        full = httpx.get(f"{url}/health", headers={"Authorization": "Bearer k"}).json()
+        assert full["model"] == NAME and "waiting" in full
+
+
+def test_api_key_precedence(tmp_path):
+    from mlx_qwen3.errors import UserError
+    from mlx_qwen3.server import api_key_from
+
+    keyfile = tmp_path / "key"
+    keyfile.write_text("  from-file  \nsecond line\n")
+    env = {"MLX_QWEN3_API_KEY": "from-env"}
+    assert api_key_from("given", str(keyfile), env) == "given"
+    assert api_key_from(None, str(keyfile), env) == "from-file"
+    assert api_key_from(None, None, env) == "from-env"
+    assert api_key_from(None, None, {}) is None and api_key_from(None, None, {"MLX_QWEN3_API_KEY": " "}) is None
+    (tmp_path / "empty").write_text("\n")
+    for bad in (tmp_path / "missing", tmp_path / "empty", tmp_path):
+        with pytest.raises(UserError):
+            api_key_from(None, str(bad), env)
+
+
+@pytest.mark.parametrize("args", [["--api-key-file", "/nonexistent/key"], ["--api-key-file", "EMPTY"],
+                                  ["--api-key", ""], ["--allow-origin", "localhost:3000"]])
+def test_server_cli_bad_key_or_origin_is_one_line(tmp_path, args):
+    import subprocess
+    import sys
+
+    (tmp_path / "empty").write_text("")
+    args = [str(tmp_path / "empty") if a == "EMPTY" else a for a in args]
+    out = subprocess.run([sys.executable, "-m", "mlx_qwen3.server", "--model", str(tmp_path), *args],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and out.stderr.startswith("error: ") and out.stderr.count("\n") == 1, out.stderr
+
+
+def test_trailing_slashes_are_served(server):
+    assert httpx.get(f"{server}/v1/models/").json()["data"][0]["id"] == NAME
+    assert httpx.get(f"{server}/health/").json()["status"] == "ok"
+    r = httpx.post(f"{server}/v1/chat/completions/", json={"messages": [{"role": "user", "content": "x"}],
+                                                          "max_tokens": 1})
+    assert r.status_code == 200 and r.json()["object"] == "chat.completion"
+    r = httpx.get(f"{server}/v1/nothing/")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+
+
+@pytest.mark.parametrize("length,status", [(b"abc", 400), (b"-1", 400), (b"+5", 400), (b"1, 2", 400),
+                                           (b"9" * 5000, 400), (b"99999999999999999999", 413)])
+def test_junk_content_length_gets_json(answering, length, status):
+    from test_fuzz_server import exchange, live, parse, request
+
+    with live(*answering) as port:
+        (got, headers, body), = parse(exchange(port, request(port, body=chat_json(), length=length), False)[0])
+        assert got == status and headers["content-type"] == "application/json", body
+        assert set(json.loads(body)["error"]) == {"message", "type", "param", "code"}
+
+
+def test_mismatched_content_length_gets_json(answering):
+    from test_fuzz_server import exchange, live, parse, request
+
+    body = chat_json()
+    with live(*answering) as port:
+        cut = parse(exchange(port, request(port, body=body, length=len(body) - 5), False)[0])
+        assert [(s, json.loads(b)["error"]["code"]) for s, _, b in cut] == [(400, "invalid_json")]
+        # more than Content-Length said: the rest is read as the next request, and refused
+        more = request(port, body=body, close=False) + b"and then some\r\n\r\n"
+        answers = parse(exchange(port, more, False)[0])
+        assert [s for s, _, _ in answers] == [200, 400] and json.loads(answers[1][2])["error"]["code"] == "invalid_http"
+        # less than it said, and then the client half-closes: it gets its answer before the close
+        short = parse(exchange(port, request(port, body=body, length=len(body) + 100), True)[0])
+        assert [(s, json.loads(b)["error"]["code"]) for s, _, b in short] == [(400, "invalid_http")]
+
+
+# ---- stopping: SIGINT / SIGTERM with generations running ----
+
+@pytest.fixture(scope="module")
+def looping_dir(tmp_path_factory):
+    from chain import build, ids_of, successors, tokenizer
+
+    tok = tokenizer()
+    tail = tok.encode(tok.apply_chat_template([{"role": "user", "content": "x"}], enable_thinking=False))[-1]
+    return build(tmp_path_factory.mktemp("loop"), successors([tail] + ids_of(tok, ["a b", "a"])),
+                 max_position_embeddings=100000)
+
+
+@contextmanager
+def server_process(folder, *args):
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "mlx_qwen3.server", "--model", str(folder), "--port", str(port),
+                             *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            httpx.get(f"{url}/health", timeout=1)
+            break
+        except httpx.HTTPError:
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()
+            time.sleep(0.1)
+    try:
+        yield proc, url
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_a_signal_answers_every_client_and_exits_0(looping_dir, signame):
+    import signal
+
+    body = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 100000, "temperature": 0, **NO_THINK}
+    answers = {}
+
+    def streamed():
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json={**body, "stream": True}, timeout=30) as r:
+            answers["stream"] = (r.status_code, [line for line in r.iter_lines() if line])
+
+    def whole(name):
+        r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30)
+        answers[name] = (r.status_code, r.json())
+
+    # the server is stopped (killed, if it would not stop) before the pool waits for its clients
+    with ThreadPoolExecutor(3) as pool, server_process(looping_dir, "--parallel", "2") as (proc, url):
+        pool.submit(streamed)
+        pool.submit(whole, "running")
+        deadline = time.time() + 30
+        while httpx.get(f"{url}/health").json()["waiting"] < 2 and time.time() < deadline:
+            time.sleep(0.05)
+        pool.submit(whole, "queued")
+        while httpx.get(f"{url}/health").json()["waiting"] < 3 and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        tic = time.time()
+        proc.send_signal(getattr(signal, signame))
+        out, err = proc.communicate(timeout=30)
+        took = time.time() - tic
+    assert proc.returncode == 0 and took < 5, (proc.returncode, took, err)
+    assert b"Traceback" not in err and not err.strip(), err.decode()
+    for name in ("running", "queued"):
+        status, reply = answers[name]
+        assert (status, reply["error"]["code"]) == (503, "server_shutting_down"), answers
+    status, lines = answers["stream"]
+    assert status == 200 and lines[0].startswith("data: {") and lines[-1] == "data: [DONE]"
+    assert json.loads(lines[-2][6:])["error"]["code"] == "server_shutting_down"
+
+
+def test_a_client_stuck_mid_body_does_not_hold_up_the_stop(looping_dir):
+    import signal
+    import socket
+
+    with server_process(looping_dir) as (proc, url):
+        s = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 100\r\n\r\n{")  # and the rest never comes
+        time.sleep(0.3)
+        tic = time.time()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0 and time.time() - tic < 5 and b"Traceback" not in err
+        s.close()
+
+
+def test_a_second_signal_stops_at_once_without_a_traceback(looping_dir):
+    import signal
+    import socket
+
+    with server_process(looping_dir) as (proc, url):
+        s = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 100\r\n\r\n{")  # holds the first stop in its grace period
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        tic = time.time()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 130 and time.time() - tic < 1, (proc.returncode, err)
+        assert b"Traceback" not in err and err.decode().count("\n") == 1, err.decode()
+        s.close()
