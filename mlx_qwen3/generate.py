@@ -39,7 +39,8 @@ WRAP_UP = "\n\nConsidering the limited time, I have to give the solution based o
 
 
 # The arguments the chat template gets from the request itself; chat_template_kwargs may not override them.
-RESERVED_TEMPLATE_ARGS = frozenset({"messages", "tools", "add_generation_prompt", "bos_token", "eos_token"})
+# ("self" too: apply_chat_template is a method.)
+RESERVED_TEMPLATE_ARGS = frozenset({"messages", "tools", "add_generation_prompt", "bos_token", "eos_token", "self"})
 _INT, _NUM = (int,), (int, float)
 _KIND_NAMES = {_INT: "an integer", _NUM: "a number", (bool,): "a boolean", (str,): "a string",
                (tuple, list): "a list of strings", (list,): "a list", (dict,): "a dict"}
@@ -274,7 +275,7 @@ def run(model, tokenizer, prompt_ids: list, cache: list, opts: GenerationOptions
         ending = tokenizer.encode(opts.wrap_up) + [tokenizer.token_id("</think>")] + tokenizer.encode("\n\n")
         reserve = max(1, min(512, max_tokens // 4))  # room kept for the answer
         budget = max(0, min(opts.thinking_budget, max_tokens - len(ending) - reserve))
-    _check_ids(model, prompt_ids + ending)
+    check_ids(model, prompt_ids + ending)
 
     def end_thought_if_due():
         nonlocal budget
@@ -345,7 +346,7 @@ def run(model, tokenizer, prompt_ids: list, cache: list, opts: GenerationOptions
     )
 
 
-def _check_ids(model, ids: list):
+def check_ids(model, ids: list):
     """Never feed an id the embedding has no row for (MLX would read past it, unchecked)."""
     rows = model.args.vocab_size
     top = max(ids, default=0)

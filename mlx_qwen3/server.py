@@ -30,8 +30,8 @@ from typing import Optional
 from urllib.parse import urlsplit
 
 from .errors import UserError
-from .generate import (RESERVED_TEMPLATE_ARGS, GenerationOptions, GenerationResult, common_prefix, context_window,
-                       recommended_working_set, render_prompt, rewind, run, to_messages)
+from .generate import (RESERVED_TEMPLATE_ARGS, GenerationOptions, GenerationResult, check_ids, common_prefix,
+                       context_window, recommended_working_set, render_prompt, rewind, run, to_messages)
 from .models.base import make_cache, weight_bytes
 from .thinking import thinking_wanted
 
@@ -208,7 +208,7 @@ def parse_request(body, served: str) -> tuple:
             raise RequestError(422, "'tools' must be an array of objects", "tools", "invalid_type")
         opts["tools"] = tools
     kwargs = dict(_field(body, "chat_template_kwargs", dict) or {})
-    taken = sorted(k for k in kwargs if k in RESERVED_TEMPLATE_ARGS or k == "self")  # self: apply_chat_template's
+    taken = sorted(k for k in kwargs if k in RESERVED_TEMPLATE_ARGS)
     if taken:
         raise RequestError(422, f"'chat_template_kwargs' may not set {', '.join(map(repr, taken))}: the template gets "
                                 "it from the request itself", "chat_template_kwargs", "reserved_template_argument")
@@ -223,40 +223,9 @@ def parse_request(body, served: str) -> tuple:
     return messages, {k: v for k, v in opts.items() if v is not None}, stream, include_usage
 
 
-class _Unlocked:
-    """The tokenizer, encoding through `encode_batch_fast`, which lets go of the GIL while it works (`encode`
-    holds it throughout: a 3.9 MB prompt stopped every other thread, the event loop included, for seconds).
-    What is left holds the GIL in proportion to the tokens (the character offsets' clean-up took 190 ms of
-    those 3.9 MB: the fast variant skips them; a million ids as Python ints take 50 ms), so a prompt past
-    the context window is refused on its length alone."""
-
-    def __init__(self, tokenizer, window: int):
-        self._tokenizer, self.window = tokenizer, window
-
-    def __getattr__(self, name):
-        return getattr(self._tokenizer, name)
-
-    def encode(self, text: str) -> list:
-        fast = getattr(self._tokenizer, "_tok", None)
-        batch = getattr(fast, "encode_batch_fast", None) or getattr(fast, "encode_batch", None)
-        if batch is None:
-            return self._tokenizer.encode(text)
-        encoding = batch([text], add_special_tokens=False)[0]
-        if len(encoding) >= self.window:
-            raise _too_long(len(encoding), self.window)
-        return encoding.ids
-
-
 def _too_long(n: int, window: int) -> RequestError:
     return RequestError(400, f"the prompt is {n} tokens; the context window is {window}", "messages",
                         "context_length_exceeded")
-
-
-def _thinking(messages: list, enable_thinking) -> bool:
-    """thinking_wanted, which runs a regex (holding the GIL: 60 ms on a 3.9 MB prompt) over every message;
-    only those that mention a switch at all can decide, and a substring search is much quicker."""
-    switches = [m for m in messages if "/think" in m["content"] or "/no_think" in m["content"]]
-    return thinking_wanted(switches, enable_thinking)
 
 
 def prepare(raw: bytes, model, tokenizer, served: str) -> tuple:
@@ -275,7 +244,8 @@ def prepare(raw: bytes, model, tokenizer, served: str) -> tuple:
     try:
         opts = GenerationOptions.from_kwargs(cancel=threading.Event(), **options)
         messages = to_messages(messages, opts.system)
-        ids = render_prompt(_Unlocked(tokenizer, window), messages, opts)
+        ids = render_prompt(tokenizer, messages, opts)
+        check_ids(model, ids)
     except RequestError:
         raise
     except UserError as e:
@@ -285,10 +255,7 @@ def prepare(raw: bytes, model, tokenizer, served: str) -> tuple:
                                 f"{_clip(str(e))}", "messages", "invalid_prompt") from None
     if len(ids) >= window:
         raise _too_long(len(ids), window)
-    if max(ids, default=0) >= model.args.vocab_size:
-        raise RequestError(400, f"the prompt holds token id {max(ids)}, past the model's {model.args.vocab_size}-row "
-                                "embedding", "messages", "invalid_prompt")
-    return ids, opts, _thinking(messages, opts.enable_thinking), stream, include_usage
+    return ids, opts, thinking_wanted(messages, opts.enable_thinking), stream, include_usage
 
 
 # ---- the engine: one worker thread, a queue, a few cached prompts ----

@@ -26,8 +26,11 @@ def thinking_wanted(messages: list, enable_thinking: Optional[bool]) -> bool:
     if enable_thinking is False:
         return False
     for m in reversed(messages):
-        if m.get("role") in ("user", "system") and isinstance(m.get("content"), str):
-            found = _SWITCH.findall(m["content"])
+        content = m.get("content")
+        if m.get("role") not in ("user", "system") or not isinstance(content, str):
+            continue
+        if "/think" in content or "/no_think" in content:  # first: the regex holds the GIL 60 ms on 3.9 MB
+            found = _SWITCH.findall(content)
             if found:
                 return found[-1] == "think"
     return True

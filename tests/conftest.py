@@ -73,15 +73,13 @@ def serve():
 
 @contextmanager
 def serving(model, tok, **options):
-    import uvicorn
-
-    from mlx_qwen3.server import create_app
+    """A live server in a thread, as `python -m mlx_qwen3.server` runs it (make_server)."""
+    from mlx_qwen3.server import create_app, make_server
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(model, tok, NAME, **options), host="127.0.0.1", port=port,
-                                           log_level="warning"))
+    server = make_server(create_app(model, tok, NAME, **options), "127.0.0.1", port)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:

@@ -16,7 +16,7 @@ import time
 from collections import Counter
 from contextlib import contextmanager
 
-from conftest import NAME
+from conftest import NAME, serving
 
 KEY = "fuzz-key"
 MAX_BODY = 4 * 2**20
@@ -380,22 +380,9 @@ def problems(label: str, method: str, responses: list) -> list:
 
 @contextmanager
 def live(model, tok, **options):
-    """The server as `python -m mlx_qwen3.server` runs it (make_server: JSON for malformed HTTP too), in a thread."""
-    from mlx_qwen3.server import create_app, make_server
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = make_server(create_app(model, tok, NAME, **options), "127.0.0.1", port)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    try:
-        yield port
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    """conftest's live server; yields its port."""
+    with serving(model, tok, **options) as url:
+        yield int(url.rsplit(":", 1)[1])
 
 
 class Records(logging.Handler):

@@ -388,7 +388,7 @@ def test_text_with_lone_surrogates_is_a_user_error(scripted):
     cases = [
         ("\ud800", {}, r"the prompt is not valid Unicode: a lone surrogate U\+D800 at character 0"),
         ("caf\udce9", {}, "the prompt is not valid UTF-8: byte 0xe9 at offset 3"),  # as os.fsdecode keeps a byte
-        ("hi", dict(system="be \udfff"), r"message 0's content is not valid Unicode: a lone surrogate U\+DFFF"),
+        ("hi", dict(system="be \udfff"), r"system is not valid Unicode: a lone surrogate U\+DFFF"),
         ([{"role": "user", "content": "a\ud83d"}], {}, r"message 0's content is not valid Unicode"),
         ("hi", dict(tools=[{"type": "function", "function": {"name": "f\ud800", "parameters": {}}}]),
          r"the prompt \(with its tools and template arguments\) is not valid Unicode"),
