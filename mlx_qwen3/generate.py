@@ -648,8 +648,6 @@ def main():
         signal.signal(signal.SIGINT, signal.default_int_handler)  # from here click makes Ctrl-C exit status 130
         cancel = threading.Event()
         GenerationOptions.from_kwargs(**options)  # bad values fail before the model loads
-        if options["system"] is not None:
-            check_text(options["system"], "--system")  # sys.argv keeps bytes that are not UTF-8 as surrogates
         if prompt is None and not chat:
             raise UserError("give --prompt TEXT (or --prompt - to read stdin), or --chat")
         if prompt == "-":

@@ -12,12 +12,17 @@ import pytest
 from chain import build, ids_of, successors, tokenizer
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
+def thinking_model(folder, thought: str, answer: str):
+    """A scripted checkpoint that thinks `thought`, then answers `answer`."""
     tok = tokenizer()
     tail = tok.encode(tok.apply_chat_template([{"role": "user", "content": "x"}]))[-1]
-    reply = ids_of(tok, ["<think>", "Let me think", "</think>", "\n\n", "The answer is 4.", "<|im_end|>"])
-    return build(tmp_path_factory.mktemp("cli"), successors([tail] + reply), max_position_embeddings=256)
+    reply = ids_of(tok, ["<think>", thought, "</think>", "\n\n", answer, "<|im_end|>"])
+    return build(folder, successors([tail] + reply), max_position_embeddings=256)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return thinking_model(tmp_path_factory.mktemp("cli"), "Let me think", "The answer is 4.")
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +150,7 @@ def no_traceback(stderr):
     (["--prompt", "-"], b"What is \xff?", "stdin is not valid UTF-8: byte 0xff at offset 8"),
     (["--prompt", "-", "--json"], b"\xed\xa0\x80", "stdin is not valid UTF-8: byte 0xed at offset 0"),  # a surrogate
     ([b"--prompt", b"What is \xfe2+2?"], b"", "--prompt is not valid UTF-8: byte 0xfe at offset 8"),
-    (["--prompt", "hi", b"--system", b"be \xff"], b"", "--system is not valid UTF-8: byte 0xff at offset 3"),
+    (["--prompt", "hi", b"--system", b"be \xff"], b"", "system is not valid UTF-8: byte 0xff at offset 3"),
     (["--chat", b"--prompt", b"\xff"], b"", "--prompt is not valid UTF-8: byte 0xff at offset 0"),
 ])
 def test_a_prompt_that_is_not_utf8_is_refused_in_one_line(model_dir, args, stdin, message):
@@ -274,10 +279,7 @@ def test_a_stderr_that_cannot_be_written_changes_nothing(model_dir, tmp_path, st
 
 @pytest.fixture(scope="module")
 def unicode_dir(tmp_path_factory):
-    tok = tokenizer()
-    tail = tok.encode(tok.apply_chat_template([{"role": "user", "content": "x"}]))[-1]
-    reply = ids_of(tok, ["<think>", "Ça va", "</think>", "\n\n", "你好 — é", "<|im_end|>"])
-    return build(tmp_path_factory.mktemp("unicode"), successors([tail] + reply), max_position_embeddings=256)
+    return thinking_model(tmp_path_factory.mktemp("unicode"), "Ça va", "你好 — é")
 
 
 @pytest.mark.parametrize("extra,expected", [
