@@ -134,26 +134,30 @@ def convert(
     tmp, old = (out.parent / f".{out.name}.{kind}-{os.getpid()}" for kind in ("partial", "old"))
     swapped = False
     try:
-        tmp.mkdir(parents=True)
-        _write_shards(tmp, tensors, max_shard_bytes)
-        _write_config(tmp / "config.json", config, quant_config, dtype if target else None)
-        for f in side_files:
-            shutil.copy(f, tmp / f.name)
-        # The old folder aside, the new one in, the old one gone: one step for Ctrl-C and SIGTERM.
-        with _interrupts_deferred():
-            if _has_entries(out):
-                out.rename(old)
-            tmp.rename(out)
-            swapped = True
-            shutil.rmtree(old, ignore_errors=True)
+        try:
+            tmp.mkdir(parents=True)
+            _write_shards(tmp, tensors, max_shard_bytes)
+            _write_config(tmp / "config.json", config, quant_config, dtype if target else None)
+            for f in side_files:
+                shutil.copy(f, tmp / f.name)
+            # The old folder aside, the new one in, the old one gone: one step for Ctrl-C and SIGTERM.
+            with _interrupts_deferred():
+                if _has_entries(out):
+                    out.rename(old)
+                try:
+                    tmp.rename(out)
+                except OSError:
+                    if old.exists():
+                        old.rename(out)  # back in place before anyone is told what OUT holds
+                    raise
+                swapped = True
+                shutil.rmtree(old, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     except KeyboardInterrupt:
         raise Interrupted(f"{out} holds the new conversion" if swapped else _unchanged(out)) from None
     except OSError as e:
         raise UserError(f"could not write {out}: {e.strerror or e}; {_unchanged(out)}") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not out.exists():  # renamed aside, but the new one did not go in: put it back
-            old.rename(out)
     return out
 
 
@@ -272,7 +276,7 @@ def _recover(out: Path):
     for p in sorted(out.parent.iterdir()):
         kind, _, pid = p.name[len(out.name) + 2:].rpartition("-")
         if not p.name.startswith(f".{out.name}.") or kind not in ("partial", "old") or not pid.isdigit() \
-                or _alive(int(pid)):
+                or int(pid) != os.getpid() and _alive(int(pid)):  # ours: left by a killed run with our pid
             continue
         if kind == "old" and not out.exists():
             p.rename(out)
@@ -402,15 +406,17 @@ def main():
         """Convert a Hugging Face Qwen3 / Qwen3-MoE / QwQ checkpoint to MLX."""
         # Ctrl-C and kill end the conversion the same way: the partial folder is removed, nothing is left.
         signal.signal(signal.SIGTERM, _interrupt)
+        path = None
         try:
             path = convert(hf_path, mlx_path, quantize, bits, group_size, dtype, mixed, quantize_embeddings, force)
+            print(f"wrote {path}")
         except Interrupted as e:
             print(f"interrupted; {e}", file=sys.stderr)
             sys.exit(130)
-        except KeyboardInterrupt:  # before anything was written
-            print("interrupted; nothing was written", file=sys.stderr)
+        except KeyboardInterrupt:  # before anything was written, or after all of it
+            print(f"interrupted; {path} holds the new conversion" if path else "interrupted; nothing was written",
+                  file=sys.stderr)
             sys.exit(130)
-        print(f"wrote {path}")
 
     run_cli(cli)
 

@@ -170,15 +170,11 @@ def first_shard(folder) -> str:
 
 
 def shard_outside(kind):
-    """The index names a real shard outside the folder: by a ../ path, an absolute one, or a symlink."""
+    """The index names a real shard outside the folder: by a ../ path or an absolute one."""
     def breaks(folder):
         shard = first_shard(folder)
         outside = folder.parent / f"outside-{shard}"
         shutil.copy(folder / shard, outside)
-        if kind == "symlink":
-            (folder / shard).unlink()
-            (folder / shard).symlink_to(outside)
-            return
         name = f"../{outside.name}" if kind == "dotdot" else str(outside)
         (folder / shard).unlink()
         f = folder / "model.safetensors.index.json"
@@ -186,12 +182,6 @@ def shard_outside(kind):
         idx["weight_map"] = {k: (name if v == shard else v) for k, v in idx["weight_map"].items()}
         write_json(f, idx)
     return breaks
-
-
-def weights_symlinked_outside(folder):
-    outside = folder.parent / "elsewhere.safetensors"
-    (folder / "model.safetensors").rename(outside)
-    (folder / "model.safetensors").symlink_to(outside)
 
 
 def weights_a_fifo(folder):
@@ -313,8 +303,6 @@ CASES = {
     "weight_map value empty": ("moe", index(lambda i: {"weight_map": {**i["weight_map"], "x": ""}}), "load"),
     "weight_map naming ../": ("moe", shard_outside("dotdot"), "load"),
     "weight_map naming an absolute path": ("moe", shard_outside("absolute"), "load"),
-    "shard a symlink out of the folder": ("moe", shard_outside("symlink"), "load"),
-    "weights a symlink out of the folder": ("tiny", weights_symlinked_outside, "load"),
     "weights a FIFO": ("tiny", weights_a_fifo, "load"),
     "an expert missing": ("moe", drop_expert, "load"),
     "an expert of another shape": ("moe", misshape_expert, "load"),

@@ -452,6 +452,8 @@ import mlx_qwen3.convert as c
 out, sig, moment = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 rename, rmtree = os.rename, shutil.rmtree
 def patched_rename(a, b):
+    if ".partial-" in os.fspath(a) and moment == "refused":
+        raise PermissionError(13, "Permission denied")
     if os.fspath(a) == out and moment == "aside":
         os.kill(os.getpid(), sig)
     rename(a, b)
@@ -501,6 +503,17 @@ def test_replacing_is_atomic_under_signals(checkpoint, tmp_path, sig, moment):
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
+def test_a_new_folder_that_cannot_go_in_leaves_the_old_one_and_says_so(checkpoint, tmp_path):
+    src, _ = checkpoint("qwen3")
+    out = _earlier(src, tmp_path / "out")
+    old = snapshot(out)
+    done = subprocess.run([sys.executable, "-c", AT_THE_SWAP, str(out), "0", "refused", "--hf-path", str(src),
+                           "--mlx-path", str(out), "--force"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert f"could not write {out}: Permission denied; {out} is as it was" in done.stderr
+    assert snapshot(out) == old and [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
 # ---- write failures: a full disk, a read-only folder (issue 9, point 10) ----
 
 def _mount_tmpfs(folder, size: str):
@@ -522,9 +535,11 @@ def small_disk(tmp_path):
 @pytest.fixture
 def read_only_disk(tmp_path):
     mnt = _mount_tmpfs(tmp_path / "ro", "16m")
-    subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
 # The free-disk check is skipped, as if another program filled the disk after it.

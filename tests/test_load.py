@@ -246,9 +246,10 @@ def test_a_tokenizer_past_the_embedding_is_refused(folder):
         load(folder)
 
 
-def test_hub_cache_symlinks_into_its_blobs_still_load(checkpoint, tmp_path):
-    """The Hugging Face cache stores each file once under blobs/ and links it from snapshots/<commit>/:
-    those links leave the model folder but stay in the repo, and are read; any other link out is refused."""
+def test_symlinked_weights_are_followed(checkpoint, tmp_path):
+    """The Hugging Face cache links each file from snapshots/<commit>/ to blobs/, old `--local-dir`
+    downloads link into the cache, users link weights onto another disk: all of these load. (Only an
+    index entry whose name leads out of the folder is refused: tests/test_broken_folders.py.)"""
     src, _ = checkpoint("qwen3_moe")
     repo = tmp_path / "hub" / "models--Qwen--Qwen3-Tiny"
     snapshot = repo / "snapshots" / ("0" * 40)
@@ -258,16 +259,15 @@ def test_hub_cache_symlinks_into_its_blobs_still_load(checkpoint, tmp_path):
         blob = repo / "blobs" / f"sha-{f.name}"
         shutil.copy(f, blob)
         (snapshot / f.name).symlink_to(os.path.relpath(blob, snapshot))
-    model, _ = load_model(snapshot)
-    assert len(model.layers) == 3
+    assert len(load_model(snapshot)[0].layers) == 3
 
-    elsewhere = tmp_path / "elsewhere.safetensors"
+    elsewhere = tmp_path / "other_disk" / "shard.safetensors"
+    elsewhere.parent.mkdir()
     shard = sorted(snapshot.glob("model-*.safetensors"))[0]
     shutil.copy(shard, elsewhere)
     shard.unlink()
     shard.symlink_to(elsewhere)
-    with pytest.raises(UserError, match="a symlink to .*elsewhere.safetensors, outside the model folder"):
-        load_model(snapshot)
+    assert len(load_model(snapshot)[0].layers) == 3
 
 
 def test_a_list_of_named_chat_templates_loads(tmp_path):
