@@ -159,6 +159,9 @@ class GenerationOptions:
                 raise UserError(f"{name} must be {_KIND_NAMES[kind]}, not {value!r}")
             if not ok(value):  # NaN fails every range
                 raise UserError(f"{name} must be {span}, not {value}")
+        for name in ("stop", "chat_template_kwargs"):  # None: the default, as for every other option
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, () if name == "stop" else {})
         for name, text in [("wrap_up", self.wrap_up), ("system", self.system)] + [("stop", s) for s in self.stop]:
             if text is not None:
                 check_text(text, name)  # what the tokenizer or the stop matching would choke on

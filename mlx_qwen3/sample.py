@@ -1,8 +1,12 @@
 """Samplers and logits processors as small composable functions (logits are (1, vocab))."""
 
+import logging
+from functools import lru_cache
 from typing import Callable, Optional
 
 import mlx.core as mx
+
+log = logging.getLogger(__name__)
 
 # Below this a temperature samples greedily: logits divided by it overflow float32 (1e-38 and less) long
 # before it could pick anything but the most likely token.
@@ -15,6 +19,8 @@ def make_sampler(temperature: float, top_p: float = 1.0, top_k: int = 0, min_p: 
     top-p and min-p filters (as transformers and vLLM order them), then a categorical draw.
     A temperature under GREEDY_BELOW is taken as 0."""
     if temperature < GREEDY_BELOW:
+        if temperature > 0:
+            _warn_once(f"temperature {temperature:g} is below {GREEDY_BELOW:g}: sampling greedily (as temperature 0)")
         return lambda logits: mx.argmax(logits, axis=-1)
     key = [mx.random.key(seed) if seed is not None else None]
 
@@ -42,6 +48,11 @@ def make_sampler(temperature: float, top_p: float = 1.0, top_k: int = 0, min_p: 
         return choice if ids is None else mx.take_along_axis(ids, choice[:, None], axis=-1)[:, 0]
 
     return sample
+
+
+@lru_cache(maxsize=None)
+def _warn_once(message: str):
+    log.warning(message)
 
 
 def presence_penalty(penalty: float) -> Callable:

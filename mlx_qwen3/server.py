@@ -246,13 +246,8 @@ def prepare(raw: bytes, model, tokenizer, served: str) -> tuple:
         messages = to_messages(messages, opts.system)
         ids = render_prompt(tokenizer, messages, opts)
         check_ids(model, ids)
-    except RequestError:
-        raise
-    except UserError as e:
+    except UserError as e:  # a template that fails on this request's content comes as one too
         raise RequestError(422, str(e), None, "invalid_value") from None
-    except Exception as e:  # the template or the tokenizer failed on this request: its content is at fault
-        raise RequestError(400, f"the chat template could not render this request: {type(e).__name__}: "
-                                f"{_clip(str(e))}", "messages", "invalid_prompt") from None
     if len(ids) >= window:
         raise _too_long(len(ids), window)
     return ids, opts, thinking_wanted(messages, opts.enable_thinking), stream, include_usage

@@ -364,6 +364,11 @@ def test_weights_over_the_working_set_warn_once(answering, monkeypatch, caplog):
     assert "MB Metal keeps resident" in caplog.records[0].message
 
 
+def test_none_means_the_default_for_stop_and_template_arguments():
+    o = GenerationOptions.from_kwargs(stop=None, chat_template_kwargs=None)
+    assert (o.stop, o.chat_template_kwargs) == ((), {})
+
+
 def test_a_temperature_too_small_for_float32_samples_greedily(scripted):
     tok = tokenizer()
     model, tok = scripted([prompt_tail(tok)] + ids_of(tok, ["<think>", "Let me think", "</think>", "Yes", "<|im_end|>"]))

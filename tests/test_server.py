@@ -370,20 +370,18 @@ def test_valid_edge_values_are_served(server):
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_a_failing_template_or_tokenizer_is_a_4xx_not_a_500(answering, serve, monkeypatch, stream):
-    import mlx_qwen3.server as server_module
-
+def test_a_failing_template_is_a_4xx_and_a_bug_a_logged_500(answering, serve, monkeypatch, stream):
     model, tok = answering
     body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 1, "stream": stream}
     with serve(model, tok) as url:
-        monkeypatch.setattr(tok, "apply_chat_template", lambda *a, **k: 1 / 0)
+        monkeypatch.setattr(tok, "chat_template", "{{ messages[0].content / 0 }}")  # fails on the content
         r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30)
-        assert (r.status_code, r.json()["error"]["code"]) == (400, "invalid_prompt")
-        assert "ZeroDivisionError" in r.json()["error"]["message"]
+        assert (r.status_code, r.json()["error"]["code"]) == (422, "invalid_value"), r.text
+        assert "the chat template" in r.json()["error"]["message"]
         monkeypatch.undo()
-        monkeypatch.setattr(type(answering[1]), "encode", lambda self, text: [][0])
+        monkeypatch.setattr(type(tok), "encode", lambda self, text: [][0])  # our bug: not dressed up as a 4xx
         r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30)
-        assert (r.status_code, r.json()["error"]["code"]) == (400, "invalid_prompt")
+        assert (r.status_code, r.json()["error"]["code"]) == (500, "internal_error"), r.text
         monkeypatch.undo()
         assert httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30).status_code == 200
 
@@ -413,7 +411,7 @@ def test_a_non_streaming_client_that_leaves_cancels_its_generation(looping, serv
         left = time.time()
         while httpx.get(f"{url}/health").json()["waiting"] and time.time() - left < 5:
             time.sleep(0.01)
-        assert httpx.get(f"{url}/health").json()["waiting"] == 0 and time.time() - left < 1.5
+        assert httpx.get(f"{url}/health").json()["waiting"] == 0 and time.time() - left < 1.0  # the issue: within a second
 
 
 def test_health_answers_while_big_prompts_are_tokenized(looping, serve):
