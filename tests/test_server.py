@@ -437,9 +437,10 @@ def test_health_answers_while_big_prompts_are_tokenized(looping, serve):
     print(f"\n/health during tokenizing: {len(times)} calls, median {1000 * times[len(times) // 2]:.0f} ms, "
           f"max {1000 * times[-1]:.0f} ms")
     assert len(times) >= 20  # it did run while they were tokenized
-    # the bound is 100 ms: 9 in 10 calls keep it; the rest get a margin, for this test shares a 2-core
-    # machine with the tokenizer and the rest of the suite (alone it measured 25-48 ms at most)
-    assert times[int(0.9 * len(times))] < 0.1 and times[-1] < 0.25
+    # the bound is 100 ms: 9 in 10 calls keep it. The slowest gets a margin, for this test shares a
+    # noisy 2-core machine with the tokenizer and the suite (alone: 25-48 ms at most; once in a full run, 412
+    # ms); a stall behind tokenizing, as before, took 1.8 s
+    assert times[int(0.9 * len(times))] < 0.1 and times[-1] < 1.0
 
 
 # ---- who may call: Host, Origin, CORS, Content-Type, the key ----
