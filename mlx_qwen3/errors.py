@@ -14,6 +14,12 @@ class UserError(Exception):
     pass
 
 
+def show(value, n: int = 40) -> str:
+    """A value for a one-line message: repr, cut short (a 4 MB value is not echoed back)."""
+    text = repr(value)
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
 class OutputError(Exception):
     """Writing to stdout failed: the reader went away (errno EPIPE) or the disk is full (ENOSPC)...
 

@@ -10,9 +10,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .errors import UserError, run_cli
+from .errors import UserError, run_cli, show
 from .models import MODELS
-from .models.base import QUANT_MODES, show, weight_bytes
+from .models.base import QUANT_MODES, weight_bytes
 
 # What a model needs from a Hub repo: configs, weights, tokenizer, chat template.
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt"]
@@ -166,8 +166,7 @@ def _check_entry(file: Path, name: str, t) -> int:
 def weight_files(folder: Path) -> list:
     """The shards named by model.safetensors.index.json, or every *.safetensors in the folder.
 
-    Every file must lie inside the folder (a symlink may point into the Hugging Face cache's blobs of
-    the same repo, which is how the cache stores files): an index cannot make us read /etc or ../x.
+    An index cannot name a file outside the folder (/etc/x, ../x); symlinks the folder holds are followed.
     """
     index = folder / "model.safetensors.index.json"
     if index.is_file():

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Optional
 from urllib.parse import urlsplit
 
-from .errors import UserError
+from .errors import UserError, show
 from .generate import (RESERVED_TEMPLATE_ARGS, GenerationOptions, GenerationResult, check_ids, common_prefix,
                        context_window, recommended_working_set, render_prompt, rewind, run, to_messages)
 from .models.base import make_cache, weight_bytes
@@ -73,11 +73,6 @@ def _clip(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def _show(value) -> str:
-    """A request's value as an error message quotes it: short (a 4 MB `model` is not echoed back)."""
-    return _clip(repr(value), 60)
-
-
 # ---- the request: checked once, into messages and GenerationOptions ----
 
 def _field(body: dict, key: str, kinds, lo=None, hi=None, lo_open=False):
@@ -93,7 +88,7 @@ def _field(body: dict, key: str, kinds, lo=None, hi=None, lo_open=False):
     above = lo is None or (value > lo if lo_open else value >= lo)
     if not (above and (hi is None or value <= hi)):  # written so that NaN fails
         span = f"{'(' if lo_open else '['}{lo}, {hi}]" if hi is not None else f">= {lo}"
-        raise RequestError(422, f"'{key}' must be in {span}, not {_show(value)}", key, "out_of_range")
+        raise RequestError(422, f"'{key}' must be in {span}, not {show(value, 60)}", key, "out_of_range")
     return value
 
 
@@ -176,7 +171,7 @@ def parse_request(body, served: str) -> tuple:
         raise RequestError(400, "the body must be a JSON object", None, "invalid_body")
     model = _field(body, "model", str)
     if model is not None and not serves(served, model):
-        raise RequestError(404, f"the model {_show(model)} is not served here; this server has '{served}'", "model",
+        raise RequestError(404, f"the model {show(model, 60)} is not served here; this server has '{served}'", "model",
                            "model_not_found")
     messages = parse_messages(body.get("messages"))
     if _field(body, "n", int, 1, 1) not in (None, 1):
@@ -468,12 +463,12 @@ class Guard:
         for host in hosts:
             parsed = _split_host(host)
             if parsed is None or not (self.any_host or self.trusted(parsed[0])):
-                return RequestError(403, f"the Host header {_show(host)} is not an address of this server (start it "
+                return RequestError(403, f"the Host header {show(host, 60)} is not an address of this server (start it "
                                          "with --host to serve another)", None, "host_not_allowed")
         origin = headers.get("origin")
         if origin is None or self.cross_origin_allowed(origin) or self.same_origin(origin, scope, hosts):
             return None
-        return RequestError(403, f"requests from the web page at {_show(origin)} are not allowed (allow them with "
+        return RequestError(403, f"requests from the web page at {show(origin, 60)} are not allowed (allow them with "
                                  "--allow-origin)", None, "origin_not_allowed")
 
     def cross_origin_allowed(self, origin: str) -> bool:
@@ -568,7 +563,7 @@ def create_app(model, tokenizer, model_name: str, api_key: Optional[str] = None,
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if kind != "application/json":
             raise RequestError(415, f"the body must be JSON, sent as 'Content-Type: application/json' (not "
-                                    f"{_show(kind) if kind else 'none'})", None, "unsupported_media_type")
+                                    f"{show(kind, 60) if kind else 'none'})", None, "unsupported_media_type")
         too_big = RequestError(413, f"the body is over {max_body} bytes", None, "body_too_large")
         length = request.headers.get("content-length", "")
         if length.isascii() and length.isdigit() and int(length) > max_body:  # (uvicorn refuses other values)
@@ -595,7 +590,7 @@ def create_app(model, tokenizer, model_name: str, api_key: Optional[str] = None,
         if wanted is None:
             return JSONResponse({"object": "list", "data": [served]})
         if not serves(model_name, wanted):
-            return error(RequestError(404, f"the model {_show(wanted)} is not served here; this server has "
+            return error(RequestError(404, f"the model {show(wanted, 60)} is not served here; this server has "
                                            f"'{model_name}'", "model", "model_not_found"))
         return JSONResponse(served)
 

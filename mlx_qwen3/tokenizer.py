@@ -12,9 +12,8 @@ from typing import Optional
 from jinja2 import TemplateError
 from tokenizers import Tokenizer as _HFTokenizer
 
-from .errors import UserError
+from .errors import UserError, show
 from .load import read_json
-from .models.base import show
 
 log = logging.getLogger(__name__)
 

@@ -68,22 +68,7 @@ def test_json_lines(model_dir):
 
 
 def test_on_a_terminal_thinking_is_dimmed_and_labelled(model_dir):
-    pid, fd = pty.fork()
-    if pid == 0:
-        os.execv(sys.executable, [sys.executable, "-m", "mlx_qwen3.generate", "--model", str(model_dir),
-                                  "--prompt", "What is 2+2?", "--temp", "0"])
-    output = b""
-    while True:
-        try:
-            ready, _, _ = select.select([fd], [], [], 60)
-            chunk = os.read(fd, 4096) if ready else b""
-        except OSError:
-            break
-        if not chunk:
-            break
-        output += chunk
-    os.waitpid(pid, 0)
-    text = output.decode()
+    text, _ = pty_run(["--model", str(model_dir), "--prompt", "What is 2+2?", "--temp", "0"], [])
     assert "\x1b[2mThinking:\r\nLet me think\x1b[0m\r\n\r\nThe answer is 4." in text
 
 

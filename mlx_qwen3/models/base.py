@@ -10,6 +10,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .. import kernels
+from ..errors import show
 
 
 MAX_DIM = 2**31 - 1  # MLX shapes are 32-bit
@@ -104,12 +105,6 @@ class BaseModelArgs:
             method = self.quantization_config.get("quant_method")
             if method is not None and not isinstance(method, str):
                 raise ValueError(f"quantization_config.quant_method must be a string, not {show(method)}")
-
-
-def show(value, n: int = 40) -> str:
-    """A value for a one-line message: repr, cut short."""
-    text = repr(value)
-    return text if len(text) <= n else text[: n - 3] + "..."
 
 
 _KIND = {bool: "a boolean (true or false)", int: "an integer", float: "a number", str: "a string",
