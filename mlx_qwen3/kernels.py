@@ -6,13 +6,19 @@ a mismatch logs one warning and that kernel is not used again in this process. O
 twins run. MLX_QWEN3_KERNELS=custom|builtin (or load(..., kernels=...)) forces either path.
 """
 
+import hashlib
+import json
 import logging
 import os
+import platform
+import statistics
+import time
 from functools import cached_property
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -95,15 +101,26 @@ def moe_twin(x, ids, scores, gate, up, down):
     return (y * scores[:, None]).sum(axis=0)
 
 
-# ---- dispatch ----
+# ---- dispatch: which path runs, decided once per shape on this machine ----
+#
+# On Metal, in auto mode, the first use of an op at a shape (1) checks the kernel against its twin
+# through the very launch production makes (same kernel name, template arguments, k, dtypes and
+# buffer kinds; a small N), then (2) times both at the real shape with the layer's own weights and
+# keeps the faster: the custom kernel only where it is measurably faster. Choices are stored per
+# chip, macOS, MLX, package and kernel sources (ChoiceStore), so later runs skip the timing.
+
+MARGIN = 0.03  # the custom kernel must beat MLX's built-in by this fraction to be chosen
+ALIGN = 16  # bytes: the kernels load packed weights as uint2 / uint4
 
 _mode = None
-_disabled = set()  # kernels that failed their self-check
-_checked = set()  # (kernel, shape key) pairs that passed
+_disabled = {}  # kernel name -> why it is off for the rest of this process
+_choices = {}  # shape key -> {"custom_us", "builtin_us", "custom"} for this process
+_store = None
 
 
 def set_mode(mode: str):
-    """auto: custom kernels on Metal after a self-check; custom: always (on Metal); builtin: never."""
+    """auto: on Metal, the custom kernel where its self-check passes and it measures faster than
+    MLX's built-in; custom: always (on Metal), unchecked; builtin: never."""
     global _mode
     if mode not in MODES:
         raise ValueError(f"kernels must be one of {', '.join(MODES)}, not {mode!r}")
@@ -127,8 +144,20 @@ def on_metal() -> bool:
     return mx.metal.is_available()
 
 
-def _use(name: str, key: tuple, check) -> bool:
-    """Whether to run kernel `name` at shape `key`: the mode, the platform, and its self-check."""
+def _error_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+def _disable(name: str, why: str):
+    if name not in _disabled:
+        log.warning("custom kernel %s %s; using MLX's built-ins for it from now on", name, why)
+        _disabled[name] = why
+
+
+def _use(name: str, key: str, check, timed) -> bool:
+    """Whether to run kernel `name` at shape `key`: the mode, the platform, its self-check (a
+    zero-argument function returning None or what is wrong) and the measured choice (`timed` gives
+    zero-argument (custom, builtin) calls at the real shape)."""
     m = mode()
     if m == "builtin" or not on_metal():
         return False
@@ -136,18 +165,122 @@ def _use(name: str, key: tuple, check) -> bool:
         return True
     if name in _disabled:
         return False
-    if (name, key) not in _checked:
-        try:
-            err = check()
-        except Exception as e:  # a compile error, or anything else the kernel throws
-            err = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        if err is not None:
-            log.warning("custom kernel %s failed its self-check at %s (%s); using MLX's built-ins", name, key, err)
-            _disabled.add(name)
-            return False
-        _checked.add((name, key))
-    return True
+    choice = _choices.get(key)
+    if choice is None:
+        choice = store().get(key)  # measured by an earlier run on this machine and version
+        if choice is None or choice["custom"]:  # a kernel about to run is checked in every process
+            try:
+                err = check()
+            except Exception as e:  # a compile error, a launch the device refuses, ...
+                err = _error_line(e)
+            if err is not None:
+                _disable(name, f"failed its self-check at {key} ({err})")
+                return False
+        if choice is None:
+            choice = measure(*timed())
+            store().put(key, choice)
+            log.info("kernel choice at %s: %s (custom %.1f us, built-in %.1f us)", key,
+                     "custom" if choice["custom"] else "built-in", choice["custom_us"], choice["builtin_us"])
+        _choices[key] = choice
+    return choice["custom"]
 
+
+def _run(name: str, custom, twin, *args):
+    """custom(*args), or the twin if the launch raises (in auto mode; forced custom lets it raise)."""
+    try:
+        return custom(*args)
+    except Exception as e:
+        if mode() == "custom":
+            raise
+        _disable(name, f"raised at launch ({_error_line(e)})")
+        return twin(*args)
+
+
+def measure(custom, builtin, rounds: int = 5, reps: int = 10, clock=time.perf_counter) -> dict:
+    """Median microseconds per call of each zero-argument op, and whether the custom one wins by
+    MARGIN. `reps` calls are evaluated together so that the launch overhead is shared as in a
+    forward pass; the two alternate so that a clock change or a busy GPU hits both alike."""
+    def once(fn):
+        tic = clock()
+        mx.eval([fn() for _ in range(reps)])
+        return (clock() - tic) / reps
+
+    once(custom), once(builtin)  # compile and warm up
+    c, b = zip(*[(once(custom), once(builtin)) for _ in range(rounds)])
+    cu, bu = statistics.median(c) * 1e6, statistics.median(b) * 1e6
+    return {"custom_us": round(cu, 2), "builtin_us": round(bu, 2), "custom": cu < bu * (1 - MARGIN)}
+
+
+# ---- the stored choices ----
+
+def cache_folder() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mlx_qwen3"
+
+
+def machine() -> dict:
+    """What a measured choice holds for: the chip, macOS, MLX, this package and the kernel sources."""
+    from . import __version__
+
+    info = mx.metal.device_info() if on_metal() else {}
+    sources = hashlib.sha1(b"".join(p.read_bytes() for p in sorted(SOURCES.glob("*.metal")))).hexdigest()[:12]
+    return {"chip": info.get("device_name", platform.machine()), "gpu": info.get("architecture", ""),
+            "os": platform.mac_ver()[0] or platform.platform(), "mlx": mx.__version__, "mlx_qwen3": __version__,
+            "kernel_sources": sources}
+
+
+class ChoiceStore:
+    """The measured choices of one machine and version: FOLDER/kernels-HASH.json, HASH naming
+    machine(). Unreadable or unwritable files cost a warning and a new measurement, never a crash."""
+
+    def __init__(self, folder: Path, machine: dict):
+        self.machine = machine
+        tag = hashlib.sha1(json.dumps(machine, sort_keys=True).encode()).hexdigest()[:12]
+        self.path = folder / f"kernels-{tag}.json"
+        self.choices = self._read()
+        self._warned = False
+
+    def _read(self) -> dict:
+        try:
+            data = json.loads(self.path.read_text())
+            choices = data["choices"]
+            ok = all(isinstance(c.get("custom"), bool) and isinstance(c.get("custom_us"), (int, float))
+                     and isinstance(c.get("builtin_us"), (int, float)) for c in choices.values())
+            if data.get("machine") == self.machine and ok:
+                return dict(choices)
+            log.warning("ignoring %s: not a kernel choice file of this machine; measuring again", self.path)
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            log.warning("ignoring %s (%s); measuring again", self.path, _error_line(e))
+        return {}
+
+    def get(self, key: str):
+        return self.choices.get(key)
+
+    def put(self, key: str, choice: dict):
+        self.choices[key] = choice
+        try:  # merge with what other processes stored meanwhile, then replace the file atomically
+            on_disk = self._read() if self.path.exists() else {}
+            self.choices = {**on_disk, **self.choices}
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+            tmp.write_text(json.dumps({"machine": self.machine, "choices": self.choices}, indent=1, sort_keys=True))
+            os.replace(tmp, self.path)
+        except OSError as e:
+            if not self._warned:
+                log.warning("cannot store kernel choices in %s (%s); they are measured again next run",
+                            self.path.parent, _error_line(e))
+                self._warned = True
+
+
+def store() -> ChoiceStore:
+    global _store
+    if _store is None:
+        _store = ChoiceStore(cache_folder(), machine())
+    return _store
+
+
+# ---- the checks and the layers ----
 
 def float32(*args):
     """The same arguments with every floating array in float32: the twins then make an exact-enough
@@ -172,22 +305,61 @@ def random_quantized(shape, dtype, group_size, bits, key):
     return (*mx.quantize(w, group_size, bits), group_size, bits)
 
 
-def _eligible(dtype, mode_, group_size, bits) -> bool:
-    return dtype in (mx.float16, mx.bfloat16) and mode_ == "affine" and bits in (4, 8) and group_size in (32, 64, 128)
+def address(a: mx.array) -> int:
+    """Where an evaluated array's data starts (its buffer plus the offset of a view)."""
+    return np.asarray(a).ctypes.data
+
+
+_unaligned_seen = []
+
+
+def aligned(layer) -> bool:
+    """Whether the layer's packed weight starts on an ALIGN boundary, as the kernels' vector loads
+    need; a view into another array may not. Worked out once per weight array (it is per call)."""
+    w = layer.weight
+    seen = layer.__dict__.get("_kernel_aligned")
+    if seen is None or seen[0] is not w:
+        seen = (w, address(w) % ALIGN == 0)
+        object.__setattr__(layer, "_kernel_aligned", seen)  # not a parameter: kept out of the module's dict
+        if not seen[1] and not _unaligned_seen:
+            log.info("a quantized weight is not %d-byte aligned (a view into another array): MLX's built-ins "
+                     "run for such layers", ALIGN)
+            _unaligned_seen.append(True)
+    return seen[1]
+
+
+def _eligible(dtype, layer) -> bool:
+    return (dtype in (mx.float16, mx.bfloat16) and layer.mode == "affine" and layer.bits in (4, 8)
+            and layer.group_size in (32, 64, 128) and aligned(layer))
+
+
+def _key(name, dtype, projs, shape) -> str:
+    quant = ", ".join(f"{p.bits}-bit/{p.group_size}" for p in projs)
+    return f"{name} {str(dtype).split('.')[-1]} {quant} {shape}"
 
 
 def quantized_linear(layer, x: mx.array) -> mx.array:
-    """A QuantizedLinear's forward: the custom mat-vec for one token, MLX's quantized_matmul otherwise."""
+    """A QuantizedLinear's forward: the custom mat-vec for one token where it is chosen, MLX's
+    quantized_matmul otherwise."""
     K = x.shape[-1]
-    if x.size == K and _eligible(x.dtype, layer.mode, layer.group_size, layer.bits):
-        def check():
+    if x.size == K and _eligible(x.dtype, layer):
+        args = (layer.weight, layer.scales, layer.biases, layer.group_size, layer.bits)
+
+        def check():  # the production launch at N = 8
             k1, k2 = mx.random.split(mx.random.key(0))
             small = random_quantized((8, K), x.dtype, layer.group_size, layer.bits, k1)
             xs = mx.random.normal((K,), key=k2).astype(x.dtype)
             return _mismatch(qmv_custom(xs, *small), qmv_twin(*float32(xs, *small)))
 
-        op = qmv_custom if _use("qmv", (str(x.dtype), layer.bits, layer.group_size, K), check) else qmv_twin
-        y = op(x.reshape(K), layer.weight, layer.scales, layer.biases, layer.group_size, layer.bits)
+        def timed():
+            xs = mx.random.normal((K,), key=mx.random.key(1)).astype(x.dtype)
+            return lambda: qmv_custom(xs, *args), lambda: qmv_twin(xs, *args)
+
+        key = _key("qmv", x.dtype, [layer], f"{layer.weight.shape[0]}x{K}")
+        if _use("qmv", key, check, timed):
+            y = _run("qmv", qmv_custom, qmv_twin, x.reshape(K), *args)
+        else:
+            y = qmv_twin(x.reshape(K), *args)
         y = y.reshape(*x.shape[:-1], -1)
         return y + layer.bias if "bias" in layer else y
     y = mx.quantized_matmul(x, layer.weight, layer.scales, layer.get("biases"), transpose=True,
@@ -197,26 +369,35 @@ def quantized_linear(layer, x: mx.array) -> mx.array:
 
 def sparse_moe(switch_mlp, x: mx.array, inds: mx.array, scores: mx.array) -> mx.array:
     """The weighted sum of the selected experts' SwiGLU MLPs: two fused kernels for one token on
-    quantized experts, else the gathered matmuls (sorted by expert for many tokens)."""
+    quantized experts where they are chosen, else the gathered matmuls (sorted by expert for many
+    tokens)."""
     projs = [switch_mlp.gate_proj, switch_mlp.up_proj, switch_mlp.down_proj]
     D = x.shape[-1]
-    if x.size == D and all("scales" in p and _eligible(x.dtype, p.mode, p.group_size, p.bits) for p in projs):
+    if x.size == D and all("scales" in p and _eligible(x.dtype, p) for p in projs):
         gate, up, down = [(p.weight, p.scales, p.biases, p.group_size, p.bits) for p in projs]
+        E, I = gate[0].shape[:2]
         k = inds.shape[-1]
 
-        def check():
+        def check():  # the production launch (the same k) with 4 experts, a repeated one among them
             keys = mx.random.split(mx.random.key(0), 6)
-            E, I = 4, gate[0].shape[1]
-            sg = random_quantized((E, I, D), x.dtype, gate[3], gate[4], keys[0])
-            su = random_quantized((E, I, D), x.dtype, up[3], up[4], keys[1])
-            sd = random_quantized((E, D, I), x.dtype, down[3], down[4], keys[2])
+            sg = random_quantized((4, I, D), x.dtype, gate[3], gate[4], keys[0])
+            su = random_quantized((4, I, D), x.dtype, up[3], up[4], keys[1])
+            sd = random_quantized((4, D, I), x.dtype, down[3], down[4], keys[2])
             xs = mx.random.normal((D,), key=keys[3]).astype(x.dtype)
-            ids = mx.array([1, 3, 3, 0][: min(k, 4)], dtype=mx.uint32)  # a repeated expert too
-            sc = mx.softmax(mx.random.normal((ids.shape[0],), key=keys[4])).astype(x.dtype)
+            ids = mx.array([(3 * j + 1) % 4 for j in range(k)], dtype=mx.uint32)
+            sc = mx.softmax(mx.random.normal((k,), key=keys[4])).astype(x.dtype)
             return _mismatch(moe_custom(xs, ids, sc, sg, su, sd), moe_twin(*float32(xs, ids, sc, sg, su, sd)))
 
-        key = (str(x.dtype), gate[4], gate[3], down[4], down[3], D, gate[0].shape[1])
-        op = moe_custom if _use("moe", key, check) else moe_twin
-        return op(x.reshape(D), inds.reshape(k).astype(mx.uint32), scores.reshape(k), gate, up, down).reshape(x.shape)
+        def timed():
+            keys = mx.random.split(mx.random.key(1), 3)
+            xs = mx.random.normal((D,), key=keys[0]).astype(x.dtype)
+            ids = mx.random.permutation(E, key=keys[1])[:k].astype(mx.uint32)
+            sc = mx.softmax(mx.random.normal((k,), key=keys[2])).astype(x.dtype)
+            return (lambda: moe_custom(xs, ids, sc, gate, up, down), lambda: moe_twin(xs, ids, sc, gate, up, down))
+
+        key = _key("moe", x.dtype, [projs[0], projs[2]], f"{k} of {E} experts, {D}->{I}->{D}")
+        args = (x.reshape(D), inds.reshape(k).astype(mx.uint32), scores.reshape(k), gate, up, down)
+        y = _run("moe", moe_custom, moe_twin, *args) if _use("moe", key, check, timed) else moe_twin(*args)
+        return y.reshape(x.shape)
     y = switch_mlp(x, inds)
     return (y * scores[..., None]).sum(axis=-2)

@@ -1,7 +1,8 @@
 """python -m mlx_qwen3.selftest [--model M]: check each custom kernel against its twin and time both.
 
 Prints one JSON report to paste into a bug report: per op, whether the kernel agrees with MLX's
-built-ins and how fast each is; with --model, whole-model decode tok/s with and without the kernels.
+built-ins, how fast each is and which the dispatcher would choose; with --model, whole-model decode
+tok/s with the built-ins and with `auto`; and the choices the dispatcher has stored on this machine.
 """
 
 import json
@@ -32,22 +33,33 @@ def _time(fn, iters: int) -> float:
 
 
 def _compare(name, shape, custom, twin, args, iters, metal) -> dict:
-    """Time custom(*args) and twin(*args); check the kernel against the twin run in float32."""
+    """Check custom(*args) against the twin run in float32, then time both as the dispatcher does
+    when it chooses (kernels.measure)."""
     row = {"op": name, "shape": shape}
-    builtin = _time(lambda: twin(*args), iters)
-    row["builtin_us"] = round(builtin * 1e6, 1)
     if not metal:
+        row["builtin_us"] = round(_time(lambda: twin(*args), iters) * 1e6, 1)
         row["custom"] = "not run: no Metal device here (the built-ins run)"
         return row
     try:
         got, want = custom(*args).astype(mx.float32), twin(*kernels.float32(*args))
         err = (mx.abs(got - want).max() / (mx.abs(want).max() + 1e-6)).item()
         row.update(ok=err <= 1e-2, max_rel_err=err)
-        t = _time(lambda: custom(*args), iters)
-        row.update(custom_us=round(t * 1e6, 1), speedup=round(builtin / t, 3))
+        m = kernels.measure(lambda: custom(*args), lambda: twin(*args), rounds=iters)
+        row.update(custom_us=m["custom_us"], builtin_us=m["builtin_us"],
+                   speedup=round(m["builtin_us"] / m["custom_us"], 3),
+                   choice="custom" if m["custom"] and row["ok"] else "builtin")
     except Exception as e:  # a compile error is a finding, not a crash of the report
-        row.update(ok=False, error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        row.update(ok=False, choice="builtin", error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
     return row
+
+
+def stored_choices() -> dict:
+    """What the dispatcher measured on this machine and version so far: the file, and per shape
+    both timings and the choice."""
+    store = kernels.store()
+    rows = [{"shape": key, "custom_us": c["custom_us"], "builtin_us": c["builtin_us"],
+             "choice": "custom" if c["custom"] else "builtin"} for key, c in sorted(store.choices.items())]
+    return {"file": str(store.path), "machine": store.machine, "choices": rows}
 
 
 def op_report(shapes: dict, dtype=mx.bfloat16, bits=4, group_size=64, iters=20) -> list:
@@ -75,7 +87,8 @@ def op_report(shapes: dict, dtype=mx.bfloat16, bits=4, group_size=64, iters=20) 
 
 
 def model_report(path: str, tokens: int = 64) -> dict:
-    """Whole-model decode tok/s on a loaded model, with the kernels and with the built-ins."""
+    """Whole-model decode tok/s on a loaded model with MLX's built-ins and with `auto` (the kernels
+    where the dispatcher chose them; its first steps measure, so they are not timed)."""
     from .generate import generate_step
     from .load import load_model
     from .models.base import make_cache
@@ -88,17 +101,18 @@ def model_report(path: str, tokens: int = 64) -> dict:
             kernels.set_mode(m)
             steps = generate_step(model, mx.array([1, 2, 3, 4], dtype=mx.uint32), make_cache(model),
                                   lambda logits: mx.argmax(logits, axis=-1))
-            next(steps)
+            for _ in range(3):
+                next(steps)
             tic = time.perf_counter()
             for _ in range(tokens):
                 next(steps)
-            out[f"decode_tps_{'builtin' if m == 'builtin' else 'custom'}"] = tokens / (time.perf_counter() - tic)
+            out[f"decode_tps_{m}"] = tokens / (time.perf_counter() - tic)
             steps.close()
     finally:
         kernels._mode = saved
-    if "decode_tps_custom" in out:
-        out["ratio"] = out["decode_tps_custom"] / out["decode_tps_builtin"]
-        out["kernels_disabled_after_self_check"] = sorted(kernels._disabled)
+    if "decode_tps_auto" in out:
+        out["ratio"] = out["decode_tps_auto"] / out["decode_tps_builtin"]
+        out["kernels_disabled"] = dict(kernels._disabled)
     return out
 
 
@@ -127,6 +141,7 @@ def main():
             report["ops"] = op_report(DEFAULT_SHAPES, iters=iters)
         if model:
             report["model"] = model_report(model, tokens)
+        report["stored_choices"] = stored_choices()
         print(json.dumps(report, indent=2))
 
     run_cli(cli)

@@ -1,6 +1,9 @@
 """The Metal kernels, executed on the CPU from the source MLX generates, against float64 numpy."""
 
+import json
 import logging
+import os
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -214,13 +217,34 @@ def test_executor_shows_unwritten_outputs_and_simd_sum():
 
 # ---- dispatch ----
 
-def _tiny_moe(dtype=mx.bfloat16):
+@pytest.fixture(autouse=True)
+def fresh_dispatch(monkeypatch, tmp_path):
+    """Each test starts with no choices, nothing disabled, and its own cache folder; the executor
+    copies every buffer into its own allocation, so the weights count as aligned there."""
+    monkeypatch.setattr(kernels, "_choices", {})
+    monkeypatch.setattr(kernels, "_disabled", {})
+    monkeypatch.setattr(kernels, "_store", None)
+    monkeypatch.setattr(kernels, "_mode", None)
+    monkeypatch.setattr(kernels, "address", lambda a: 0)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("MLX_QWEN3_KERNELS", raising=False)
+
+
+def choose(custom: bool):
+    """A stand-in for kernels.measure that launches nothing and returns a fixed verdict."""
+    def measure(custom_op, builtin_op, **kw):
+        return {"custom_us": 10.0 if custom else 30.0, "builtin_us": 20.0, "custom": custom}
+
+    return measure
+
+
+def _tiny_moe(dtype=mx.bfloat16, experts=8, k=3):
     from mlx_qwen3.models import qwen3_moe
 
     args = qwen3_moe.ModelArgs.from_dict(dict(
         model_type="qwen3_moe", vocab_size=256, hidden_size=128, intermediate_size=96, num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=1, head_dim=64, rms_norm_eps=1e-6,
-        max_position_embeddings=256, num_experts=8, num_experts_per_tok=3, moe_intermediate_size=64,
+        max_position_embeddings=256, num_experts=experts, num_experts_per_tok=k, moe_intermediate_size=64,
         norm_topk_prob=True, mlp_only_layers=[1]))
     mx.random.seed(0)
     model = qwen3_moe.Model(args)
@@ -243,18 +267,15 @@ def _decode_logits(model):
 def test_a_whole_moe_decode_step_with_the_kernels_equals_the_twins(on_cpu, monkeypatch):
     model = _tiny_moe()
     kernels.set_mode("builtin")
-    try:
-        twins = _decode_logits(model)
-        assert on_cpu == []
-        kernels.set_mode("auto")
-        monkeypatch.setattr(kernels, "on_metal", lambda: True)
-        monkeypatch.setattr(kernels, "_checked", set())
-        custom = _decode_logits(model)
-        kernels.set_mode("builtin")
-        model.set_dtype(mx.float32)  # the same quantized weights, float32 activations: the yardstick
-        exact = _decode_logits(model)
-    finally:
-        kernels.set_mode("auto")
+    twins = _decode_logits(model)
+    assert on_cpu == []
+    kernels.set_mode("auto")
+    monkeypatch.setattr(kernels, "on_metal", lambda: True)
+    monkeypatch.setattr(kernels, "measure", choose(custom=True))
+    custom = _decode_logits(model)
+    kernels.set_mode("builtin")
+    model.set_dtype(mx.float32)  # the same quantized weights, float32 activations: the yardstick
+    exact = _decode_logits(model)
     # the dense projections, lm_head and both MoE kernels ran here, after their self-checks
     assert {"qmv", "moe_gate_up", "moe_down"} <= set(on_cpu)
 
@@ -267,13 +288,50 @@ def test_a_whole_moe_decode_step_with_the_kernels_equals_the_twins(on_cpu, monke
     assert err(custom) <= 1.5 * err(twins)
 
 
+@pytest.mark.parametrize("experts,k", [(8, 8), (6, 3)])
+def test_the_self_check_launches_the_production_kernel(monkeypatch, experts, k):
+    """The check must compile what production runs: the same kernel name, template arguments, k,
+    dtypes and buffer kinds (MLX passes inputs under 8 elements as `constant`, under another name)."""
+    launches = []
+
+    def record(kernel, **kw):
+        launches.append((kernel, kw))
+        return ex.launch(kernel, **kw)
+
+    monkeypatch.setattr(kernels, "launch", record)
+    monkeypatch.setattr(kernels, "on_metal", lambda: True)
+    monkeypatch.setattr(kernels, "measure", choose(custom=True))
+    model = _tiny_moe(experts=experts, k=k)
+    layer = model.layers[0].mlp
+    x = mx.random.normal((1, 1, 128), key=mx.random.key(3)).astype(mx.bfloat16)
+    inds = mx.argpartition(-layer.gate(x), kth=k - 1, axis=-1)[..., :k]
+    scores = mx.softmax(mx.take_along_axis(layer.gate(x), inds, axis=-1), axis=-1)
+    kernels.sparse_moe(layer.switch_mlp, x, inds, scores)
+    kernels.quantized_linear(model.layers[0].self_attn.q_proj, x)
+    names = [kern.name for kern, _ in launches]
+    # check (gate_up, down), production (gate_up, down); check (qmv), production (qmv)
+    assert names == ["moe_gate_up", "moe_down", "moe_gate_up", "moe_down", "qmv", "qmv"]
+
+    def source(kern, kw):
+        rest = {n: kw[n] for n in ("template", "grid", "threadgroup", "output_shapes", "output_dtypes")}
+        return ex.generated_source(kern.fn, kw["inputs"], **rest)
+
+    for check, production in [(0, 2), (1, 3), (4, 5)]:
+        (kern, kw_check), (_, kw_prod) = launches[check], launches[production]
+        assert source(kern, kw_check) == source(kern, kw_prod)
+        assert kw_check["threadgroup"] == kw_prod["threadgroup"]  # the device's thread limit is per pipeline
+        assert kw_check["template"] == kw_prod["template"]
+    # the check ran small: fewer experts or rows than production
+    assert launches[0][1]["inputs"][2].shape[0] < experts or experts <= 4
+    assert launches[4][1]["inputs"][1].shape[0] < launches[5][1]["inputs"][1].shape[0]
+
+
 def test_a_failing_kernel_warns_once_and_falls_back(monkeypatch, caplog):
     def broken(kernel, **kwargs):
         raise RuntimeError("Unable to build metal library from source")
 
     monkeypatch.setattr(kernels, "launch", broken)
     monkeypatch.setattr(kernels, "on_metal", lambda: True)
-    monkeypatch.setattr(kernels, "_disabled", set())
     model = _tiny_moe()
     with caplog.at_level(logging.WARNING, logger="mlx_qwen3.kernels"):
         first = _decode_logits(model)
@@ -282,10 +340,36 @@ def test_a_failing_kernel_warns_once_and_falls_back(monkeypatch, caplog):
     assert len([w for w in warnings if "qmv" in w]) == 1 and len([w for w in warnings if "moe" in w]) == 1
     assert "Unable to build metal library" in warnings[0]
     kernels.set_mode("builtin")
-    try:
-        assert mx.array_equal(first, _decode_logits(model)) and mx.array_equal(first, second)
-    finally:
-        kernels.set_mode("auto")
+    assert mx.array_equal(first, _decode_logits(model)) and mx.array_equal(first, second)
+
+
+def test_a_launch_that_raises_after_its_check_falls_back_with_one_warning(on_cpu, monkeypatch, caplog):
+    real = kernels.launch
+    checked = set()
+
+    def fails_after_the_check(kernel, **kwargs):
+        if kernel.name in checked:
+            raise ValueError("Thread group size (256) is greater than the maximum allowed threads per threadgroup")
+        checked.add(kernel.name)
+        return real(kernel, **kwargs)
+
+    monkeypatch.setattr(kernels, "launch", fails_after_the_check)
+    monkeypatch.setattr(kernels, "on_metal", lambda: True)
+    monkeypatch.setattr(kernels, "measure", choose(custom=True))
+    model = _tiny_moe()
+    with caplog.at_level(logging.WARNING, logger="mlx_qwen3.kernels"):
+        got = [_decode_logits(model) for _ in range(2)]
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len([w for w in warnings if "raised at launch" in w]) == 2, warnings  # qmv once, moe once
+    assert set(kernels._disabled) == {"qmv", "moe"}
+    kernels.set_mode("builtin")
+    want = _decode_logits(model)
+    assert all(mx.array_equal(g, want) for g in got)
+    # forced custom: the error is the user's to see
+    kernels.set_mode("custom")
+    monkeypatch.setattr(kernels, "_disabled", {})
+    with pytest.raises(ValueError, match="Thread group size"):
+        _decode_logits(model)
 
 
 def test_a_wrong_kernel_is_caught_by_its_self_check(on_cpu, monkeypatch, caplog):
@@ -296,26 +380,182 @@ def test_a_wrong_kernel_is_caught_by_its_self_check(on_cpu, monkeypatch, caplog)
 
     monkeypatch.setattr(kernels, "launch", wrong)
     monkeypatch.setattr(kernels, "on_metal", lambda: True)
-    monkeypatch.setattr(kernels, "_disabled", set())
-    monkeypatch.setattr(kernels, "_checked", set())
     w = quantized((8, 64), mx.bfloat16, 32, 4, 0)
-    layer = type("Q", (), {"mode": "affine", "group_size": 32, "bits": 4, "weight": w[0], "scales": w[1],
-                           "biases": w[2], "__contains__": lambda self, k: False, "get": lambda self, k: w[2]})()
+    layer = nn_quantized(w)
     with caplog.at_level(logging.WARNING, logger="mlx_qwen3.kernels"):
         kernels.quantized_linear(layer, mx.ones((1, 1, 64), dtype=mx.bfloat16))
     assert "failed its self-check" in caplog.text and "relative error" in caplog.text
     assert "qmv" in kernels._disabled
 
 
+def nn_quantized(w):
+    """A QuantizedLinear holding the packed (weight, scales, biases, group_size, bits) w."""
+    import mlx.nn as nn
+
+    layer = nn.QuantizedLinear(w[0].shape[1] * 32 // w[4], w[0].shape[0], bias=False, group_size=w[3], bits=w[4])
+    layer.update({"weight": w[0], "scales": w[1], "biases": w[2]})
+    return layer
+
+
+def test_the_measured_choice_is_used_and_stored(on_cpu, monkeypatch):
+    monkeypatch.setattr(kernels, "on_metal", lambda: True)
+    layer = nn_quantized(quantized((16, 64), mx.bfloat16, 32, 4, 0))
+    x = mx.random.normal((1, 64), key=mx.random.key(1)).astype(mx.bfloat16)
+    kernels.set_mode("builtin")
+    want = kernels.quantized_linear(layer, x)
+
+    monkeypatch.setattr(kernels, "measure", choose(custom=False))
+    kernels.set_mode("auto")
+    assert mx.array_equal(kernels.quantized_linear(layer, x), want)
+    assert on_cpu == ["qmv"]  # the self-check ran; production took the built-in, which measured faster
+    stored = json.loads(kernels.store().path.read_text())
+    assert stored["machine"] == kernels.machine()
+    assert list(stored["choices"].values()) == [{"custom_us": 30.0, "builtin_us": 20.0, "custom": False}]
+    assert kernels.store().path.parent == Path(os.environ["XDG_CACHE_HOME"]) / "mlx_qwen3"
+
+    # a later process: the stored choice is taken as it is (no timing) and a built-in needs no check
+    def never(*a, **kw):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(kernels, "_choices", {})
+    monkeypatch.setattr(kernels, "_store", None)
+    monkeypatch.setattr(kernels, "measure", never)
+    on_cpu.clear()
+    kernels.quantized_linear(layer, x)
+    assert on_cpu == []
+
+    # where the custom kernel measured faster, it runs (checked again in each process)
+    path = kernels.store().path
+    data = json.loads(path.read_text())
+    data["choices"] = {k: {**c, "custom": True} for k, c in data["choices"].items()}
+    path.write_text(json.dumps(data))
+    monkeypatch.setattr(kernels, "_choices", {})
+    monkeypatch.setattr(kernels, "_store", None)
+    y = kernels.quantized_linear(layer, x)
+    assert on_cpu == ["qmv", "qmv"]
+    assert_close(y.reshape(-1), qmatvec64(*quantized((16, 64), mx.bfloat16, 32, 4, 0), f64(x.reshape(-1))),
+                 mx.bfloat16)
+
+
+def test_another_machine_or_version_measures_again(monkeypatch):
+    a = kernels.ChoiceStore(Path(os.environ["XDG_CACHE_HOME"]), {"chip": "Apple M2", "mlx": "0.32.4"})
+    a.put("qmv x", {"custom_us": 1.0, "builtin_us": 2.0, "custom": True})
+    b = kernels.ChoiceStore(Path(os.environ["XDG_CACHE_HOME"]), {"chip": "Apple M2", "mlx": "0.33.0"})
+    assert b.path != a.path and b.get("qmv x") is None
+    again = kernels.ChoiceStore(Path(os.environ["XDG_CACHE_HOME"]), {"chip": "Apple M2", "mlx": "0.32.4"})
+    assert again.get("qmv x") == {"custom_us": 1.0, "builtin_us": 2.0, "custom": True}
+    # the kernel sources are part of what a choice holds for
+    assert set(kernels.machine()) >= {"chip", "os", "mlx", "mlx_qwen3", "kernel_sources"}
+
+
+def test_two_processes_storing_choices_keep_both(tmp_path):
+    folder = tmp_path / "c"
+    first, second = (kernels.ChoiceStore(folder, {"chip": "x"}) for _ in range(2))
+    first.put("a", {"custom_us": 1.0, "builtin_us": 2.0, "custom": True})
+    second.put("b", {"custom_us": 3.0, "builtin_us": 2.0, "custom": False})
+    assert set(kernels.ChoiceStore(folder, {"chip": "x"}).choices) == {"a", "b"}
+    assert [p.name for p in folder.iterdir()] == [first.path.name]  # no temporary file left
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"machine": {"chip": "x"}, "choices": {"a": {"custom": "yes"}}}',
+                                     '[1, 2]', '{"machine": {"chip": "other"}, "choices": {}}'])
+def test_a_damaged_choice_file_costs_a_warning_and_a_new_measurement(tmp_path, caplog, content):
+    folder = tmp_path / "c"
+    store = kernels.ChoiceStore(folder, {"chip": "x"})
+    folder.mkdir()
+    store.path.write_text(content)
+    with caplog.at_level(logging.WARNING, logger="mlx_qwen3.kernels"):
+        again = kernels.ChoiceStore(folder, {"chip": "x"})
+    assert again.choices == {} and "measuring again" in caplog.text
+    again.put("a", {"custom_us": 1.0, "builtin_us": 2.0, "custom": True})
+    assert kernels.ChoiceStore(folder, {"chip": "x"}).get("a")["custom"] is True
+
+
+def test_an_unwritable_cache_folder_costs_one_warning(tmp_path, caplog):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    store = kernels.ChoiceStore(blocker / "mlx_qwen3", {"chip": "x"})
+    with caplog.at_level(logging.WARNING, logger="mlx_qwen3.kernels"):
+        for key in "ab":
+            store.put(key, {"custom_us": 1.0, "builtin_us": 2.0, "custom": True})
+    assert caplog.text.count("cannot store kernel choices") == 1
+    assert store.get("b")["custom"] is True  # still known to this process
+    assert blocker.read_text() == "not a folder"
+
+
+class Clock:
+    """A fake perf_counter: each op advances it by its own cost, so measure() sees exact times."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+    def op(self, seconds):
+        def run():
+            self.now += seconds
+            return mx.array(0)
+
+        return run
+
+
+@pytest.mark.parametrize("custom,builtin,wins", [(10e-6, 12e-6, True), (10e-6, 10e-6, False),
+                                                 (9.8e-6, 10e-6, False), (12e-6, 10e-6, False)])
+def test_the_custom_kernel_is_chosen_only_where_it_is_clearly_faster(custom, builtin, wins):
+    clock = Clock()
+    m = kernels.measure(clock.op(custom), clock.op(builtin), clock=clock)
+    assert m["custom"] is wins
+    assert m["custom_us"] == pytest.approx(custom * 1e6) and m["builtin_us"] == pytest.approx(builtin * 1e6)
+
+
+def test_measure_times_the_median_so_one_stall_does_not_decide(monkeypatch):
+    clock = Clock()
+    costs = iter([10e-6] * 10 + [500e-6] * 10 + [10e-6] * 200)  # the first timed round of custom stalls
+    c = clock.op(0)
+
+    def custom():
+        clock.now += next(costs)
+        return mx.array(0)
+
+    m = kernels.measure(custom, clock.op(12e-6), clock=clock)
+    assert m["custom"] is True and m["custom_us"] == pytest.approx(10.0)
+
+
+def test_weights_off_the_vector_alignment_take_the_builtins(on_cpu, monkeypatch):
+    monkeypatch.setattr(kernels, "on_metal", lambda: True)
+    monkeypatch.setattr(kernels, "measure", choose(custom=True))
+    w = quantized((16, 64), mx.bfloat16, 32, 4, 0)
+    layer = nn_quantized(w)
+    x = mx.ones((1, 64), dtype=mx.bfloat16)
+    monkeypatch.setattr(kernels, "address", lambda a: 4096 + 4)
+    kernels.quantized_linear(layer, x)
+    assert on_cpu == []
+    # a new weight array is looked at afresh
+    monkeypatch.setattr(kernels, "address", lambda a: 4096)
+    layer.update({"weight": mx.array(w[0])})
+    kernels.quantized_linear(layer, x)
+    assert on_cpu == ["qmv", "qmv"]
+
+
+REAL_ADDRESS = kernels.address  # taken before the fixture above replaces it
+
+
+def test_address_sees_the_offset_of_a_view():
+    base = mx.arange(64, dtype=mx.uint32)
+    mx.eval(base)
+    view = base[1:33].reshape(4, 8)
+    assert REAL_ADDRESS(view) - REAL_ADDRESS(base) == 4  # so at most one of the two is 16-byte aligned
+
+
 def test_modes(monkeypatch):
     monkeypatch.setattr(kernels, "on_metal", lambda: True)
     monkeypatch.setenv("MLX_QWEN3_KERNELS", "builtin")
-    kernels._mode = None
-    assert not kernels._use("qmv", ("k",), lambda: "never checked")
+    assert not kernels._use("qmv", "k", lambda: "never checked", None)
     monkeypatch.setenv("MLX_QWEN3_KERNELS", "custom")
-    assert kernels._use("qmv", ("k",), lambda: "custom skips the check")
+    assert kernels._use("qmv", "k", lambda: "custom skips the check", None)
     monkeypatch.setattr(kernels, "on_metal", lambda: False)
-    assert not kernels._use("qmv", ("k",), lambda: None)  # off Metal the twins run, whatever the mode
+    assert not kernels._use("qmv", "k", lambda: None, None)  # off Metal the twins run, whatever the mode
     with pytest.raises(ValueError, match="kernels must be one of auto, custom, builtin"):
         kernels.set_mode("fast")
 
@@ -333,6 +573,8 @@ def test_selftest_report_with_the_kernels(on_cpu, monkeypatch):
     assert [r["op"] for r in rows] == ["qmv", "qmv", "moe (gate+up+down)"]
     for r in rows:
         assert r["ok"] is True and r["max_rel_err"] < 1e-2 and r["custom_us"] > 0 and r["builtin_us"] > 0
+        # the choice follows the dispatcher's rule (here the CPU executor is far slower than MLX)
+        assert r["choice"] == ("custom" if r["custom_us"] < r["builtin_us"] * (1 - kernels.MARGIN) else "builtin")
 
 
 def test_selftest_off_metal_times_the_builtins_and_says_why():
@@ -343,7 +585,6 @@ def test_selftest_off_metal_times_the_builtins_and_says_why():
 
 
 def test_selftest_cli_with_a_model(tmp_path):
-    import json
     import subprocess
     import sys
 
@@ -361,6 +602,7 @@ def test_selftest_cli_with_a_model(tmp_path):
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     assert report["environment"]["metal"] is False and report["model"]["decode_tps_builtin"] > 0
+    assert report["stored_choices"]["choices"] == [] and "kernels-" in report["stored_choices"]["file"]
 
 
 def test_a_bad_environment_value_warns_once(monkeypatch, caplog):
