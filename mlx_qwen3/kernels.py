@@ -221,7 +221,7 @@ def machine() -> dict:
     """What a measured choice holds for: the chip, macOS, MLX, this package and the kernel sources."""
     from . import __version__
 
-    info = mx.metal.device_info() if on_metal() else {}
+    info = mx.device_info(mx.gpu) if on_metal() else {}
     sources = hashlib.sha1(b"".join(p.read_bytes() for p in sorted(SOURCES.glob("*.metal")))).hexdigest()[:12]
     return {"chip": info.get("device_name", platform.machine()), "gpu": info.get("architecture", ""),
             "os": platform.mac_ver()[0] or platform.platform(), "mlx": mx.__version__, "mlx_qwen3": __version__,

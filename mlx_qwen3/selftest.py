@@ -120,7 +120,7 @@ def environment() -> dict:
     info = {"mlx": mx.__version__, "device": str(mx.default_device()), "metal": kernels.on_metal(),
             "kernels_mode": kernels.mode(), "python": platform.python_version(), "machine": platform.machine()}
     if info["metal"]:
-        info["gpu"] = mx.metal.device_info().get("device_name")
+        info["gpu"] = mx.device_info(mx.gpu).get("device_name")
     return info
 
 
