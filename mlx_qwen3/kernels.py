@@ -114,7 +114,7 @@ ALIGN = 16  # bytes: the kernels load packed weights as uint2 / uint4
 
 _mode = None
 _disabled = {}  # kernel name -> why it is off for the rest of this process
-_choices = {}  # shape key -> {"custom_us", "builtin_us", "custom"} for this process
+_choices = {}  # shape key (a tuple, see describe) -> {"custom_us", "builtin_us", "custom"} for this process
 _store = None
 
 
@@ -154,10 +154,23 @@ def _disable(name: str, why: str):
         _disabled[name] = why
 
 
-def _use(name: str, key: str, check, timed) -> bool:
-    """Whether to run kernel `name` at shape `key`: the mode, the platform, its self-check (a
-    zero-argument function returning None or what is wrong) and the measured choice (`timed` gives
-    zero-argument (custom, builtin) calls at the real shape)."""
+def describe(key: tuple) -> str:
+    """A shape key as the choice file and selftest name it: 'qmv bfloat16 4-bit/64 4096x2560'."""
+    name, dtype, *rest = key
+    dtype = str(dtype).split(".")[-1]
+    if name == "qmv":
+        bits, gs, N, K = rest
+        return f"qmv {dtype} {bits}-bit/{gs} {N}x{K}"
+    gate_bits, gate_gs, down_bits, down_gs, k, E, D, I = rest
+    return f"moe {dtype} {gate_bits}-bit/{gate_gs} {down_bits}-bit/{down_gs} {k} of {E} experts {D}->{I}->{D}"
+
+
+def _use(key: tuple, check, timed) -> bool:
+    """Whether to run the custom kernel key[0] at shape `key`: the mode, the platform, its
+    self-check (a zero-argument function returning None or what is wrong) and the measured choice
+    (`timed` gives zero-argument (custom, builtin) calls at the real shape). Keys are tuples, cheap
+    to build on every call; the text is made only when a shape is first seen."""
+    name = key[0]
     m = mode()
     if m == "builtin" or not on_metal():
         return False
@@ -167,19 +180,20 @@ def _use(name: str, key: str, check, timed) -> bool:
         return False
     choice = _choices.get(key)
     if choice is None:
-        choice = store().get(key)  # measured by an earlier run on this machine and version
+        text = describe(key)
+        choice = store().get(text)  # measured by an earlier run on this machine and version
         if choice is None or choice["custom"]:  # a kernel about to run is checked in every process
             try:
                 err = check()
             except Exception as e:  # a compile error, a launch the device refuses, ...
                 err = _error_line(e)
             if err is not None:
-                _disable(name, f"failed its self-check at {key} ({err})")
+                _disable(name, f"failed its self-check at {text} ({err})")
                 return False
         if choice is None:
             choice = measure(*timed())
-            store().put(key, choice)
-            log.info("kernel choice at %s: %s (custom %.1f us, built-in %.1f us)", key,
+            store().put(text, choice)
+            log.info("kernel choice at %s: %s (custom %.1f us, built-in %.1f us)", text,
                      "custom" if choice["custom"] else "built-in", choice["custom_us"], choice["builtin_us"])
         _choices[key] = choice
     return choice["custom"]
@@ -333,11 +347,6 @@ def _eligible(dtype, layer) -> bool:
             and layer.group_size in (32, 64, 128) and aligned(layer))
 
 
-def _key(name, dtype, projs, shape) -> str:
-    quant = ", ".join(f"{p.bits}-bit/{p.group_size}" for p in projs)
-    return f"{name} {str(dtype).split('.')[-1]} {quant} {shape}"
-
-
 def quantized_linear(layer, x: mx.array) -> mx.array:
     """A QuantizedLinear's forward: the custom mat-vec for one token where it is chosen, MLX's
     quantized_matmul otherwise."""
@@ -355,8 +364,7 @@ def quantized_linear(layer, x: mx.array) -> mx.array:
             xs = mx.random.normal((K,), key=mx.random.key(1)).astype(x.dtype)
             return lambda: qmv_custom(xs, *args), lambda: qmv_twin(xs, *args)
 
-        key = _key("qmv", x.dtype, [layer], f"{layer.weight.shape[0]}x{K}")
-        if _use("qmv", key, check, timed):
+        if _use(("qmv", x.dtype, layer.bits, layer.group_size, layer.weight.shape[0], K), check, timed):
             y = _run("qmv", qmv_custom, qmv_twin, x.reshape(K), *args)
         else:
             y = qmv_twin(x.reshape(K), *args)
@@ -395,9 +403,9 @@ def sparse_moe(switch_mlp, x: mx.array, inds: mx.array, scores: mx.array) -> mx.
             sc = mx.softmax(mx.random.normal((k,), key=keys[2])).astype(x.dtype)
             return (lambda: moe_custom(xs, ids, sc, gate, up, down), lambda: moe_twin(xs, ids, sc, gate, up, down))
 
-        key = _key("moe", x.dtype, [projs[0], projs[2]], f"{k} of {E} experts, {D}->{I}->{D}")
+        key = ("moe", x.dtype, gate[4], gate[3], down[4], down[3], k, E, D, I)
         args = (x.reshape(D), inds.reshape(k).astype(mx.uint32), scores.reshape(k), gate, up, down)
-        y = _run("moe", moe_custom, moe_twin, *args) if _use("moe", key, check, timed) else moe_twin(*args)
+        y = _run("moe", moe_custom, moe_twin, *args) if _use(key, check, timed) else moe_twin(*args)
         return y.reshape(x.shape)
     y = switch_mlp(x, inds)
     return (y * scores[..., None]).sum(axis=-2)

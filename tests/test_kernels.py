@@ -551,11 +551,11 @@ def test_address_sees_the_offset_of_a_view():
 def test_modes(monkeypatch):
     monkeypatch.setattr(kernels, "on_metal", lambda: True)
     monkeypatch.setenv("MLX_QWEN3_KERNELS", "builtin")
-    assert not kernels._use("qmv", "k", lambda: "never checked", None)
+    assert not kernels._use(("qmv",), lambda: "never checked", None)
     monkeypatch.setenv("MLX_QWEN3_KERNELS", "custom")
-    assert kernels._use("qmv", "k", lambda: "custom skips the check", None)
+    assert kernels._use(("qmv",), lambda: "custom skips the check", None)
     monkeypatch.setattr(kernels, "on_metal", lambda: False)
-    assert not kernels._use("qmv", "k", lambda: None, None)  # off Metal the twins run, whatever the mode
+    assert not kernels._use(("qmv",), lambda: None, None)  # off Metal the twins run, whatever the mode
     with pytest.raises(ValueError, match="kernels must be one of auto, custom, builtin"):
         kernels.set_mode("fast")
 
