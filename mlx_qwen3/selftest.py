@@ -32,12 +32,14 @@ def _time(fn, iters: int) -> float:
     return statistics.median(times)
 
 
-def _compare(name, shape, custom, twin, args, iters, metal) -> dict:
+def _compare(name, shape, custom, twin, args, iters, metal, nbytes) -> dict:
     """Check custom(*args) against the twin run in float32, then time both as the dispatcher does
-    when it chooses (kernels.measure)."""
-    row = {"op": name, "shape": shape}
+    when it chooses (kernels.measure). `nbytes`: what the op must read (weights of the rows used,
+    scales, biases, x), for the achieved GB/s."""
+    row = {"op": name, "shape": shape, "bytes": nbytes}
     if not metal:
         row["builtin_us"] = round(_time(lambda: twin(*args), iters) * 1e6, 1)
+        row["builtin_gbs"] = round(nbytes / row["builtin_us"] / 1e3, 1)
         row["custom"] = "not run: no Metal device here (the built-ins run)"
         return row
     try:
@@ -46,6 +48,7 @@ def _compare(name, shape, custom, twin, args, iters, metal) -> dict:
         row.update(ok=err <= 1e-2, max_rel_err=err)
         m = kernels.measure(lambda: custom(*args), lambda: twin(*args), rounds=iters)
         row.update(custom_us=m["custom_us"], builtin_us=m["builtin_us"],
+                   custom_gbs=round(nbytes / m["custom_us"] / 1e3, 1), builtin_gbs=round(nbytes / m["builtin_us"] / 1e3, 1),
                    speedup=round(m["builtin_us"] / m["custom_us"], 3),
                    choice="custom" if m["custom"] and row["ok"] else "builtin")
     except Exception as e:  # a compile error is a finding, not a crash of the report
@@ -72,7 +75,7 @@ def op_report(shapes: dict, dtype=mx.bfloat16, bits=4, group_size=64, iters=20) 
             w = kernels.random_quantized((N, K), dtype, group_size, bits, mx.random.key(i))
             x = mx.random.normal((K,)).astype(dtype)
             rows.append(_compare("qmv", f"{model} {N}x{K}", kernels.qmv_custom, kernels.qmv_twin, (x, *w),
-                                 iters, metal))
+                                 iters, metal, sum(a.nbytes for a in (x, *w[:3]))))
         if s.get("E"):
             E, I, k = s["E"], s["I"], s["k"]
             gate = kernels.random_quantized((E, I, D), dtype, group_size, bits, mx.random.key(10))
@@ -81,8 +84,10 @@ def op_report(shapes: dict, dtype=mx.bfloat16, bits=4, group_size=64, iters=20) 
             x = mx.random.normal((D,)).astype(dtype)
             ids = mx.random.permutation(E)[:k].astype(mx.uint32)
             scores = mx.softmax(mx.random.normal((k,))).astype(dtype)
+            used = sum(a.nbytes for p in (gate, up, down) for a in p[:3]) * k // E  # the k selected experts
             rows.append(_compare("moe (gate+up+down)", f"{model} {k} of {E} experts, {D}->{I}->{D}",
-                                 kernels.moe_custom, kernels.moe_twin, (x, ids, scores, gate, up, down), iters, metal))
+                                 kernels.moe_custom, kernels.moe_twin, (x, ids, scores, gate, up, down), iters, metal,
+                                 used + x.nbytes))
     return rows
 
 
@@ -121,7 +126,19 @@ def environment() -> dict:
             "kernels_mode": kernels.mode(), "python": platform.python_version(), "machine": platform.machine()}
     if info["metal"]:
         info["gpu"] = mx.device_info(mx.gpu).get("device_name")
+        info["bandwidth_gbs"] = bandwidth(info["gpu"])
     return info
+
+
+# Apple's published memory bandwidth per chip, GB/s; where bins differ (M3 Max, M4 Max), the higher.
+BANDWIDTH_GBS = {"M1": 68, "M1 Pro": 200, "M1 Max": 400, "M1 Ultra": 800, "M2": 100, "M2 Pro": 200,
+                 "M2 Max": 400, "M2 Ultra": 800, "M3": 100, "M3 Pro": 150, "M3 Max": 400, "M3 Ultra": 819,
+                 "M4": 120, "M4 Pro": 273, "M4 Max": 546, "M5": 153}
+
+
+def bandwidth(device_name: str):
+    """The chip's memory bandwidth in GB/s from its name ('Apple M2 Max'), or None if unknown."""
+    return BANDWIDTH_GBS.get((device_name or "").removeprefix("Apple ").strip())
 
 
 def main():

@@ -571,6 +571,9 @@ def test_selftest_report_with_the_kernels(on_cpu, monkeypatch):
     monkeypatch.setattr(kernels, "on_metal", lambda: True)
     rows = op_report(SMALL, iters=1)
     assert [r["op"] for r in rows] == ["qmv", "qmv", "moe (gate+up+down)"]
+    # what a 24x256 4-bit mat-vec must read: packed weights, bf16 scales and biases per 64, bf16 x
+    assert rows[0]["bytes"] == 24 * 256 // 2 + 2 * (24 * 256 // 64 * 2) + 256 * 2
+    assert rows[0]["custom_gbs"] == round(rows[0]["bytes"] / rows[0]["custom_us"] / 1e3, 1)
     for r in rows:
         assert r["ok"] is True and r["max_rel_err"] < 1e-2 and r["custom_us"] > 0 and r["builtin_us"] > 0
         # the choice follows the dispatcher's rule (here the CPU executor is far slower than MLX)
