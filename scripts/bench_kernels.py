@@ -51,7 +51,7 @@ def mlx_path(N: int, K: int, bits: int) -> str:
 def mlx_per_weight(path: str, bits: int) -> dict:
     """Ops per weight of MLX's qmv_fast_impl (q.h:758) / qmv_impl (q.h:825) at group size 64, bf16.
     A lane takes v = values_per_thread inputs per step (q.h:769/838: 2 packs per lane in qmv_fast,
-    1 in qmv; v = 16 / 8 at 4 bits, 8 / 4 at 8 bits) and does them for 4 rows (q.h:770,
+    1 in qmv; v = 16 / 8 at 4 bits, 8 / 4 at 8 bits) and does them for 4 rows (q.h:771,
     results_per_simdgroup), so per-step x work is shared by 4 v weights:
       load_vector (q.h:29; 4-bit q.h:62-70, 8-bit q.h:97-101): v loads and v bf16 converts of x,
         v adds for the sum, and at 4 bits 3 of 4 values scaled (x / 16, / 256, / 4096: a multiply);
@@ -77,13 +77,13 @@ def mlx_per_weight(path: str, bits: int) -> dict:
 
 def mlx_launch(N: int, K: int, bits: int, experts: int = 1) -> dict:
     """Bytes one MLX (gather_)qmv launch loads: each weight, scale and bias byte in exactly one
-    SIMD-group request (a simdgroup owns 4 whole rows, q.h:784-790), and x once per simdgroup
-    (q.h:792 x advances with k; every simdgroup reads all of it: N / 4 times per expert)."""
+    SIMD-group request (a simdgroup owns 4 whole rows, q.h:788), and x once per simdgroup
+    (q.h:794, :813: every simdgroup reads all of it, N / 4 times per expert)."""
     weights = experts * N * (K * bits // 8 + 2 * 2 * K // GS)
     x = experts * (N // 4) * 2 * K
     return {"weight_bytes": weights, "x_bytes": x, "bytes_loaded": weights + x,
             "contiguous": "weights, scales, biases: each row's step is one contiguous span per simdgroup "
-                          "(lanes at consecutive 8- or 4-byte offsets, q.h:787); per load instruction, "
+                          "(lanes at consecutive 8-byte offsets in qmv_fast, q.h:791; 4-byte in qmv); per load instruction, "
                           "2-byte (4-bit) or 1-byte (8-bit) word loads and x's 2-byte loads are strided "
                           "unless the Metal compiler merges a lane's loads"}
 
