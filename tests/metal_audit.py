@@ -51,6 +51,8 @@ _BITWISE = {"and", "or", "xor", "shl", "lshr", "ashr"}
 _INT = {"add", "sub", "mul", "udiv", "sdiv", "urem", "srem", "zext", "sext", "trunc", "select", "icmp"}
 _CONVERT = {"uitofp", "sitofp", "fptoui", "fptosi", "fpext", "fptrunc"}
 _FLOAT = {"fadd", "fsub", "fmul", "fdiv", "frem", "fneg", "fcmp"}
+# free moves a value passes through on its way (not counted as ops)
+_THROUGH = {"phi", "extractelement", "insertelement", "shufflevector", "bitcast", "freeze"}
 _DEF = re.compile(r"^\s*(%[-\w.$]+) = (?:tail |musttail |notail )?(\w+)")
 _NAME = re.compile(r"%[-\w.$]+")
 
@@ -94,7 +96,7 @@ def _classify(body: list) -> dict:
         if name in value or name not in defs:
             continue
         i, op = defs[name]
-        if op in _BITWISE or op in _INT or op == "phi":
+        if op in _BITWISE or op in _INT or op in _THROUGH:
             value.add(name)
             todo += _NAME.findall(body[i].split(" = ", 1)[1])
     classes = {}

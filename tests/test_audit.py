@@ -93,3 +93,14 @@ def test_first_middle_and_last_threadgroups_extrapolate_exactly(record, op):
     sampled, whole = launches(False), launches(True)
     assert sampled == whole
     assert len(whole) == (1 if op == "qmv" else 2)
+
+
+def test_a_vector_load_is_one_request_of_its_full_width():
+    body = """typedef uint v4 __attribute__((ext_vector_type(4)));
+    uint i = thread_position_in_grid.x;
+    v4 v = ((const device v4*)inp)[i] & 0xfu;
+    out[i] = float(v.x) + float(v.y) + float(v.z) + float(v.w);"""
+    got, ops = run_tiny(body, mx.arange(4 * N, dtype=mx.uint32))
+    assert got == {"size": 16 * N, "loads": N, "issued": 16 * N, "coalesced": 16 * N, "requests": 2,
+                   "noncontiguous": 0, "unique": 16 * N}
+    assert ops["bitwise"] == 4 * N and ops["convert"] == 4 * N  # a <4 x i32> mask is 4 lanes' work
