@@ -78,7 +78,10 @@ def parse(source: str):
     return call, out
 
 
-def harness(source: str) -> str:
+def harness(source: str, audit: bool = False) -> str:
+    """The C++ program: the kernel, its arguments, and a main() that reads the buffers from a file.
+    With `audit`, main runs only the threadgroups listed in argv[11] under tests/metal_audit.h's
+    counters and writes their figures to argv[12]."""
     call, params = parse(source)
     body = _INSTANCE.sub("", source)
     body = _TG_DECL.sub(r"auto& \2 = exec::tg_array<\1, \3>();", body)
@@ -89,8 +92,10 @@ def harness(source: str) -> str:
             b += 1
         else:
             args.append(f"id.{name}")
-    return f"""#include "metal_shim.h"
-static void* B[{max(b, 1)}];
+    include = '#include "metal_shim.h"\n' + ('#include "metal_audit.h"\n' if audit else "")
+    run_grid = ("audit::run(thread_body, grid, size, argv[9], unsigned(atoi(argv[10])), B, sizes, n, argv[11], argv[12]);"
+                if audit else "exec::run_grid(thread_body, grid, size, argv[9], unsigned(atoi(argv[10])));")
+    return f"""{include}static void* B[{max(b, 1)}];
 {body}
 static void thread_body(const exec::Ids& id) {{ {call}({", ".join(args)}); }}
 
@@ -101,13 +106,18 @@ int main(int argc, char** argv) {{
   if (std::fread(&n, 8, 1, in) != 1 || n != {b}) exec::fail("bad input file");
   for (uint64_t i = 0; i < n; i++) {{
     if (std::fread(&sizes[i], 8, 1, in) != 1) exec::fail("bad input file");
+    if (sizes[i] >> 63) {{  // zero-filled, not in the file (the audit's big weights: pages never touched cost nothing)
+      sizes[i] &= ~(1ull << 63);
+      B[i] = std::calloc(sizes[i] ? sizes[i] : 1, 1);
+      continue;
+    }}
     B[i] = std::malloc(sizes[i] ? sizes[i] : 1);  // exactly the size: ASan sees any overrun
     if (std::fread(B[i], 1, sizes[i], in) != sizes[i]) exec::fail("bad input file");
   }}
   std::fclose(in);
   uint3 grid = {{uint(atoi(argv[3])), uint(atoi(argv[4])), uint(atoi(argv[5]))}};
   uint3 size = {{uint(atoi(argv[6])), uint(atoi(argv[7])), uint(atoi(argv[8]))}};
-  exec::run_grid(thread_body, grid, size, argv[9], unsigned(atoi(argv[10])));
+  {run_grid}
   FILE* out = std::fopen(argv[2], "wb");
   for (uint64_t i = 0; i < n; i++) std::fwrite(B[i], 1, sizes[i], out);
   std::fclose(out);
@@ -144,48 +154,64 @@ def _bytes(a) -> bytes:
     return np.ascontiguousarray(np.array(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a)).tobytes()
 
 
-def run(kernel_fn, inputs, template, grid, threadgroup, output_shapes, output_dtypes,
-        order="forward", seed=0, sanitize=False, input_names=None):
-    """Execute the kernel on the CPU; returns its outputs as mx arrays."""
-    source = generated_source(kernel_fn, inputs, template=template, grid=grid, threadgroup=threadgroup,
-                              output_shapes=output_shapes, output_dtypes=output_dtypes)
-    exe = build(source, sanitize)
+def buffers(source, inputs, input_names, output_shapes, output_dtypes, zero_from=None):
+    """The kernel's buffers in signature order: bytes, or a size (an int) for an input of at least
+    `zero_from` bytes, which the harness then fills with zeros; and where each output lies."""
     _, params = parse(source)
-    names = input_names or []
-    by_name = dict(zip(names, inputs))
-    buffers, outputs = [], []
+    by_name = dict(zip(input_names or [], inputs))
+    out, outputs = [], []
     for kind, ctype, ref, name in [p for p in params if p[0] == "buffer"]:
         if name in by_name:
-            buffers.append(_bytes(by_name[name]))
+            a = by_name[name]
+            big = zero_from is not None and a.nbytes >= zero_from
+            out.append(a.nbytes if big else _bytes(a))
         elif name.endswith("_shape"):
-            buffers.append(np.array(by_name[name[:-6]].shape, np.int32).tobytes())
+            out.append(np.array(by_name[name[:-6]].shape, np.int32).tobytes())
         elif name.endswith("_strides"):
             a = by_name[name[:-8]]
             strides = np.cumprod([1] + list(a.shape[::-1]))[:-1][::-1] if a.ndim else []
-            buffers.append(np.array(strides, np.int64).tobytes())
+            out.append(np.array(strides, np.int64).tobytes())
         elif name.endswith("_ndim"):
-            buffers.append(np.array(by_name[name[:-5]].ndim, np.int32).tobytes())
+            out.append(np.array(by_name[name[:-5]].ndim, np.int32).tobytes())
         else:  # an output: poisoned, so an element the kernel never writes shows
             i = len(outputs)
-            outputs.append((len(buffers), output_shapes[i], output_dtypes[i]))
+            outputs.append((len(out), output_shapes[i], output_dtypes[i]))
             n = int(np.prod(output_shapes[i])) * output_dtypes[i].size
-            buffers.append(b"\xff" * n)
+            out.append(b"\xff" * n)
+    return out, outputs
+
+
+def execute(exe, bufs, outputs, grid, threadgroup, order="forward", seed=0, extra=()):
+    """Run a built harness on `bufs`; returns the outputs as mx arrays."""
     with tempfile.TemporaryDirectory() as tmp:
         fin, fout = Path(tmp) / "in", Path(tmp) / "out"
-        fin.write_bytes(struct.pack("<Q", len(buffers)) + b"".join(struct.pack("<Q", len(x)) + x for x in buffers))
-        args = [str(exe), str(fin), str(fout), *map(str, grid), *map(str, threadgroup), order, str(seed)]
+        with open(fin, "wb") as f:
+            f.write(struct.pack("<Q", len(bufs)))
+            for x in bufs:
+                f.write(struct.pack("<Q", x | 1 << 63) if isinstance(x, int) else struct.pack("<Q", len(x)) + x)
+        args = [str(exe), str(fin), str(fout), *map(str, grid), *map(str, threadgroup), order, str(seed), *extra]
         env = {**os.environ, "ASAN_OPTIONS": "detect_leaks=0"}
         done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
         if done.returncode != 0:
             raise RuntimeError(f"the kernel failed on the CPU ({done.returncode}):\n{done.stderr[-4000:]}")
         data = fout.read_bytes()
-    offsets = np.cumsum([0] + [len(x) for x in buffers])
+    offsets = np.cumsum([0] + [x if isinstance(x, int) else len(x) for x in bufs])
     result = []
     for index, shape, dtype in outputs:
         raw = np.frombuffer(data[offsets[index]:offsets[index + 1]], _NP[dtype]).reshape(shape)
         arr = mx.array(raw)
         result.append(arr.view(mx.bfloat16) if dtype == mx.bfloat16 else arr)
     return result
+
+
+def run(kernel_fn, inputs, template, grid, threadgroup, output_shapes, output_dtypes,
+        order="forward", seed=0, sanitize=False, input_names=None):
+    """Execute the kernel on the CPU; returns its outputs as mx arrays."""
+    source = generated_source(kernel_fn, inputs, template=template, grid=grid, threadgroup=threadgroup,
+                              output_shapes=output_shapes, output_dtypes=output_dtypes)
+    exe = build(source, sanitize)
+    bufs, outputs = buffers(source, inputs, input_names, output_shapes, output_dtypes)
+    return execute(exe, bufs, outputs, grid, threadgroup, order, seed)
 
 
 def launch(kernel, order="forward", sanitize=False, **kwargs):
