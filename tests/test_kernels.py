@@ -201,7 +201,7 @@ def test_every_thread_order_gives_the_same_bits(monkeypatch, name):
             x = mx.random.normal((96,), key=mx.random.key(1)).astype(mx.float16)
             ids = mx.array([4, 0, 4], dtype=mx.uint32)
             out = kernels.moe_custom(x, ids, mx.array([0.5, 0.3, 0.2], dtype=mx.float16), *projs)
-        else:  # k = 8: 256-thread threadgroups meeting at the barrier; 37 rows, the last threadgroup's partly past the end
+        else:  # k = 8: 256-thread threadgroups meet at the barrier; rows 37-39 (the last threadgroup) are past D
             down = quantized((10, 37, 128), mx.bfloat16, 64, 4, 3)
             h = mx.random.normal((8, 128), key=mx.random.key(6)).astype(mx.bfloat16)
             scores = mx.softmax(mx.random.normal((8,), key=mx.random.key(5))).astype(mx.bfloat16)
@@ -265,7 +265,7 @@ def test_executor_reports_an_overrun_under_asan():
 
 def test_executor_reports_a_misaligned_vector_load_under_asan():
     # buffers start 16-byte aligned (the kernels' precondition holds here); a uint4 one word in does not
-    body = "out[thread_position_in_grid.x] = (*(const device uint4*)(inp + off[0] + 4 * thread_position_in_grid.x)).y;"
+    body = "uint i = thread_position_in_grid.x; out[i] = (*(const device uint4*)(inp + off[0] + 4 * i)).y;"
     k = mx.fast.metal_kernel(name="vload", input_names=["inp", "off"], output_names=["out"], source=body)
 
     def run(off):
