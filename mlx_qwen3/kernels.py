@@ -24,8 +24,12 @@ log = logging.getLogger(__name__)
 
 SOURCES = Path(__file__).resolve().parents[1] / "metal_kernels"
 MODES = ("auto", "custom", "builtin")
-ROWS = 4  # output rows per simdgroup; a threadgroup is two simdgroups
-THREADS = 64
+# The launch shape, in one place: the .metal sources get these as template arguments.
+SIMD = 32  # lanes per simdgroup on Apple GPUs
+SIMDGROUPS = 2  # simdgroups per threadgroup in qmv and moe_gate_up
+ROWS = 4  # output rows per simdgroup in qmv and moe_gate_up
+DOWN_ROWS = 4  # output rows per threadgroup in moe_down (whose threadgroup is one simdgroup per expert)
+MAX_THREADS = 1024  # per threadgroup on Apple GPUs: moe_down takes k <= MAX_THREADS // SIMD
 
 
 class Kernel:
@@ -44,8 +48,9 @@ class Kernel:
             header=(SOURCES / "quantized.metal").read_text(),
         )
 
-    def __call__(self, inputs, template, grid, output_shapes, output_dtypes):
-        return launch(self, inputs=inputs, template=template, grid=grid, threadgroup=(THREADS, 1, 1),
+    def __call__(self, inputs, template, launch_shape, output_shapes, output_dtypes):
+        grid, threadgroup = launch_shape
+        return launch(self, inputs=inputs, template=template, grid=grid, threadgroup=threadgroup,
                       output_shapes=output_shapes, output_dtypes=output_dtypes)
 
 
@@ -55,19 +60,23 @@ def launch(kernel: Kernel, **kwargs) -> list:
 
 
 QMV = Kernel("qmv", ["x", "w", "scales", "biases"], ["y"])
-MOE_GATE_UP = Kernel("moe_gate_up", ["x", "ids", "gate_w", "gate_s", "gate_b", "up_w", "up_s", "up_b"], ["h"])
+MOE_GATE_UP = Kernel("moe_gate_up", ["x", "ids", "gate_w", "gate_s", "gate_b", "up_w", "up_s", "up_b"], ["h", "bad"])
 MOE_DOWN = Kernel("moe_down", ["h", "ids", "scores", "w", "s", "b"], ["y"])
 
 
 # ---- the ops: custom kernel and plain-MLX twin ----
 
-def _template(dtype, bits, group_size):
-    return [("T", dtype), ("BITS", bits), ("GS", group_size), ("ROWS", ROWS)]
+def _template(dtype, bits, group_size, k=None):
+    """The template arguments: qmv and moe_gate_up (k None) or moe_down (k experts)."""
+    shape = [("SG", SIMDGROUPS), ("ROWS", ROWS)] if k is None else [("KE", k), ("R", DOWN_ROWS)]
+    return [("T", dtype), ("BITS", bits), ("GS", group_size), ("SIMD", SIMD), *shape]
 
 
-def _grid(rows: int, y: int = 1):
-    per_group = 2 * ROWS
-    return ((rows + per_group - 1) // per_group * THREADS, y, 1)
+def _grid(rows: int, y: int = 1, k=None):
+    """(grid, threadgroup) for `rows` output rows (times y): qmv and moe_gate_up (k None), moe_down."""
+    simdgroups, per_threadgroup = (SIMDGROUPS, SIMDGROUPS * ROWS) if k is None else (k, DOWN_ROWS)
+    threads = simdgroups * SIMD
+    return ((rows + per_threadgroup - 1) // per_threadgroup * threads, y, 1), (threads, 1, 1)
 
 
 def qmv_custom(x, w, scales, biases, group_size, bits):
@@ -80,14 +89,31 @@ def qmv_twin(x, w, scales, biases, group_size, bits):
     return mx.quantized_matmul(x[None], w, scales, biases, transpose=True, group_size=group_size, bits=bits)[0]
 
 
+def moe_gate_up(x, ids, gate, up):
+    """silu(gate x) * (up x) for the k selected experts: x (D,), ids (k,) uint32 -> h (k, I), and bad
+    (1,) uint32, the number of ids past the last expert (each read as the last expert)."""
+    (gw, gs_, gb, group_size, bits), (uw, us, ub, _, _) = gate, up
+    k, I = ids.shape[0], gw.shape[1]
+    return MOE_GATE_UP([x, ids, gw, gs_, gb, uw, us, ub], _template(x.dtype, bits, group_size), _grid(I, k),
+                       [(k, I), (1,)], [x.dtype, mx.uint32])
+
+
+def moe_down(h, ids, scores, down):
+    """sum_j scores[j] * (down[ids[j]] h[j]): h (k, I), ids (k,) uint32, scores (k,) -> (D,)"""
+    dw, ds, db, group_size, bits = down
+    k, D = ids.shape[0], dw.shape[1]
+    if not 0 < k <= MAX_THREADS // SIMD or h.shape[0] != k or scores.shape[0] != k:
+        raise ValueError(f"moe_down takes 1 to {MAX_THREADS // SIMD} experts, as many as h's rows and scores; "
+                         f"got ids {ids.shape}, h {h.shape}, scores {scores.shape}")
+    return MOE_DOWN([h, ids, scores, dw, ds, db], _template(h.dtype, bits, group_size, k), _grid(D, k=k),
+                    [(D,)], [h.dtype])[0]
+
+
 def moe_custom(x, ids, scores, gate, up, down):
     """One token through its k experts: x (D,), ids (k,), scores (k,) -> (D,). gate/up/down are
     (weight, scales, biases, group_size, bits) of the stacked (E, out, in) expert projections."""
-    (gw, gs_, gb, g_gs, bits), (uw, us, ub, _, _), (dw, ds, db, d_gs, d_bits) = gate, up, down
-    k, I, D = ids.shape[0], gw.shape[1], dw.shape[1]
-    h = MOE_GATE_UP([x, ids, gw, gs_, gb, uw, us, ub], _template(x.dtype, bits, g_gs), _grid(I, k),
-                    [(k, I)], [x.dtype])[0]
-    return MOE_DOWN([h, ids, scores, dw, ds, db], _template(x.dtype, d_bits, d_gs), _grid(D), [(D,)], [x.dtype])[0]
+    h, _ = moe_gate_up(x, ids, gate, up)
+    return moe_down(h, ids, scores, down)
 
 
 def moe_twin(x, ids, scores, gate, up, down):

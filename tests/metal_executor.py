@@ -138,7 +138,9 @@ def build(source: str, sanitize: bool = False) -> Path:
         src.write_text(code)
         flags = ["-std=c++17", "-O1", "-w", f"-I{HERE}"]
         if sanitize:
-            flags += ["-fsanitize=address", "-fno-omit-frame-pointer", "-g"]
+            # alignment: a vector load (uint2, uint4: aligned in metal_shim.h as in Metal) off its alignment
+            flags += ["-fsanitize=address,alignment", "-fno-sanitize-recover=alignment", "-fno-omit-frame-pointer",
+                      "-g"]
         tmp = exe.with_suffix(f".tmp{os.getpid()}")
         done = subprocess.run([cc, *flags, str(src), "-o", str(tmp)], capture_output=True, text=True)
         if done.returncode != 0:

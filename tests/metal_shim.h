@@ -28,9 +28,52 @@ typedef uint16_t ushort;
 typedef _Float16 half;
 typedef _Float16 float16_t;  // MLX's name for half
 
+typedef uint8_t uchar;
+
 struct uint3 {
   uint x, y, z;
 };
+
+// Vector types as Metal lays them out: components in order, aligned to their size (so a misaligned
+// vector load shows under -fsanitize=alignment), .x .y .z .w and [] access.
+template <typename T>
+struct alignas(2 * sizeof(T)) vec2 {
+  union {
+    struct {
+      T x, y;
+    };
+    T c[2];
+  };
+  T& operator[](int i) { return c[i]; }
+  const T& operator[](int i) const { return c[i]; }
+};
+
+template <typename T>
+struct alignas(4 * sizeof(T)) vec4 {
+  union {
+    struct {
+      T x, y, z, w;
+    };
+    T c[4];
+  };
+  T& operator[](int i) { return c[i]; }
+  const T& operator[](int i) const { return c[i]; }
+};
+
+typedef vec2<uint> uint2;
+typedef vec4<uint> uint4;
+typedef vec2<ushort> ushort2;
+typedef vec4<ushort> ushort4;
+typedef vec4<uchar> uchar4;
+
+// Metal's as_type: the same bits as another type of the same size
+template <typename T, typename U>
+T as_type(const U& v) {
+  static_assert(sizeof(T) == sizeof(U), "as_type needs types of one size");
+  T out;
+  std::memcpy(&out, &v, sizeof(T));
+  return out;
+}
 
 struct bfloat16_t {  // stored as the top 16 bits of a float, rounded to nearest even
   uint16_t bits;

@@ -67,8 +67,12 @@ def on_cpu(monkeypatch):
     return launches
 
 
-# (K, N): the Qwen3 hidden sizes and expert FFN sizes as inputs, and odd ones
-QMV_SHAPES = [(1024, 24), (2048, 8), (4096, 16), (5120, 9), (768, 40), (1536, 12), (96, 13), (160, 1), (64, 1000)]
+# (K, N): the Qwen3 hidden sizes and expert FFN sizes as inputs, and odd ones. A simdgroup takes 512
+# inputs a step, then a tail 256 a step: 2048 and 5120 are whole steps only, 768 one step and a
+# 256 tail, 896 one step and a 384 tail (two tail steps for half the lanes), 96 and 160 a tail only
+# (some lanes idle). N = 13, 9, 1, 5, 7 leave rows of the last threadgroup past the end (clamped).
+QMV_SHAPES = [(1024, 24), (2048, 8), (4096, 16), (5120, 9), (768, 40), (1536, 12), (96, 13), (160, 1), (64, 1000),
+              (896, 7), (384, 5)]
 
 
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
@@ -128,43 +132,102 @@ def test_moe_gate_up_and_down(on_cpu, case, dtype, bits, group_size):
     ids = mx.array(ids, dtype=mx.uint32)
     scores = mx.softmax(mx.random.normal((ids.size,), key=mx.random.key(5))).astype(dtype)
 
-    (gw, gs_, gb, _, _), (uw, us, ub, _, _), (dw, ds, db, _, _) = gate, up, down
-    h = kernels.MOE_GATE_UP([x, ids, gw, gs_, gb, uw, us, ub], kernels._template(dtype, bits, group_size),
-                            kernels._grid(I, ids.size), [(ids.size, I)], [dtype])[0]
+    h, bad = kernels.moe_gate_up(x, ids, gate, up)
     h_ref, _ = moe_reference(x, ids, scores, gate, up, down)
     assert_close(h, h_ref, dtype)
+    assert bad.tolist() == [0]
     # down + combine, from the kernel's own h (so the check is of this kernel alone)
-    y = kernels.MOE_DOWN([h, ids, scores, dw, ds, db], kernels._template(dtype, bits, group_size),
-                         kernels._grid(D), [(D,)], [dtype])[0]
+    y = kernels.moe_down(h, ids, scores, down)
     assert_close(y, moe_reference(x, ids, scores, gate, up, down, h=h)[1], dtype)
 
 
-@pytest.mark.parametrize("name", ["qmv", "moe"])
+def quantized_moe(E, D, I, dtype, group_size, bits):
+    """gate, up (E, I, D) and down (E, D, I) projections."""
+    return (quantized((E, I, D), dtype, group_size, bits, 1), quantized((E, I, D), dtype, group_size, bits, 2),
+            quantized((E, D, I), dtype, group_size, bits, 3))
+
+
+def down_reference(h, ids, scores, down):
+    w, sc, b, group_size, bits = down
+    ids = np.array(ids).astype(int).tolist()
+    return sum(f64(scores)[j] * qmatvec64(w[e], sc[e], b[e], group_size, bits, f64(h)[j]) for j, e in enumerate(ids))
+
+
+@pytest.mark.parametrize("dtype,bits,group_size,sanitize", [(mx.bfloat16, 4, 32, True), (mx.float16, 8, 64, False)])
+def test_moe_row_counts_that_fill_no_threadgroup(monkeypatch, dtype, bits, group_size, sanitize):
+    """gate/up with I = 13 rows (a threadgroup has 8), down with D = 37 rows (a threadgroup has 4) at
+    k = 8 (256-thread threadgroups): the rows past the end are read clamped and never stored (ASan)."""
+    monkeypatch.setattr(kernels, "launch", lambda k, **kw: ex.launch(k, sanitize=sanitize, **kw))
+    E, ids = 10, mx.array([9, 0, 3, 3, 7, 1, 9, 2], dtype=mx.uint32)
+    x = mx.random.normal((192,), key=mx.random.key(4)).astype(dtype)
+    gate, up, _ = quantized_moe(E, 192, 13, dtype, group_size, bits)
+    h, bad = kernels.moe_gate_up(x, ids, gate, up)
+    g = np.stack([qmatvec64(*[a[e] for a in gate[:3]], group_size, bits, f64(x)) for e in np.array(ids).tolist()])
+    u = np.stack([qmatvec64(*[a[e] for a in up[:3]], group_size, bits, f64(x)) for e in np.array(ids).tolist()])
+    assert_close(h, g / (1 + np.exp(-g)) * u, dtype)
+    assert bad.tolist() == [0]
+
+    down = quantized((E, 37, 128), dtype, group_size, bits, 3)
+    h = mx.random.normal((8, 128), key=mx.random.key(6)).astype(dtype)
+    scores = mx.softmax(mx.random.normal((8,), key=mx.random.key(5))).astype(dtype)
+    assert_close(kernels.moe_down(h, ids, scores, down), down_reference(h, ids, scores, down), dtype)
+
+
+def test_out_of_range_expert_ids_read_the_last_expert_and_are_counted(monkeypatch):
+    """Under ASan (an unclamped id reads past the weights); the output is the one with those ids as E - 1."""
+    monkeypatch.setattr(kernels, "launch", lambda k, **kw: ex.launch(k, sanitize=True, **kw))
+    E, dtype = 5, mx.bfloat16
+    gate, up, down = quantized_moe(E, 96, 64, dtype, 32, 4)
+    x = mx.random.normal((96,), key=mx.random.key(4)).astype(dtype)
+    scores = mx.softmax(mx.random.normal((8,), key=mx.random.key(5))).astype(dtype)
+    ids = mx.array([5, 0, 7, 0xFFFFFFFF, 4, 2, 1 << 31, 1], dtype=mx.uint32)
+    clamped = mx.minimum(ids, E - 1)
+    h, bad = kernels.moe_gate_up(x, ids, gate, up)
+    h_ok, bad_ok = kernels.moe_gate_up(x, clamped, gate, up)
+    assert bad.tolist() == [4] and bad_ok.tolist() == [0]
+    assert mx.array_equal(h, h_ok)
+    y = kernels.moe_down(h, ids, scores, down)
+    assert mx.array_equal(y, kernels.moe_down(h, clamped, scores, down))
+    assert_close(y, moe_reference(x, clamped, scores, gate, up, down, h=h)[1], dtype)
+
+
+@pytest.mark.parametrize("name", ["qmv", "moe", "moe_down"])
 def test_every_thread_order_gives_the_same_bits(monkeypatch, name):
     results = []
     for order in ex.ORDERS:
         monkeypatch.setattr(kernels, "launch", lambda k, order=order, **kw: ex.launch(k, order=order, seed=7, **kw))
         if name == "qmv":
-            w = quantized((13, 160), mx.bfloat16, 32, 4, 0)
-            out = kernels.qmv_custom(mx.random.normal((160,), key=mx.random.key(1)).astype(mx.bfloat16), *w)
-        else:
-            projs = [quantized(s, mx.float16, 32, 8, i) for i, s in enumerate([(5, 64, 96), (5, 64, 96), (5, 96, 64)])]
+            w = quantized((13, 896), mx.bfloat16, 32, 4, 0)
+            out = kernels.qmv_custom(mx.random.normal((896,), key=mx.random.key(1)).astype(mx.bfloat16), *w)
+        elif name == "moe":
+            projs = quantized_moe(5, 96, 64, mx.float16, 32, 8)
             x = mx.random.normal((96,), key=mx.random.key(1)).astype(mx.float16)
             ids = mx.array([4, 0, 4], dtype=mx.uint32)
             out = kernels.moe_custom(x, ids, mx.array([0.5, 0.3, 0.2], dtype=mx.float16), *projs)
+        else:  # k = 8: 256-thread threadgroups meet at the barrier; rows 37-39 (the last threadgroup) are past D
+            down = quantized((10, 37, 128), mx.bfloat16, 64, 4, 3)
+            h = mx.random.normal((8, 128), key=mx.random.key(6)).astype(mx.bfloat16)
+            scores = mx.softmax(mx.random.normal((8,), key=mx.random.key(5))).astype(mx.bfloat16)
+            out = kernels.moe_down(h, mx.array([9, 0, 3, 3, 7, 1, 9, 2], dtype=mx.uint32), scores, down)
         results.append(np.array(out.astype(mx.float32)))
+    assert np.isfinite(results[0]).all()
     assert all(np.array_equal(results[0], r) for r in results[1:])
 
 
-def test_address_sanitizer_finds_no_out_of_bounds_access(monkeypatch):
+@pytest.mark.parametrize("dtype,bits,group_size", [(mx.bfloat16, 4, 32), (mx.float16, 8, 128)])
+def test_address_sanitizer_finds_no_out_of_bounds_access(monkeypatch, dtype, bits, group_size):
+    """ASan and misaligned-access checks: K = 896 is a whole step and a 384 tail (which half the lanes
+    take twice), 13 rows leave three clamped: every kind of load, at 4 and 8 bits."""
+    K = 896
     monkeypatch.setattr(kernels, "launch", lambda k, **kw: ex.launch(k, sanitize=True, **kw))
-    w = quantized((13, 160), mx.bfloat16, 32, 4, 0)  # rows and inputs that fill no block evenly
-    x = mx.random.normal((160,), key=mx.random.key(1)).astype(mx.bfloat16)
-    assert_close(kernels.qmv_custom(x, *w), qmatvec64(*w, f64(x)), mx.bfloat16)
-    projs = [quantized(s, mx.bfloat16, 32, 8, i) for i, s in enumerate([(5, 64, 96), (5, 64, 96), (5, 96, 64)])]
-    ids, scores = mx.array([4, 0, 4], dtype=mx.uint32), mx.array([0.5, 0.3, 0.2], dtype=mx.bfloat16)
-    x = mx.random.normal((96,), key=mx.random.key(2)).astype(mx.bfloat16)
-    assert_close(kernels.moe_custom(x, ids, scores, *projs), moe_reference(x, ids, scores, *projs)[1], mx.bfloat16)
+    w = quantized((13, K), dtype, group_size, bits, 0)  # rows that fill no threadgroup evenly
+    x = mx.random.normal((K,), key=mx.random.key(1)).astype(dtype)
+    assert_close(kernels.qmv_custom(x, *w), qmatvec64(*w, f64(x)), dtype)
+    if bits == 4:
+        projs = quantized_moe(5, 96, 64, dtype, 32, 8)
+        ids, scores = mx.array([4, 0, 4], dtype=mx.uint32), mx.array([0.5, 0.3, 0.2], dtype=dtype)
+        x = mx.random.normal((96,), key=mx.random.key(2)).astype(dtype)
+        assert_close(kernels.moe_custom(x, ids, scores, *projs), moe_reference(x, ids, scores, *projs)[1], dtype)
 
 
 # ---- the executor itself: a missing barrier, an overrun and an unwritten output must show ----
@@ -201,6 +264,21 @@ def test_executor_reports_an_overrun_under_asan():
     with pytest.raises(RuntimeError, match="AddressSanitizer"):
         ex.run(k, [x], template=[], grid=(32, 1, 1), threadgroup=(32, 1, 1), output_shapes=[(32,)],
                output_dtypes=[mx.float32], sanitize=True, input_names=["inp"])
+
+
+def test_executor_reports_a_misaligned_vector_load_under_asan():
+    # buffers start 16-byte aligned (the kernels' precondition holds here); a uint4 one word in does not
+    body = "uint i = thread_position_in_grid.x; out[i] = (*(const device uint4*)(inp + off[0] + 4 * i)).y;"
+    k = mx.fast.metal_kernel(name="vload", input_names=["inp", "off"], output_names=["out"], source=body)
+
+    def run(off):
+        inputs = [mx.arange(4 * 32 + 4, dtype=mx.uint32), mx.array([off], dtype=mx.uint32)]
+        return ex.run(k, inputs, template=[], grid=(32, 1, 1), threadgroup=(32, 1, 1), output_shapes=[(32,)],
+                      output_dtypes=[mx.uint32], sanitize=True, input_names=["inp", "off"])[0]
+
+    assert run(0).tolist() == list(range(1, 128, 4))
+    with pytest.raises(RuntimeError, match="misaligned address"):
+        run(1)
 
 
 def test_executor_shows_unwritten_outputs_and_simd_sum():
