@@ -14,58 +14,63 @@
 // 8 (4-bit) or 16 (8-bit) bytes times its lane index, so every vector load is aligned. x, scales
 // and biases may start anywhere: they are read one element at a time.
 //
-// Dequantization without shifts: x is pre-scaled once per step by powers of two (at 4 bits, input
-// i of each 16-bit half-word by 16^-(i % 4)), so a 4-bit weight costs one AND (its nibble masked in
-// place) and one convert, and an 8-bit weight one convert of its byte. The products are exact in
-// float (the masked value is q * 16^j, the pre-scaled x is x * 16^-j) unless x * 2^-12 is below
-// float's normal range (|x| < 2^-114), where it flushes, as MLX's own qmv does.
+// Dequantization without shifts, as MLX's qmv does it: at 4 bits, x is pre-scaled once per step by
+// powers of two (input i of each word by 16^-(i % 8)), so a weight costs one AND (its nibble
+// masked in place in the 32-bit word) and one convert; at 8 bits a weight costs one convert of its
+// byte of the loaded word (as_type<uchar4>). The products
+// are exact in float (the masked value is q * 16^i, the pre-scaled x is x * 16^-i) unless
+// x * 2^-28 is below float's normal range (|x| < 2^-98), where it flushes.
+//
+// Loops over constant counts are unrolled in full (as MLX's kernels ask, STEEL_PRAGMA_UNROLL), so
+// indices such as i % 8 and the masks are constants in the compiled code.
 
 // One lane's V inputs as float, pre-scaled for qdot; returns their (unscaled) sum for the biases.
 template <typename T, int BITS, int V>
 inline float load_x(const device T* x, thread float* xs) {
   float sum = 0.0f;
+#pragma clang loop unroll(full)
   for (int i = 0; i < V; i++) {
     const float v = float(x[i]);
     sum += v;
-    xs[i] = BITS == 4 ? v * (1.0f / float(1 << (4 * (i % 4)))) : v;
+    xs[i] = BITS == 4 ? v * (1.0f / float(1u << (4 * (i % 8)))) : v;
   }
   return sum;
 }
 
-// x . q over the 4 nibbles of one 16-bit half-word (xs pre-scaled by 1, 1/16, 1/256, 1/4096)
-inline float dot_nibbles(ushort h, const thread float* xs) {
-  return xs[0] * float(h & 0x000f) + xs[1] * float(h & 0x00f0) + xs[2] * float(h & 0x0f00) +
-         xs[3] * float(h & 0xf000);
+// x . q over the 8 nibbles of one word (xs pre-scaled by 16^-i): one AND and one convert a weight
+inline float dot_nibbles(uint word, const thread float* xs) {
+  float acc = 0.0f;
+#pragma clang loop unroll(full)
+  for (int i = 0; i < 8; i++) {
+    acc += xs[i] * float(word & (0xfu << (4 * i)));
+  }
+  return acc;
 }
 
-// x . q over the 4 bytes of one word
+// x . q over the 4 bytes of one word: one convert a weight (the bytes are the register's, as a
+// uchar4 load would hand them over)
 inline float dot_bytes(uint word, const thread float* xs) {
   const uchar4 b = as_type<uchar4>(word);
   return xs[0] * float(b.x) + xs[1] * float(b.y) + xs[2] * float(b.z) + xs[3] * float(b.w);
 }
 
-// x . q over one lane's V = 16 (vector load) or 8 (tail) inputs, the packed words at w
+// x . q over one lane's V = 16 (whole step) or 8 (tail) inputs, the packed words at w: one vector
+// load of the lane's words
 template <int BITS, int V>
 inline float qdot(const device uint32_t* w, const thread float* xs) {
-  float acc = 0.0f;
   if (BITS == 4 && V == 16) {
-    const ushort4 h = as_type<ushort4>(*(const device uint2*)w);
-    for (int i = 0; i < 4; i++) {
-      acc += dot_nibbles(h[i], xs + 4 * i);
-    }
-  } else if (BITS == 4) {
-    const ushort2 h = as_type<ushort2>(w[0]);
-    acc = dot_nibbles(h.x, xs) + dot_nibbles(h.y, xs + 4);
-  } else if (V == 16) {
-    const uint4 v = *(const device uint4*)w;
-    for (int i = 0; i < 4; i++) {
-      acc += dot_bytes(v[i], xs + 4 * i);
-    }
-  } else {
     const uint2 v = *(const device uint2*)w;
-    acc = dot_bytes(v.x, xs) + dot_bytes(v.y, xs + 4);
+    return dot_nibbles(v.x, xs) + dot_nibbles(v.y, xs + 8);
   }
-  return acc;
+  if (BITS == 4) {
+    return dot_nibbles(w[0], xs);
+  }
+  if (V == 16) {
+    const uint4 v = *(const device uint4*)w;
+    return dot_bytes(v.x, xs) + dot_bytes(v.y, xs + 4) + dot_bytes(v.z, xs + 8) + dot_bytes(v.w, xs + 12);
+  }
+  const uint2 v = *(const device uint2*)w;
+  return dot_bytes(v.x, xs) + dot_bytes(v.y, xs + 4);
 }
 
 // One quantized matrix: packed words, scales, biases (rows of K inputs).
@@ -83,7 +88,9 @@ inline void qstep(thread float* acc, const thread QMatrix<T>* mats, const thread
                   const device T* x, int k) {
   float xs[V];
   const float xsum = load_x<T, BITS, V>(x + k, xs);
+#pragma clang loop unroll(full)
   for (int m = 0; m < M; m++) {
+#pragma clang loop unroll(full)
     for (int r = 0; r < R; r++) {
       const long row = rows[r];
       const device uint32_t* w = mats[m].w + row * (K * BITS / 32) + k * BITS / 32;

@@ -1,8 +1,10 @@
-"""The custom Metal kernels' Python side: build, self-check, dispatch, and the plain-MLX twins.
+"""The custom Metal kernels' Python side: build, self-check, measured dispatch, and the plain-MLX twins.
 
-Each op has a twin made of MLX built-ins that is both its reference and its fallback. On Metal the
-first use of a kernel at a shape checks it against the twin on a small input; a compile error or
-a mismatch logs one warning and that kernel is not used again in this process. Off Metal, the
+Each op has a twin made of MLX built-ins that is both its reference and its fallback. On Metal, in
+auto mode, the first use of a kernel at a shape checks it against the twin through the production
+launch, times both at the real shape, and keeps the custom kernel only where it is faster; the
+choice is stored per machine and version (ChoiceStore). A compile error, a mismatch or a launch
+that raises logs one warning and that kernel is not used again in this process. Off Metal, the
 twins run. MLX_QWEN3_KERNELS=custom|builtin (or load(..., kernels=...)) forces either path.
 """
 
@@ -136,7 +138,7 @@ def moe_twin(x, ids, scores, gate, up, down):
 # chip, macOS, MLX, package and kernel sources (ChoiceStore), so later runs skip the timing.
 
 MARGIN = 0.03  # the custom kernel must beat MLX's built-in by this fraction to be chosen
-ALIGN = 16  # bytes: the kernels load packed weights as uint2 / uint4
+ALIGN = 16  # bytes: the kernels load packed weights as uint2 (4-bit) / uint4 (8-bit)
 
 _mode = None
 _disabled = {}  # kernel name -> why it is off for the rest of this process

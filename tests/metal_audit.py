@@ -7,7 +7,7 @@ conversions out of line. In the kernel function (its helpers inlined) every load
 tests/metal_audit.h counts them. Ops are counted statically per block and multiplied by the
 blocks' executions:
 
-- bitwise (and/or/xor/shl/lshr/ashr) and int (add/sub/mul/div/rem/ext/trunc/select/icmp) are
+- bitwise (and/or/xor/shl/lshr/ashr) and int (add/sub/mul/div/rem/ext/select/icmp; a trunc is free) are
   split by where their result goes: "value" ops feed a number the kernel computes with (an
   int-to-float convert, a store, a call); "address" ops feed only addresses and loop control
   (so is every getelementptr);
@@ -48,11 +48,12 @@ _OUT_OF_LINE = re.compile(r"@(_ZN4exec|_ZNK?10bfloat16_t|_Z\d+simd_|_Z\d+threadg
 _BF16_TO_FLOAT = "@_ZNK10bfloat16_tcvfEv"
 _BF16_FROM_FLOAT = "@_ZN10bfloat16_tC"
 _BITWISE = {"and", "or", "xor", "shl", "lshr", "ashr"}
-_INT = {"add", "sub", "mul", "udiv", "sdiv", "urem", "srem", "zext", "sext", "trunc", "select", "icmp"}
+_INT = {"add", "sub", "mul", "udiv", "sdiv", "urem", "srem", "zext", "sext", "select", "icmp"}
 _CONVERT = {"uitofp", "sitofp", "fptoui", "fptosi", "fpext", "fptrunc"}
 _FLOAT = {"fadd", "fsub", "fmul", "fdiv", "frem", "fneg", "fcmp"}
-# free moves a value passes through on its way (not counted as ops)
-_THROUGH = {"phi", "extractelement", "insertelement", "shufflevector", "bitcast", "freeze"}
+# free moves a value passes through on its way (not counted as ops); trunc is one: taking the low
+# bits of a register is no instruction (x86's optimizer writes element 0 of a loaded uchar4 so)
+_THROUGH = {"phi", "extractelement", "insertelement", "shufflevector", "bitcast", "freeze", "trunc"}
 _DEF = re.compile(r"^\s*(%[-\w.$]+) = (?:tail |musttail |notail )?(\w+)")
 _NAME = re.compile(r"%[-\w.$]+")
 
@@ -125,7 +126,8 @@ def _classify(body: list) -> dict:
 def instrument(ll: str, kernel_name: str = "custom_kernel_"):
     """-> (instrumented IR, static op counts per block id, load sites) for the kernel in `ll`."""
     lines = ll.split("\n")
-    start = next(i for i, l in enumerate(lines) if l.startswith("define ") and kernel_name in l.split("(")[0])
+    start = next(i for i, l in enumerate(lines)
+                 if l.startswith("define ") and kernel_name in re.search(r"@[-\w.$]+(?=\()", l).group(0))
     end = next(i for i in range(start, len(lines)) if lines[i] == "}")
     body = lines[start + 1:end]
     classes = _classify(body)
@@ -167,11 +169,19 @@ def instrument(ll: str, kernel_name: str = "custom_kernel_"):
 
 
 def _noinline(ll: str) -> str:
+    """The shim's scheduler, SIMD-group functions, barriers and bf16 conversions out of line (kept
+    out of the counts); everything else the kernel calls (its helpers, the shim's vector types and
+    as_type) inlined into it, however big, so that its loads and ops are counted where they run."""
     def fix(m):
         line = m.group(0)
-        if not _OUT_OF_LINE.search(line.split("(")[0]):
+        name = re.search(r"@[-\w.$]+(?=\()", line).group(0)  # not split("("): `dereferenceable(N)` comes first
+        if _OUT_OF_LINE.search(name):
+            attr = "noinline"
+        elif re.search(r"@(main|_Z\d+thread_body|__audit)", name):
             return line
-        return re.sub(r"\) (unnamed_addr )?#(\d+)", lambda a: f") {a.group(1) or ''}noinline #{a.group(2)}", line, count=1)
+        else:
+            attr = "alwaysinline"
+        return re.sub(r"\) (unnamed_addr )?#(\d+)", lambda a: f") {a.group(1) or ''}{attr} #{a.group(2)}", line, count=1)
     return re.sub(r"^define .*$", fix, ll, flags=re.M)
 
 
@@ -196,7 +206,10 @@ def build(source: str):
         # unoptimized IR (but not optnone), the shim's functions kept out of line, then -O2
         clang("-std=c++17", "-O2", "-Xclang", "-disable-llvm-passes", "-S", "-emit-llvm", f"-I{ex.HERE}",
               str(src), "-o", f"{tmp}.0.ll")
-        Path(f"{tmp}.1.ll").write_text(_noinline(Path(f"{tmp}.0.ll").read_text()))
+        # a vector load stays one load: x86's optimizer would split a uint2 whose words are used
+        # one by one into two 4-byte loads, which Metal's compiler has no reason to do
+        early = re.sub(r"= load (<\d+ x \w+>)", r"= load volatile \1", Path(f"{tmp}.0.ll").read_text())
+        Path(f"{tmp}.1.ll").write_text(_noinline(early))
         clang("-O2", "-fno-vectorize", "-fno-slp-vectorize", "-S", "-emit-llvm", f"{tmp}.1.ll", "-o", f"{tmp}.2.ll")
         text, static, _ = instrument(Path(f"{tmp}.2.ll").read_text())
         Path(f"{tmp}.3.ll").write_text(text)

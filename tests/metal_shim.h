@@ -35,7 +35,16 @@ struct uint3 {
 };
 
 // Vector types as Metal lays them out: components in order, aligned to their size (so a misaligned
-// vector load shows under -fsanitize=alignment), .x .y .z .w and [] access.
+// vector load shows under -fsanitize=alignment), .x .y .z .w and [] access. Under clang they are
+// what Metal's own are, clang vectors (so the audit's IR sees vector loads and element moves as
+// Metal's compiler does); g++ has no .x on its vectors, so there they are structs.
+#ifdef __clang__
+typedef uint uint2 __attribute__((ext_vector_type(2)));
+typedef uint uint4 __attribute__((ext_vector_type(4)));
+typedef ushort ushort2 __attribute__((ext_vector_type(2)));
+typedef ushort ushort4 __attribute__((ext_vector_type(4)));
+typedef uchar uchar4 __attribute__((ext_vector_type(4)));
+#else
 template <typename T>
 struct alignas(2 * sizeof(T)) vec2 {
   union {
@@ -65,6 +74,7 @@ typedef vec4<uint> uint4;
 typedef vec2<ushort> ushort2;
 typedef vec4<ushort> ushort4;
 typedef vec4<uchar> uchar4;
+#endif
 
 // Metal's as_type: the same bits as another type of the same size
 template <typename T, typename U>

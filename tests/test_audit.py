@@ -72,9 +72,13 @@ def test_qmv_reads_each_weight_byte_once(record):
         assert b[key]["coalesced"] == b[key]["unique"] == arr.nbytes, key
         assert b[key]["noncontiguous"] == 0, key
     assert b["w"]["issued"] == w.nbytes
-    assert b["scales"]["issued"] == 8 * scales.nbytes  # the 8 lanes of a group of 64 each load its scale
+    assert b["scales"]["issued"] == 4 * scales.nbytes  # the 4 lanes (16 inputs each) of a group of 64 each load it
     assert b["x"]["unique"] == 1024 and b["x"]["coalesced"] == 3 * 2 * 1024  # once per simdgroup
-    assert fig["ops"]["bitwise"] == 24 * 512 * 7 // 4  # 7 shifts and 7 masks per word of 8
+    simdgroups, lanes = 24 // 4, 32
+    # one mask per weight, no shift; each lane's prologue makes its 4 row indices (2 shifts, 3 ors)
+    assert fig["ops"]["bitwise"] == 24 * 512 + simdgroups * lanes * 5
+    # one per weight, one per x value per simdgroup, a scale and a bias per row and lane, one per output
+    assert fig["ops"]["convert"] == 24 * 512 + simdgroups * 512 + simdgroups * lanes * 4 * 2 + 24
 
 
 @pytest.mark.parametrize("op", ["qmv", "moe"])
