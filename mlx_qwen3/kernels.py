@@ -219,7 +219,11 @@ def _use(key: tuple, check, timed) -> bool:
                 _disable(name, f"failed its self-check at {text} ({err})")
                 return False
         if choice is None:
-            choice = measure(*timed())
+            try:
+                choice = measure(*timed())
+            except Exception as e:  # the real shape fails where the small check did not
+                _disable(name, f"failed at {text} while being timed ({_error_line(e)})")
+                return False
             store().put(text, choice)
             log.info("kernel choice at %s: %s (custom %.1f us, built-in %.1f us)", text,
                      "custom" if choice["custom"] else "built-in", choice["custom_us"], choice["builtin_us"])

@@ -450,6 +450,27 @@ def test_a_launch_that_raises_after_its_check_falls_back_with_one_warning(on_cpu
         _decode_logits(model)
 
 
+def test_a_kernel_that_fails_at_the_real_shape_while_timed_falls_back(on_cpu, monkeypatch, caplog):
+    real = kernels.launch
+
+    def only_small(kernel, **kwargs):
+        if kwargs["inputs"][1].shape[0] > 8:  # the check's 8 rows pass, the layer's 16 do not
+            raise ValueError("Unable to allocate threadgroup memory")
+        return real(kernel, **kwargs)
+
+    monkeypatch.setattr(kernels, "launch", only_small)
+    monkeypatch.setattr(kernels, "on_metal", lambda: True)
+    w = quantized((16, 64), mx.bfloat16, 32, 4, 0)
+    x = mx.random.normal((1, 64), key=mx.random.key(1)).astype(mx.bfloat16)
+    layer = nn_quantized(w)
+    with caplog.at_level(logging.WARNING, logger="mlx_qwen3.kernels"):
+        y = kernels.quantized_linear(layer, x)
+    assert "while being timed" in caplog.text and "qmv" in kernels._disabled
+    kernels.set_mode("builtin")
+    assert mx.array_equal(y, kernels.quantized_linear(layer, x))
+    assert not kernels.store().path.exists()  # nothing stored: a later run tries again
+
+
 def test_a_wrong_kernel_is_caught_by_its_self_check(on_cpu, monkeypatch, caplog):
     real = kernels.launch
 
