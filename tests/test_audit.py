@@ -7,8 +7,9 @@ import pytest
 import metal_audit as au
 from mlx_qwen3 import kernels
 from test_kernels import quantized
+from requires import requires
 
-pytestmark = pytest.mark.skipif(not au.available(), reason=f"the audit needs {au.CLANG} (Debian's clang-15)")
+pytestmark = requires(au.available(), f"the audit needs {au.CLANG} (Debian's clang-15)")
 
 N = 64  # one threadgroup of two simdgroups
 

@@ -3,12 +3,12 @@
 import shutil
 
 import pytest
+from requires import requires
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
-pytestmark = pytest.mark.skipif(
-    not (CHROMIUM and DRIVER),
-    reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
+pytestmark = requires(bool(CHROMIUM and DRIVER),
+                      "needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
 
 
 @pytest.fixture(scope="module")

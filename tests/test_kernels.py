@@ -11,8 +11,9 @@ import pytest
 
 import metal_executor as ex
 from mlx_qwen3 import kernels
+from requires import requires
 
-pytestmark = pytest.mark.skipif(ex.compiler() is None, reason="needs a C++ compiler (clang++ or g++) to run Metal source")
+pytestmark = requires(ex.compiler() is not None, "needs a C++ compiler (clang++ or g++) to run Metal source")
 
 EPS = {mx.bfloat16: 2.0**-8, mx.float16: 2.0**-11}  # half an ulp, relative: the output's rounding
 
