@@ -5,7 +5,8 @@ auto mode, the first use of a kernel at a shape checks it against the twin throu
 launch, times both at the real shape, and keeps the custom kernel only where it is faster; the
 choice is stored per machine and version (ChoiceStore). A compile error, a mismatch or a launch
 that raises logs one warning and that kernel is not used again in this process. Off Metal, the
-twins run. MLX_QWEN3_KERNELS=custom|builtin (or load(..., kernels=...)) forces either path.
+twins run. load(..., kernels=...) (set_mode) forces either path for one model, MLX_QWEN3_KERNELS=custom|builtin
+for every model that sets none.
 """
 
 import hashlib
@@ -140,26 +141,32 @@ def moe_twin(x, ids, scores, gate, up, down):
 MARGIN = 0.03  # the custom kernel must beat MLX's built-in by this fraction to be chosen
 ALIGN = 16  # bytes: the kernels load packed weights as uint2 (4-bit) / uint4 (8-bit)
 
-_mode = None
+# What this process has learnt, per machine and not per model (the documented caches):
 _disabled = {}  # kernel name -> why it is off for the rest of this process
 _choices = {}  # shape key (a tuple, see describe) -> {"custom_us", "builtin_us", "custom"} for this process
-_store = None
-
-
-def set_mode(mode: str):
-    """auto: on Metal, the custom kernel where its self-check passes and it measures faster than
-    MLX's built-in; custom: always (on Metal), unchecked; builtin: never."""
-    global _mode
-    if mode not in MODES:
-        raise ValueError(f"kernels must be one of {', '.join(MODES)}, not {mode!r}")
-    _mode = mode
-
-
+_store = None  # the ChoiceStore, read on first use
 _bad_env = set()  # values of MLX_QWEN3_KERNELS already warned about (mode() runs once per layer)
 
 
-def mode() -> str:
-    m = _mode or os.environ.get("MLX_QWEN3_KERNELS", "auto")
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"kernels must be one of {', '.join(MODES)}, not {mode!r}")
+    return mode
+
+
+def set_mode(model: nn.Module, mode):
+    """The kernel mode of this model (or layer) and its layers only; None: MLX_QWEN3_KERNELS, else
+    auto. auto: on Metal, the custom kernel where its self-check passes and it measures faster than
+    MLX's built-in; custom: always (on Metal), unchecked; builtin: never."""
+    if mode is not None:
+        check_mode(mode)
+    for _, module in model.named_modules():
+        object.__setattr__(module, "_kernel_mode", mode)  # not a parameter: kept out of the module's dict
+
+
+def mode(layer=None) -> str:
+    """The mode a layer runs in: its model's (set_mode), else MLX_QWEN3_KERNELS, else auto."""
+    m = (layer.__dict__.get("_kernel_mode") if layer is not None else None) or os.environ.get("MLX_QWEN3_KERNELS", "auto")
     if m not in MODES:
         if m not in _bad_env:
             log.warning("MLX_QWEN3_KERNELS=%s is not one of %s; using auto", m, ", ".join(MODES))
@@ -193,13 +200,12 @@ def describe(key: tuple) -> str:
     return f"moe {dtype} {gate_bits}-bit/{gate_gs} {down_bits}-bit/{down_gs} {k} of {E} experts {D}->{I}->{D}"
 
 
-def _use(key: tuple, check, timed) -> bool:
-    """Whether to run the custom kernel key[0] at shape `key`: the mode, the platform, its
+def _use(m: str, key: tuple, check, timed) -> bool:
+    """Whether to run the custom kernel key[0] at shape `key`: the mode m, the platform, its
     self-check (a zero-argument function returning None or what is wrong) and the measured choice
     (`timed` gives zero-argument (custom, builtin) calls at the real shape). Keys are tuples, cheap
     to build on every call; the text is made only when a shape is first seen."""
     name = key[0]
-    m = mode()
     if m == "builtin" or not on_metal():
         return False
     if m == "custom":
@@ -231,12 +237,12 @@ def _use(key: tuple, check, timed) -> bool:
     return choice["custom"]
 
 
-def _run(name: str, custom, twin, *args):
+def _run(m: str, name: str, custom, twin, *args):
     """custom(*args), or the twin if the launch raises (in auto mode; forced custom lets it raise)."""
     try:
         return custom(*args)
     except Exception as e:
-        if mode() == "custom":
+        if m == "custom":
             raise
         _disable(name, f"raised at launch ({_error_line(e)})")
         return twin(*args)
@@ -396,8 +402,9 @@ def quantized_linear(layer, x: mx.array) -> mx.array:
             xs = mx.random.normal((K,), key=mx.random.key(1)).astype(x.dtype)
             return lambda: qmv_custom(xs, *args), lambda: qmv_twin(xs, *args)
 
-        if _use(("qmv", x.dtype, layer.bits, layer.group_size, layer.weight.shape[0], K), check, timed):
-            y = _run("qmv", qmv_custom, qmv_twin, x.reshape(K), *args)
+        m = mode(layer)
+        if _use(m, ("qmv", x.dtype, layer.bits, layer.group_size, layer.weight.shape[0], K), check, timed):
+            y = _run(m, "qmv", qmv_custom, qmv_twin, x.reshape(K), *args)
         else:
             y = qmv_twin(x.reshape(K), *args)
         y = y.reshape(*x.shape[:-1], -1)
@@ -437,7 +444,8 @@ def sparse_moe(switch_mlp, x: mx.array, inds: mx.array, scores: mx.array) -> mx.
 
         key = ("moe", x.dtype, gate[4], gate[3], down[4], down[3], k, E, D, I)
         args = (x.reshape(D), inds.reshape(k).astype(mx.uint32), scores.reshape(k), gate, up, down)
-        y = _run("moe", moe_custom, moe_twin, *args) if _use(key, check, timed) else moe_twin(*args)
+        m = mode(switch_mlp)
+        y = _run(m, "moe", moe_custom, moe_twin, *args) if _use(m, key, check, timed) else moe_twin(*args)
         return y.reshape(x.shape)
     y = switch_mlp(x, inds)
     return (y * scores[..., None]).sum(axis=-2)

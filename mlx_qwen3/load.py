@@ -353,7 +353,7 @@ def _few(names: list, n: int = 3) -> str:
 def load_model(path_or_id, lazy: bool = False, kernels: Optional[str] = None):
     """Load the model alone. Returns (model, config dict)."""
     if kernels is not None:
-        _set_kernels(kernels)
+        _check_kernels(kernels)  # before any loading: a bad value is one line at once
     folder = resolve(str(path_or_id))
     config = read_config(folder)
     model = build_model(config, folder)
@@ -365,6 +365,10 @@ def load_model(path_or_id, lazy: bool = False, kernels: Optional[str] = None):
     _check_weights(model, weights)
     model.load_weights(list(weights.items()), strict=True)
     model.eval()
+    if kernels is not None:
+        from . import kernels as kernel_modes
+
+        kernel_modes.set_mode(model, kernels)  # this model's layers only
     if not lazy:
         mx.eval(model.parameters())
     return model, config
@@ -402,11 +406,11 @@ def check_vocabulary(model, tokenizer):
         )
 
 
-def _set_kernels(mode: str):
+def _check_kernels(mode: str):
     from . import kernels
 
     try:
-        kernels.set_mode(mode)
+        kernels.check_mode(mode)
     except ValueError as e:
         raise UserError(str(e)) from None
 

@@ -100,21 +100,17 @@ def model_report(path: str, tokens: int = 64) -> dict:
 
     model, _ = load_model(path)
     out = {"model": path}
-    saved = kernels._mode
-    try:
-        for m in ("builtin", "auto") if kernels.on_metal() else ("builtin",):
-            kernels.set_mode(m)
-            steps = generate_step(model, mx.array([1, 2, 3, 4], dtype=mx.uint32), make_cache(model),
-                                  lambda logits: mx.argmax(logits, axis=-1))
-            for _ in range(3):
-                next(steps)
-            tic = time.perf_counter()
-            for _ in range(tokens):
-                next(steps)
-            out[f"decode_tps_{m}"] = tokens / (time.perf_counter() - tic)
-            steps.close()
-    finally:
-        kernels._mode = saved
+    for m in ("builtin", "auto") if kernels.on_metal() else ("builtin",):
+        kernels.set_mode(model, m)
+        steps = generate_step(model, mx.array([1, 2, 3, 4], dtype=mx.uint32), make_cache(model),
+                              lambda logits: mx.argmax(logits, axis=-1))
+        for _ in range(3):
+            next(steps)
+        tic = time.perf_counter()
+        for _ in range(tokens):
+            next(steps)
+        out[f"decode_tps_{m}"] = tokens / (time.perf_counter() - tic)
+        steps.close()
     if "decode_tps_auto" in out:
         out["ratio"] = out["decode_tps_auto"] / out["decode_tps_builtin"]
         out["kernels_disabled"] = dict(kernels._disabled)

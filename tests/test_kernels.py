@@ -303,7 +303,6 @@ def fresh_dispatch(monkeypatch, tmp_path):
     monkeypatch.setattr(kernels, "_choices", {})
     monkeypatch.setattr(kernels, "_disabled", {})
     monkeypatch.setattr(kernels, "_store", None)
-    monkeypatch.setattr(kernels, "_mode", None)
     monkeypatch.setattr(kernels, "address", lambda a: 0)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.delenv("MLX_QWEN3_KERNELS", raising=False)
@@ -345,14 +344,14 @@ def _decode_logits(model):
 
 def test_a_whole_moe_decode_step_with_the_kernels_equals_the_twins(on_cpu, monkeypatch):
     model = _tiny_moe()
-    kernels.set_mode("builtin")
+    kernels.set_mode(model, "builtin")
     twins = _decode_logits(model)
     assert on_cpu == []
-    kernels.set_mode("auto")
+    kernels.set_mode(model, "auto")
     monkeypatch.setattr(kernels, "on_metal", lambda: True)
     monkeypatch.setattr(kernels, "measure", choose(custom=True))
     custom = _decode_logits(model)
-    kernels.set_mode("builtin")
+    kernels.set_mode(model, "builtin")
     model.set_dtype(mx.float32)  # the same quantized weights, float32 activations: the yardstick
     exact = _decode_logits(model)
     # the dense projections, lm_head and both MoE kernels ran here, after their self-checks
@@ -418,7 +417,7 @@ def test_a_failing_kernel_warns_once_and_falls_back(monkeypatch, caplog):
     warnings = [r.getMessage() for r in caplog.records]
     assert len([w for w in warnings if "qmv" in w]) == 1 and len([w for w in warnings if "moe" in w]) == 1
     assert "Unable to build metal library" in warnings[0]
-    kernels.set_mode("builtin")
+    kernels.set_mode(model, "builtin")
     assert mx.array_equal(first, _decode_logits(model)) and mx.array_equal(first, second)
 
 
@@ -441,11 +440,11 @@ def test_a_launch_that_raises_after_its_check_falls_back_with_one_warning(on_cpu
     warnings = [r.getMessage() for r in caplog.records]
     assert len([w for w in warnings if "raised at launch" in w]) == 2, warnings  # qmv once, moe once
     assert set(kernels._disabled) == {"qmv", "moe"}
-    kernels.set_mode("builtin")
+    kernels.set_mode(model, "builtin")
     want = _decode_logits(model)
     assert all(mx.array_equal(g, want) for g in got)
     # forced custom: the error is the user's to see
-    kernels.set_mode("custom")
+    kernels.set_mode(model, "custom")
     monkeypatch.setattr(kernels, "_disabled", {})
     with pytest.raises(ValueError, match="Thread group size"):
         _decode_logits(model)
@@ -467,7 +466,7 @@ def test_a_kernel_that_fails_at_the_real_shape_while_timed_falls_back(on_cpu, mo
     with caplog.at_level(logging.WARNING, logger="mlx_qwen3.kernels"):
         y = kernels.quantized_linear(layer, x)
     assert "while being timed" in caplog.text and "qmv" in kernels._disabled
-    kernels.set_mode("builtin")
+    kernels.set_mode(layer, "builtin")
     assert mx.array_equal(y, kernels.quantized_linear(layer, x))
     assert not kernels.store().path.exists()  # nothing stored: a later run tries again
 
@@ -501,11 +500,11 @@ def test_the_measured_choice_is_used_and_stored(on_cpu, monkeypatch):
     monkeypatch.setattr(kernels, "on_metal", lambda: True)
     layer = nn_quantized(quantized((16, 64), mx.bfloat16, 32, 4, 0))
     x = mx.random.normal((1, 64), key=mx.random.key(1)).astype(mx.bfloat16)
-    kernels.set_mode("builtin")
+    kernels.set_mode(layer, "builtin")
     want = kernels.quantized_linear(layer, x)
 
     monkeypatch.setattr(kernels, "measure", choose(custom=False))
-    kernels.set_mode("auto")
+    kernels.set_mode(layer, "auto")
     assert mx.array_equal(kernels.quantized_linear(layer, x), want)
     assert on_cpu == ["qmv"]  # the self-check ran; production took the built-in, which measured faster
     stored = json.loads(kernels.store().path.read_text())
@@ -650,14 +649,36 @@ def test_address_sees_the_offset_of_a_view():
 
 def test_modes(monkeypatch):
     monkeypatch.setattr(kernels, "on_metal", lambda: True)
-    monkeypatch.setenv("MLX_QWEN3_KERNELS", "builtin")
-    assert not kernels._use(("qmv",), lambda: "never checked", None)
-    monkeypatch.setenv("MLX_QWEN3_KERNELS", "custom")
-    assert kernels._use(("qmv",), lambda: "custom skips the check", None)
+    assert not kernels._use("builtin", ("qmv",), lambda: "never checked", None)
+    assert kernels._use("custom", ("qmv",), lambda: "custom skips the check", None)
     monkeypatch.setattr(kernels, "on_metal", lambda: False)
-    assert not kernels._use(("qmv",), lambda: None, None)  # off Metal the twins run, whatever the mode
+    assert not kernels._use("custom", ("qmv",), lambda: None, None)  # off Metal the twins run, whatever the mode
+    layer = nn_quantized(quantized((8, 64), mx.bfloat16, 32, 4, 0))
     with pytest.raises(ValueError, match="kernels must be one of auto, custom, builtin"):
-        kernels.set_mode("fast")
+        kernels.set_mode(layer, "fast")
+    # a model's own mode, else the environment's, else auto
+    monkeypatch.setenv("MLX_QWEN3_KERNELS", "builtin")
+    assert kernels.mode(layer) == "builtin"
+    kernels.set_mode(layer, "custom")
+    assert kernels.mode(layer) == "custom" and kernels.mode() == "builtin"
+    kernels.set_mode(layer, None)
+    monkeypatch.delenv("MLX_QWEN3_KERNELS")
+    assert kernels.mode(layer) == "auto"
+
+
+def test_two_models_in_one_process_keep_their_own_kernel_mode(on_cpu, monkeypatch):
+    monkeypatch.setattr(kernels, "on_metal", lambda: True)
+    monkeypatch.setattr(kernels, "measure", choose(custom=True))
+    plain, fast = _tiny_moe(), _tiny_moe()
+    kernels.set_mode(plain, "builtin")
+    kernels.set_mode(fast, "auto")
+    want = _decode_logits(plain)
+    assert on_cpu == []  # the built-in model launched nothing
+    got = _decode_logits(fast)
+    assert {"qmv", "moe_gate_up", "moe_down"} <= set(on_cpu)
+    on_cpu.clear()
+    assert mx.array_equal(_decode_logits(plain), want) and on_cpu == []  # still its own after the other ran
+    assert mx.isfinite(got.astype(mx.float32)).all()  # accuracy: test_a_whole_moe_decode_step_...
 
 
 # ---- python -m mlx_qwen3.selftest ----
@@ -708,9 +729,29 @@ def test_selftest_cli_with_a_model(tmp_path):
     assert report["stored_choices"]["choices"] == [] and "kernels-" in report["stored_choices"]["file"]
 
 
+def test_load_sets_the_kernel_mode_of_that_model_only(tmp_path):
+    from mlx.utils import tree_flatten
+
+    from mlx_qwen3 import UserError
+    from mlx_qwen3.convert import write_safetensors
+    from mlx_qwen3.load import load_model
+
+    model = _tiny_moe()
+    folder = tmp_path / "m"
+    folder.mkdir()
+    write_safetensors(folder / "model.safetensors", dict(tree_flatten(model.parameters())))
+    (folder / "config.json").write_text(json.dumps(dict(model.args.__dict__, quantization={"group_size": 32, "bits": 4})))
+    builtin, _ = load_model(folder, kernels="builtin")
+    other, _ = load_model(folder)
+    assert kernels.mode(builtin.layers[0].self_attn.q_proj) == "builtin"
+    assert kernels.mode(builtin.layers[0].mlp.switch_mlp) == "builtin"
+    assert kernels.mode(other.layers[0].self_attn.q_proj) == "auto"
+    with pytest.raises(UserError, match="kernels must be one of auto, custom, builtin, not 'fast'"):
+        load_model(folder, kernels="fast")
+
+
 def test_a_bad_environment_value_warns_once(monkeypatch, caplog):
     monkeypatch.setenv("MLX_QWEN3_KERNELS", "turbo")
-    monkeypatch.setattr(kernels, "_mode", None)
     monkeypatch.setattr(kernels, "_bad_env", set())
     with caplog.at_level(logging.WARNING, logger="mlx_qwen3.kernels"):
         assert [kernels.mode() for _ in range(3)] == ["auto"] * 3
