@@ -145,7 +145,7 @@ ALIGN = 16  # bytes: the kernels load packed weights as uint2 (4-bit) / uint4 (8
 _disabled = {}  # kernel name -> why it is off for the rest of this process
 _choices = {}  # shape key (a tuple, see describe) -> {"custom_us", "builtin_us", "custom"} for this process
 _store = None  # the ChoiceStore, read on first use
-_bad_env = set()  # values of MLX_QWEN3_KERNELS already warned about (mode() runs once per layer)
+_said = set()  # one-time messages already logged (mode() and aligned() run once per layer and token)
 
 
 def check_mode(mode: str) -> str:
@@ -168,9 +168,9 @@ def mode(layer=None) -> str:
     """The mode a layer runs in: its model's (set_mode), else MLX_QWEN3_KERNELS, else auto."""
     m = (layer.__dict__.get("_kernel_mode") if layer is not None else None) or os.environ.get("MLX_QWEN3_KERNELS", "auto")
     if m not in MODES:
-        if m not in _bad_env:
+        if f"env {m}" not in _said:
             log.warning("MLX_QWEN3_KERNELS=%s is not one of %s; using auto", m, ", ".join(MODES))
-            _bad_env.add(m)
+            _said.add(f"env {m}")
         m = "auto"
     return m
 
@@ -312,8 +312,7 @@ class ChoiceStore:
     def put(self, key: str, choice: dict):
         self.choices[key] = choice
         try:  # merge with what other processes stored meanwhile, then replace the file atomically
-            on_disk = self._read() if self.path.exists() else {}
-            self.choices = {**on_disk, **self.choices}
+            self.choices = {**self._read(), **self.choices}
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
             tmp.write_text(json.dumps({"machine": self.machine, "choices": self.choices}, indent=1, sort_keys=True))
@@ -362,9 +361,6 @@ def address(a: mx.array) -> int:
     return np.asarray(a).ctypes.data
 
 
-_unaligned_seen = []
-
-
 def aligned(layer) -> bool:
     """Whether the layer's packed weight starts on an ALIGN boundary, as the kernels' vector loads
     need; a view into another array may not. Worked out once per weight array (it is per call)."""
@@ -373,16 +369,18 @@ def aligned(layer) -> bool:
     if seen is None or seen[0] is not w:
         seen = (w, address(w) % ALIGN == 0)
         object.__setattr__(layer, "_kernel_aligned", seen)  # not a parameter: kept out of the module's dict
-        if not seen[1] and not _unaligned_seen:
+        if not seen[1] and "unaligned" not in _said:
             log.info("a quantized weight is not %d-byte aligned (a view into another array): MLX's built-ins "
                      "run for such layers", ALIGN)
-            _unaligned_seen.append(True)
+            _said.add("unaligned")
     return seen[1]
 
 
 def _eligible(dtype, layer) -> bool:
+    """Whether a custom kernel can take this layer here (alignment looked at only on Metal: off it
+    the built-ins run whatever the answer, and MLX's CPU buffers are not 16-byte aligned)."""
     return (dtype in (mx.float16, mx.bfloat16) and layer.mode == "affine" and layer.bits in (4, 8)
-            and layer.group_size in (32, 64, 128) and aligned(layer))
+            and layer.group_size in (32, 64, 128) and on_metal() and aligned(layer))
 
 
 def quantized_linear(layer, x: mx.array) -> mx.array:

@@ -52,7 +52,7 @@ def _compare(name, shape, custom, twin, args, iters, metal, nbytes) -> dict:
                    speedup=round(m["builtin_us"] / m["custom_us"], 3),
                    choice="custom" if m["custom"] and row["ok"] else "builtin")
     except Exception as e:  # a compile error is a finding, not a crash of the report
-        row.update(ok=False, choice="builtin", error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        row.update(ok=False, choice="builtin", error=kernels._error_line(e))
     return row
 
 

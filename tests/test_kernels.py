@@ -752,7 +752,7 @@ def test_load_sets_the_kernel_mode_of_that_model_only(tmp_path):
 
 def test_a_bad_environment_value_warns_once(monkeypatch, caplog):
     monkeypatch.setenv("MLX_QWEN3_KERNELS", "turbo")
-    monkeypatch.setattr(kernels, "_bad_env", set())
+    monkeypatch.setattr(kernels, "_said", set())
     with caplog.at_level(logging.WARNING, logger="mlx_qwen3.kernels"):
         assert [kernels.mode() for _ in range(3)] == ["auto"] * 3
     assert caplog.text.count("MLX_QWEN3_KERNELS=turbo") == 1
