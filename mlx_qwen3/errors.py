@@ -4,6 +4,7 @@ import errno
 import os
 import sys
 from contextlib import contextmanager
+from typing import Optional
 
 # A writer whose reader went away (`... | head`) exits as if SIGPIPE had ended it, without a word:
 # 128 + 13 is what a shell reports for such a command, so `set -o pipefail` sees what it sees for `yes | head`.
@@ -11,7 +12,12 @@ EXIT_BROKEN_PIPE = 141
 
 
 class UserError(Exception):
-    pass
+    """Bad input. `param` names the argument at fault when there is one (the server answers it as OpenAI's
+    `param`); `code` says what kind of fault it is (invalid_type, out_of_range, ...)."""
+
+    def __init__(self, message: str, param: Optional[str] = None, code: Optional[str] = None):
+        super().__init__(message)
+        self.param, self.code = param, code
 
 
 def show(value, n: int = 40) -> str:

@@ -11,8 +11,9 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .errors import UserError, run_cli, show
+from .memory import weight_bytes
 from .models import MODELS
-from .models.base import QUANT_MODES, weight_bytes
+from .models.base import QUANT_MODES
 
 # What a model needs from a Hub repo: configs, weights, tokenizer, chat template.
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt"]

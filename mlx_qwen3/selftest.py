@@ -96,13 +96,13 @@ def model_report(path: str, tokens: int = 64) -> dict:
     where the dispatcher chose them; its first steps measure, so they are not timed)."""
     from .generate import generate_step
     from .load import load_model
-    from .models.base import make_cache
+    from .models.cache import PromptCache
 
     model, _ = load_model(path)
     out = {"model": path}
     for m in ("builtin", "auto") if kernels.on_metal() else ("builtin",):
         kernels.set_mode(model, m)
-        steps = generate_step(model, mx.array([1, 2, 3, 4], dtype=mx.uint32), make_cache(model),
+        steps = generate_step(model, mx.array([1, 2, 3, 4], dtype=mx.uint32), PromptCache.new(model),
                               lambda logits: mx.argmax(logits, axis=-1))
         for _ in range(3):
             next(steps)

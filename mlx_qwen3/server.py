@@ -30,10 +30,10 @@ from typing import Optional
 from urllib.parse import urlsplit
 
 from .errors import UserError, show
-from .generate import (RESERVED_TEMPLATE_ARGS, GenerationOptions, GenerationResult, check_ids, common_prefix,
-                       context_window, recommended_working_set, render_prompt, rewind, run, to_messages)
-from .models.base import make_cache, weight_bytes
-from .thinking import thinking_wanted
+from .generate import GenerationResult, Prompt, stream_generate
+from .generate import prepare as prepare_prompt
+from .memory import cache_budget
+from .models.cache import PromptCache, PromptCachePool
 
 MAX_BODY = 4 * 2**20  # bytes of JSON a request may carry
 MAX_DEPTH = 100  # levels of nesting a request's JSON may have (the template's tojson recurses, as do we)
@@ -46,13 +46,6 @@ API_KEY_ENV = "MLX_QWEN3_API_KEY"
 PAGE = Path(__file__).with_name("chat.html")
 _SHUTDOWN = object()  # put in a job's events when the server stops: its client gets a 503 / an error chunk
 _SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def default_cache_bytes(model) -> int:
-    """A quarter of the memory the weights leave free: the GPU's recommended working set on a Mac,
-    physical memory elsewhere."""
-    total = recommended_working_set() or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return max(0, total - weight_bytes(model)) // 4
 
 
 class RequestError(Exception):
@@ -73,7 +66,7 @@ def _clip(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-# ---- the request: checked once, into messages and GenerationOptions ----
+# ---- the request: OpenAI's shape checked here, the options by the generator, into a Prompt ----
 
 def _field(body: dict, key: str, kinds, lo=None, hi=None, lo_open=False):
     value = body.get(key)
@@ -164,9 +157,17 @@ def serves(served: str, wanted: str) -> bool:
     return wanted in (served, served.rstrip("/").split("/")[-1])
 
 
+# The request fields that are generation options under the same name; every option's type and range is
+# checked once, by the generator, whose errors name the option (mapped back to the request's field).
+OPTIONS = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty",
+           "seed", "thinking_budget")
+MAX_TEMPERATURE = 2  # OpenAI's API takes temperatures in [0, 2]; the generator takes any finite one
+
+
 def parse_request(body, served: str) -> tuple:
-    """-> (messages, GenerationOptions keywords, stream, include_usage). The ranges are GenerationOptions'
-    (so that every refusal names its field); `body` has been through check_json."""
+    """-> (messages, generation options as the generator names them, the request field of each option,
+    stream, include_usage). What is checked here is OpenAI's shape of the request; `body` has been
+    through check_json."""
     if not isinstance(body, dict):
         raise RequestError(400, "the body must be a JSON object", None, "invalid_body")
     model = _field(body, "model", str)
@@ -176,18 +177,12 @@ def parse_request(body, served: str) -> tuple:
     messages = parse_messages(body.get("messages"))
     if _field(body, "n", int, 1, 1) not in (None, 1):
         raise RequestError(422, "'n' must be 1", "n", "unsupported")
-    opts = {
-        "temperature": _field(body, "temperature", (int, float), 0, 2),
-        "top_p": _field(body, "top_p", (int, float), 0, 1, lo_open=True),
-        "top_k": _field(body, "top_k", int, 0),
-        "min_p": _field(body, "min_p", (int, float), 0, 1),
-        "presence_penalty": _field(body, "presence_penalty", (int, float), -2, 2),
-        "frequency_penalty": _field(body, "frequency_penalty", (int, float), -2, 2),
-        "repetition_penalty": _field(body, "repetition_penalty", (int, float), 0.01, 10),
-        "seed": _field(body, "seed", int, 0, 2**64 - 1),
-        "max_tokens": _field(body, "max_completion_tokens", int, 1) or _field(body, "max_tokens", int, 1),
-        "thinking_budget": _field(body, "thinking_budget", int, 0),
-    }
+    opts = {k: body[k] for k in OPTIONS if body.get(k) is not None}
+    fields = {}
+    for key in ("max_completion_tokens", "max_tokens"):
+        if body.get(key) is not None:
+            opts["max_tokens"], fields["max_tokens"] = body[key], key
+            break
     stop = body.get("stop")
     if stop is not None:
         if isinstance(stop, str):
@@ -196,37 +191,29 @@ def parse_request(body, served: str) -> tuple:
             raise RequestError(422, "'stop' must be a string or an array of at most 4 strings", "stop", "invalid_type")
         if any(len(s) > MAX_STOP for s in stop):
             raise RequestError(422, f"a stop string may have at most {MAX_STOP} characters", "stop", "out_of_range")
-        opts["stop"] = tuple(stop)
+        opts["stop"] = stop
     tools = _field(body, "tools", list)
     if tools is not None and body.get("tool_choice") != "none":
         if not all(isinstance(t, dict) for t in tools):
             raise RequestError(422, "'tools' must be an array of objects", "tools", "invalid_type")
         opts["tools"] = tools
-    kwargs = dict(_field(body, "chat_template_kwargs", dict) or {})
-    taken = sorted(k for k in kwargs if k in RESERVED_TEMPLATE_ARGS)
-    if taken:
-        raise RequestError(422, f"'chat_template_kwargs' may not set {', '.join(map(repr, taken))}: the template gets "
-                                "it from the request itself", "chat_template_kwargs", "reserved_template_argument")
-    if "enable_thinking" in kwargs:
-        if not isinstance(kwargs["enable_thinking"], bool):
-            raise RequestError(422, "'chat_template_kwargs.enable_thinking' must be a boolean",
-                               "chat_template_kwargs", "invalid_type")
-        opts["enable_thinking"] = kwargs.pop("enable_thinking")
-    opts["chat_template_kwargs"] = kwargs
+    kwargs = body.get("chat_template_kwargs")
+    if isinstance(kwargs, dict):
+        kwargs = dict(kwargs)
+        if "enable_thinking" in kwargs:
+            opts["enable_thinking"] = kwargs.pop("enable_thinking")
+            fields["enable_thinking"] = "chat_template_kwargs"
+    if kwargs is not None:
+        opts["chat_template_kwargs"] = kwargs
     stream = bool(_field(body, "stream", bool))
     include_usage = bool((_field(body, "stream_options", dict) or {}).get("include_usage"))
-    return messages, {k: v for k, v in opts.items() if v is not None}, stream, include_usage
-
-
-def _too_long(n: int, window: int) -> RequestError:
-    return RequestError(400, f"the prompt is {n} tokens; the context window is {window}", "messages",
-                        "context_length_exceeded")
+    return messages, opts, fields, stream, include_usage
 
 
 def prepare(raw: bytes, model, tokenizer, served: str) -> tuple:
-    """A request's body -> (prompt ids, GenerationOptions, thinking, stream, include_usage), or a
-    RequestError: everything that can be known before generating is checked here, the prompt rendered and
-    tokenized included. Slow for big prompts: run it off the event loop."""
+    """A request's body -> (Prompt, stream, include_usage), or a RequestError: everything that can be known
+    before generating is checked here, the prompt rendered and tokenized included. Slow for big prompts:
+    run it off the event loop."""
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError) as e:  # also UnicodeDecodeError, and integers over 4,300 digits
@@ -234,49 +221,47 @@ def prepare(raw: bytes, model, tokenizer, served: str) -> tuple:
                            "invalid_json") from None
     if isinstance(body, dict):
         check_json(body)
-    messages, options, stream, include_usage = parse_request(body, served)
-    window = context_window(model)
+    messages, options, fields, stream, include_usage = parse_request(body, served)
     try:
-        opts = GenerationOptions.from_kwargs(cancel=threading.Event(), **options)
-        messages = to_messages(messages, opts.system)
-        ids = render_prompt(tokenizer, messages, opts)
-        check_ids(model, ids)
-    except UserError as e:  # a template that fails on this request's content comes as one too
-        raise RequestError(422, str(e), None, "invalid_value") from None
-    if len(ids) >= window:
-        raise _too_long(len(ids), window)
-    return ids, opts, thinking_wanted(messages, opts.enable_thinking), stream, include_usage
+        prompt = prepare_prompt(model, tokenizer, messages, **options)
+    except UserError as e:  # a bad option, a prompt too long; a template that fails on this request too
+        status = 400 if e.code == "context_length_exceeded" else 422
+        raise RequestError(status, str(e), fields.get(e.param, e.param), e.code or "invalid_value") from None
+    temperature = prompt.options.sampling.temperature
+    if temperature is not None and temperature > MAX_TEMPERATURE:
+        raise RequestError(422, f"'temperature' must be in [0, {MAX_TEMPERATURE}], not {show(temperature)}",
+                           "temperature", "out_of_range")
+    return prompt, stream, include_usage
 
 
 # ---- the engine: one worker thread, a queue, a few cached prompts ----
 
 class Job:
-    def __init__(self, ids: list, opts: GenerationOptions, thinking: bool, loop):
-        self.ids, self.opts, self.thinking, self.loop = ids, opts, thinking, loop
+    def __init__(self, prompt: Prompt, loop):
+        self.prompt, self.loop = prompt, loop
+        self.cancel = threading.Event()
         self.events = asyncio.Queue()
-        self.reused = 0
 
     def put(self, item):
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, item)
         except RuntimeError:  # its event loop has closed (the server is stopping): nobody is listening
-            self.opts.cancel.set()
+            self.cancel.set()
 
 
 class Engine:
     """Runs the jobs on one worker thread, time-sliced: each round, every active job (up to
     `max_active`) advances by one step of its own generator and its own KV cache, so a new request
     starts at once instead of waiting for the ones before it. Outputs never mix: each job has its
-    own queue. Finished caches go back to a small pool, keyed by the tokens they hold: the newest
-    `cache_slots` of them that fit in `cache_bytes` together."""
+    own queue. Finished caches go back to a PromptCachePool: the newest `cache_slots` of them that fit in
+    `cache_bytes` together (default: memory.cache_budget)."""
 
     def __init__(self, model, tokenizer, cache_slots: int = CACHE_SLOTS, cache_bytes: Optional[int] = None,
                  max_active: int = PARALLEL):
         self.model, self.tokenizer = model, tokenizer
         self.jobs = queue.Queue()
-        self.cached = []  # [(token ids in the cache, cache)], most recent last
-        self.slots, self.max_active = cache_slots, max_active
-        self.cache_bytes = default_cache_bytes(model) if cache_bytes is None else cache_bytes
+        self.pool = PromptCachePool(cache_slots, cache_budget(model) if cache_bytes is None else cache_bytes)
+        self.max_active = max_active
         self.active = 0
         self.live = set()  # jobs whose client waits for them; touched on the event loop only
         self.closing = False
@@ -289,7 +274,7 @@ class Engine:
 
     def release(self, job: Job):
         """Its client has its answer, or has left: stop it if it still runs."""
-        job.opts.cancel.set()
+        job.cancel.set()
         self.live.discard(job)
 
     def close(self):
@@ -299,7 +284,7 @@ class Engine:
             return
         self.closing = True
         for job in list(self.live):
-            job.opts.cancel.set()
+            job.cancel.set()
             job.events.put_nowait(_SHUTDOWN)
         self.jobs.put(None)  # wakes the worker if it waits for work; it drains the queue and ends
 
@@ -312,32 +297,6 @@ class Engine:
     def waiting(self) -> int:
         return self.jobs.qsize() + self.active
 
-    def _take_cache(self, ids: list):
-        """-> (a cache for `ids`, the tokens it already holds). A request that continues a cached one
-        takes that cache over; one that only shares a prefix gets a copy of it, so that the cached
-        conversation stays whole for its own next turn."""
-        shared = [common_prefix(cached, ids) for cached, _ in self.cached]
-        best = max(range(len(shared)), key=shared.__getitem__, default=None)
-        common = 0 if best is None else min(shared[best], len(ids) - 1)
-        if common <= 0:
-            return make_cache(self.model), []
-        cached, cache = self.cached[best]
-        if common == len(cached):
-            self.cached.pop(best)
-            return cache, rewind(cache, cached, ids)
-        return [c.copy(common) for c in cache], cached[:common]
-
-    def _keep(self, ids: list, cache: list):
-        # an entry whose tokens all begin the new one's is covered by it
-        self.cached = [(c_ids, c) for c_ids, c in self.cached if common_prefix(c_ids, ids) < len(c_ids)]
-        self.cached.append((ids, cache))
-        while self.cached and (len(self.cached) > self.slots or self.cached_bytes > self.cache_bytes):
-            self.cached.pop(0)
-
-    @property
-    def cached_bytes(self) -> int:
-        return sum(c.nbytes for _, cache in list(self.cached) for c in cache)
-
     def _admit(self, active: list):
         """Start the waiting jobs there is room for; block only when there is nothing else to do."""
         while len(active) < self.max_active:
@@ -347,18 +306,17 @@ class Engine:
                 return
             if job is None:  # close() woke us
                 continue
-            if job.opts.cancel.is_set():  # the client left while it waited, or the server is stopping
+            if job.cancel.is_set():  # the client left while it waited, or the server is stopping
                 job.put(None)
                 continue
             try:
-                cache, fed = self._take_cache(job.ids)
-                job.reused = len(fed)
-                steps = run(self.model, self.tokenizer, job.ids, cache, job.opts, job.thinking, fed=fed)
+                cache = self.pool.take(job.prompt.ids) or PromptCache.new(self.model)
+                steps = stream_generate(self.model, self.tokenizer, job.prompt, cache=cache, cancel=job.cancel)
             except Exception as e:  # reported to that request; the worker goes on
                 job.put(e)
                 job.put(None)
                 continue
-            active.append((job, steps, cache, fed))
+            active.append((job, steps, cache))
 
     def _work(self):
         active = []
@@ -366,12 +324,12 @@ class Engine:
             self._admit(active)
             self.active = len(active)
             for entry in list(active):
-                job, steps, cache, fed = entry
+                job, steps, cache = entry
                 try:
                     job.put(next(steps))
                     continue
-                except StopIteration:  # done or cancelled: the cache holds exactly `fed`, worth keeping
-                    self._keep(fed, cache)
+                except StopIteration:  # done or cancelled: the cache holds the whole exchange, worth keeping
+                    self.pool.put(cache)
                 except Exception as e:  # reported to that request; the others go on
                     job.put(e)
                 active.remove(entry)
@@ -381,12 +339,12 @@ class Engine:
 
 # ---- OpenAI's response shapes ----
 
-def _usage(result: GenerationResult, reused: int) -> dict:
+def _usage(result: GenerationResult) -> dict:
     return {
         "prompt_tokens": result.prompt_tokens,
         "completion_tokens": result.generation_tokens,
         "total_tokens": result.prompt_tokens + result.generation_tokens,
-        "prompt_tokens_details": {"cached_tokens": reused},
+        "prompt_tokens_details": {"cached_tokens": result.cached_tokens},
         "completion_tokens_details": {"reasoning_tokens": result.thinking_tokens},
     }
 
@@ -580,7 +538,7 @@ def create_app(model, tokenizer, model_name: str, api_key: Optional[str] = None,
         if not authorized(request):  # without the key: only that the server is up
             return JSONResponse({"status": "ok"})
         return JSONResponse({"status": "ok", "model": model_name, "waiting": engine.waiting,
-                             "cached_prompts": len(engine.cached), "cached_bytes": engine.cached_bytes})
+                             "cached_prompts": len(engine.pool), "cached_bytes": engine.pool.nbytes})
 
     async def models(request):
         if not authorized(request):
@@ -606,7 +564,7 @@ def create_app(model, tokenizer, model_name: str, api_key: Optional[str] = None,
             raw = await read_body(request)
             # off the event loop: rendering and tokenizing a 4 MB prompt takes seconds
             limiter = big_prompts() if len(raw) > BIG_BODY else None
-            ids, opts, thinking, stream, include_usage = await anyio.to_thread.run_sync(
+            prompt, stream, include_usage = await anyio.to_thread.run_sync(
                 partial(prepare, raw, model, tokenizer, model_name), limiter=limiter)
             if engine.closing:
                 raise stopping()
@@ -615,7 +573,7 @@ def create_app(model, tokenizer, model_name: str, api_key: Optional[str] = None,
         except ClientDisconnect:
             return error(RequestError(400, "the client went away", None, "client_disconnected"))
 
-        job = Job(ids, opts, thinking, asyncio.get_running_loop())
+        job = Job(prompt, asyncio.get_running_loop())
         engine.submit(job)
         cid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if stream:
@@ -674,7 +632,7 @@ async def _complete(request, job: Job, cid, now, model_name) -> dict:
                 pass
         except Exception:  # no way to tell: the generation runs to its end
             return
-        job.opts.cancel.set()
+        job.cancel.set()
 
     watcher = asyncio.ensure_future(watch())
     result, failure = None, None
@@ -707,7 +665,7 @@ async def _complete(request, job: Job, cid, now, model_name) -> dict:
     return {
         "id": cid, "object": "chat.completion", "created": now, "model": model_name,
         "choices": [{"index": 0, "message": message, "finish_reason": _finish(result)}],
-        "usage": _usage(result, job.reused),
+        "usage": _usage(result),
     }
 
 
@@ -747,7 +705,7 @@ async def _sse(job: Job, cid, now, model_name, include_usage):
         elif item.type == "done":
             yield chunk(finish=_finish(item))
             if include_usage:
-                yield chunk(usage=_usage(item, job.reused))
+                yield chunk(usage=_usage(item))
     yield "data: [DONE]\n\n"
 
 

@@ -8,7 +8,8 @@ import pytest
 from chain import build, ids_of, qwq_template, successors, tokenizer
 
 from mlx_qwen3 import UserError, load
-from mlx_qwen3.generate import ChatSession, GenerationOptions, _wired, generate, stream_generate
+from mlx_qwen3 import memory
+from mlx_qwen3.generate import ChatSession, GenerationOptions, generate, stream_generate
 
 GREEDY = dict(temperature=0)
 
@@ -84,11 +85,11 @@ def test_empty_thought_of_a_soft_no_think_gives_no_thinking_events(scripted):
 
 
 def test_sampling_defaults_follow_the_mode_then_generation_config_then_the_user():
-    o = GenerationOptions()
-    assert o.sampling(True, {}) == dict(temperature=0.6, top_p=0.95, top_k=20, min_p=0.0)
-    assert o.sampling(False, {}) == dict(temperature=0.7, top_p=0.8, top_k=20, min_p=0.0)
-    assert o.sampling(False, {"temperature": 0.3, "top_k": None})["temperature"] == 0.3
-    assert GenerationOptions(temperature=0.1, top_k=5).sampling(False, {"temperature": 0.3}) == dict(
+    o = GenerationOptions().sampling
+    assert o.resolve(True, {}) == dict(temperature=0.6, top_p=0.95, top_k=20, min_p=0.0)
+    assert o.resolve(False, {}) == dict(temperature=0.7, top_p=0.8, top_k=20, min_p=0.0)
+    assert o.resolve(False, {"temperature": 0.3, "top_k": None})["temperature"] == 0.3
+    assert GenerationOptions.from_kwargs(temperature=0.1, top_k=5).sampling.resolve(False, {"temperature": 0.3}) == dict(
         temperature=0.1, top_p=0.8, top_k=5, min_p=0.0)
 
 
@@ -356,7 +357,7 @@ def test_weights_over_the_working_set_warn_once(answering, monkeypatch, caplog):
     monkeypatch.setattr(mx.metal, "is_available", lambda: True)
     monkeypatch.setattr(mx, "device_info", lambda: {"max_recommended_working_set_size": 2**20})
     monkeypatch.setattr(mx, "set_wired_limit", lambda n: 0)
-    monkeypatch.setitem(_wired, "warned", False)
+    monkeypatch.setattr(memory, "wired", memory.WiredLimit())  # a fresh one, that has not warned yet
     model, tok = answering
     for _ in range(2):
         assert generate(model, tok, "What is 2+2?", **GREEDY).answer == "The answer is 4."
@@ -366,7 +367,7 @@ def test_weights_over_the_working_set_warn_once(answering, monkeypatch, caplog):
 
 def test_none_means_the_default_for_stop_and_template_arguments():
     o = GenerationOptions.from_kwargs(stop=None, chat_template_kwargs=None)
-    assert (o.stop, o.chat_template_kwargs) == ((), {})
+    assert (o.stopping.stop, o.prompt.chat_template_kwargs) == ((), {})
 
 
 def test_a_temperature_too_small_for_float32_samples_greedily(scripted):

@@ -253,7 +253,7 @@ def test_a_long_reply_does_not_hold_up_a_short_one(looping, serve):
 def test_a_request_that_fails_to_start_leaves_the_worker_serving(answering, serve, monkeypatch):
     import mlx_qwen3.server as server_module
 
-    real_run, calls = server_module.run, []
+    real_run, calls = server_module.stream_generate, []
 
     def run_failing_once(*args, **kwargs):
         calls.append(1)
@@ -261,7 +261,7 @@ def test_a_request_that_fails_to_start_leaves_the_worker_serving(answering, serv
             raise RuntimeError("no memory for the cache")
         return real_run(*args, **kwargs)
 
-    monkeypatch.setattr(server_module, "run", run_failing_once)
+    monkeypatch.setattr(server_module, "stream_generate", run_failing_once)
     with serve(*answering) as url:
         body = {"messages": [{"role": "user", "content": "2+2?"}], "temperature": 0}
         first = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)

@@ -1,4 +1,4 @@
-"""Pieces every Qwen model shares: config parsing, RoPE (plain and YaRN), attention, MLP, KV cache."""
+"""Pieces every Qwen model shares: config parsing, RoPE (plain and YaRN), attention, MLP."""
 
 import math
 from dataclasses import MISSING, dataclass, fields
@@ -7,7 +7,6 @@ from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
 
 from .. import kernels
 from ..errors import show
@@ -282,79 +281,6 @@ def _yarn(dims: int, base: float, cfg: dict, max_position_embeddings: int):
     return 1.0 / inv_freq, float(attention_factor)
 
 
-class KVCache:
-    """Keys and values of one layer, preallocated in steps of `step` positions."""
-
-    step = 256
-
-    def __init__(self):
-        self.keys = None
-        self.values = None
-        self.offset = 0
-
-    def update_and_fetch(self, keys: mx.array, values: mx.array):
-        B, H, L, _ = keys.shape
-        prev = self.offset
-        if self.keys is None or prev + L > self.keys.shape[2]:
-            n = ((prev + L + self.step - 1) // self.step) * self.step
-            k = mx.zeros((B, H, n, keys.shape[3]), keys.dtype)
-            v = mx.zeros((B, H, n, values.shape[3]), values.dtype)
-            if self.keys is not None:
-                k[..., :prev, :] = self.keys[..., :prev, :]
-                v[..., :prev, :] = self.values[..., :prev, :]
-            self.keys, self.values = k, v
-        self.offset += L
-        self.keys[..., prev : self.offset, :] = keys
-        self.values[..., prev : self.offset, :] = values
-        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
-
-    def trim(self, n: int) -> int:
-        """Forget the last `n` positions (to rewind to a shared prefix); returns how many were dropped."""
-        n = min(self.offset, n)
-        self.offset -= n
-        return n
-
-    @property
-    def state(self):
-        return [] if self.keys is None else [self.keys, self.values]
-
-    def copy(self, n: int) -> "KVCache":
-        """A new cache holding this one's first `n` positions; this one is left as it is."""
-        c = KVCache()
-        if self.keys is not None and n > 0:
-            c.keys, c.values, c.offset = self.keys[..., :n, :], self.values[..., :n, :], n
-        return c
-
-    @property
-    def nbytes(self) -> int:
-        """Memory held, preallocated positions included."""
-        return sum(a.nbytes for a in self.state)
-
-
-def make_cache(model) -> list:
-    return [KVCache() for _ in model.layers]
-
-
-def weight_bytes(model) -> int:
-    """The bytes the model's parameters take (quantized weights with their scales and biases)."""
-    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
-
-
-def process_prompt(model, ids: mx.array, cache: list, chunk_size: int = 512) -> mx.array:
-    """Feed `ids` (B, L) through the model in chunks, filling `cache`; returns the last position's logits.
-
-    All but the last token only fill the cache: their logits are never evaluated, so never computed.
-    """
-    L = ids.shape[1]
-    start = 0
-    while start < L - 1:
-        n = min(chunk_size, L - 1 - start)
-        model(ids[:, start : start + n], cache=cache)
-        mx.eval([c.state for c in cache])
-        start += n
-    return model(ids[:, start:], cache=cache)[:, -1, :]
-
-
 class Attention(nn.Module):
     """GQA attention; Qwen3 normalises each head's q and k before RoPE, Qwen2 adds a QKV bias instead."""
 
@@ -375,7 +301,7 @@ class Attention(nn.Module):
             self.k_norm = nn.RMSNorm(head_dim, eps=args.rms_norm_eps)
         self.rope = RoPE(head_dim, args.rope_theta, args.rope_scaling, args.max_position_embeddings)
 
-    def __call__(self, x: mx.array, mask: Optional[Any] = None, cache: Optional[KVCache] = None):
+    def __call__(self, x: mx.array, mask: Optional[Any] = None, cache=None):
         B, L, D = x.shape
         q = self.q_proj(x).reshape(B, L, self.n_heads, -1)
         k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1)

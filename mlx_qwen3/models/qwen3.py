@@ -44,6 +44,14 @@ class ModelArgs(BaseModelArgs):
             raise ValueError(f"num_key_value_heads {kv} does not divide num_attention_heads {heads}")
 
     @property
+    def context_window(self) -> int:
+        """The most tokens (prompt and reply) the model takes: YaRN's scaled length where it is configured."""
+        scaling = self.rope_scaling or {}
+        if scaling.get("factor") and scaling.get("original_max_position_embeddings"):
+            return max(self.max_position_embeddings, int(scaling["factor"] * scaling["original_max_position_embeddings"]))
+        return self.max_position_embeddings
+
+    @property
     def dims_per_head(self) -> int:
         return self.head_dim or self.hidden_size // self.num_attention_heads
 

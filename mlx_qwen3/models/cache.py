@@ -1,0 +1,175 @@
+"""KV caches: one layer's keys and values (KVCache), a prompt's caches with the ids they hold
+(PromptCache), and a bounded pool of them to start new requests from (PromptCachePool).
+
+Built for what comes next, without changing the two classes above the layers:
+- Quantized keys/values: another per-layer class with the same interface (offset, update_and_fetch,
+  trim, copy, nbytes, state), chosen where the layers are made (`make_cache`); PromptCache, the pool
+  and the generator only ever call that interface.
+- A tensor-parallel model: each machine's attention holds only its share of the heads, so its
+  KVCache simply holds those; the ids are the same on every machine, and `nbytes` is this machine's.
+- Several rows decoded together: a PromptCache is one row. A batch stacks the rows' layers along B
+  (each layer class then merges and splits its own arrays), and each row's ids stay with its row.
+"""
+
+import threading
+from typing import Optional
+
+import mlx.core as mx
+
+
+class KVCache:
+    """Keys and values of one layer, preallocated in steps of `step` positions."""
+
+    step = 256
+
+    def __init__(self):
+        self.keys = None
+        self.values = None
+        self.offset = 0
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        B, H, L, _ = keys.shape
+        prev = self.offset
+        if self.keys is None or prev + L > self.keys.shape[2]:
+            n = ((prev + L + self.step - 1) // self.step) * self.step
+            k = mx.zeros((B, H, n, keys.shape[3]), keys.dtype)
+            v = mx.zeros((B, H, n, values.shape[3]), values.dtype)
+            if self.keys is not None:
+                k[..., :prev, :] = self.keys[..., :prev, :]
+                v[..., :prev, :] = self.values[..., :prev, :]
+            self.keys, self.values = k, v
+        self.offset += L
+        self.keys[..., prev : self.offset, :] = keys
+        self.values[..., prev : self.offset, :] = values
+        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+
+    def trim(self, n: int) -> int:
+        """Forget the last `n` positions (to rewind to a shared prefix); returns how many were dropped."""
+        n = min(self.offset, n)
+        self.offset -= n
+        return n
+
+    @property
+    def state(self):
+        return [] if self.keys is None else [self.keys, self.values]
+
+    def copy(self, n: int) -> "KVCache":
+        """A new cache holding this one's first `n` positions; this one is left as it is."""
+        c = KVCache()
+        if self.keys is not None and n > 0:
+            c.keys, c.values, c.offset = self.keys[..., :n, :], self.values[..., :n, :], n
+        return c
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held, preallocated positions included."""
+        return sum(a.nbytes for a in self.state)
+
+
+def make_cache(model) -> list:
+    """One cache per layer: what `model(ids, cache=...)` takes."""
+    return [KVCache() for _ in model.layers]
+
+
+def common_prefix(a: list, b: list) -> int:
+    """How many leading tokens two id lists share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class PromptCache:
+    """The per-layer caches of one prompt and the token ids whose keys and values they hold.
+
+    `layers` is what the model takes; whoever feeds the model records the ids it fed (`ids`), so the
+    two never disagree (`consistent` checks it)."""
+
+    def __init__(self, layers: list, ids=()):
+        self.layers = layers
+        self.ids = list(ids)
+
+    @classmethod
+    def new(cls, model) -> "PromptCache":
+        return cls(make_cache(model))
+
+    def reuse_for(self, ids: list) -> list:
+        """Keep the longest prefix shared with `ids`, leaving at least one token of `ids` to feed (its
+        logits are needed); returns the ids still to feed."""
+        common = max(0, min(common_prefix(self.ids, ids), len(ids) - 1))
+        for c in self.layers:
+            c.trim(c.offset - common)
+        del self.ids[common:]
+        return ids[common:]
+
+    def copy(self, n: Optional[int] = None) -> "PromptCache":
+        """A new cache holding this one's first `n` positions (all by default); this one is left as it is."""
+        n = len(self.ids) if n is None else min(n, len(self.ids))
+        return PromptCache([c.copy(n) for c in self.layers], self.ids[:n])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self.layers)
+
+    @property
+    def consistent(self) -> bool:
+        """Whether every layer holds exactly `ids` (not so after a failure in the middle of a step)."""
+        return all(c.offset == len(self.ids) for c in self.layers)
+
+
+class PromptCachePool:
+    """Finished prompts' caches, kept to start new requests from: the newest `max_entries` that fit in
+    `max_bytes` together (None: no byte limit). Safe to use from several threads."""
+
+    def __init__(self, max_entries: int, max_bytes: Optional[int] = None):
+        self.max_entries, self.max_bytes = max_entries, max_bytes
+        self._entries = []  # most recent last
+        self._lock = threading.Lock()
+
+    def take(self, ids: list) -> Optional[PromptCache]:
+        """The cache sharing the longest prefix with `ids`, reused for it (PromptCache.reuse_for), or None.
+
+        A cache whose ids all begin `ids` (a conversation going on) is taken out of the pool. One that
+        shares only a prefix is copied, so that its own conversation stays whole for its next turn;
+        except in a pool of one entry, which the new cache would replace anyway: that one is taken."""
+        with self._lock:
+            shared = [common_prefix(c.ids, ids) for c in self._entries]
+            best = max(range(len(shared)), key=shared.__getitem__, default=None)
+            common = 0 if best is None else min(shared[best], len(ids) - 1)
+            if common <= 0:
+                return None
+            if common == len(self._entries[best].ids) or self.max_entries == 1:
+                cache = self._entries.pop(best)
+            else:
+                cache = self._entries[best].copy(common)
+        cache.reuse_for(ids)
+        return cache
+
+    def put(self, cache: PromptCache):
+        """Keep `cache` (if it is whole), dropping the entries it covers, then the oldest over the limits."""
+        if not cache.ids or not cache.consistent:
+            return
+        with self._lock:
+            # an entry whose ids all begin the new one's is covered by it
+            self._entries = [c for c in self._entries if common_prefix(c.ids, cache.ids) < len(c.ids)]
+            self._entries.append(cache)
+            while self._entries and (len(self._entries) > self.max_entries or
+                                     self.max_bytes is not None and self._nbytes() > self.max_bytes):
+                self._entries.pop(0)
+
+    def clear(self):
+        with self._lock:
+            self._entries = []
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _nbytes(self) -> int:
+        return sum(c.nbytes for c in self._entries)
+
+    @property
+    def nbytes(self) -> int:
+        with self._lock:
+            return self._nbytes()

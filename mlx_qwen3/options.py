@@ -1,0 +1,160 @@
+"""What a caller sets for one generation, grouped by what it is (sampling, stopping, prompt) and checked
+once. A bad value raises UserError with `param` (the option's name) and `code` (invalid_type,
+out_of_range, invalid_value, unknown_parameter), so every entry point reports it without checking again."""
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Optional
+
+from .errors import UserError, show
+
+# Qwen's recommended sampling per mode; generation_config.json overrides, then the caller.
+THINKING_DEFAULTS = dict(temperature=0.6, top_p=0.95, top_k=20, min_p=0.0)
+NON_THINKING_DEFAULTS = dict(temperature=0.7, top_p=0.8, top_k=20, min_p=0.0)
+WRAP_UP = "\n\nConsidering the limited time, I have to give the solution based on the thinking directly now.\n"
+# The arguments the chat template gets from the request itself; chat_template_kwargs may not override them.
+# ("self" too: apply_chat_template is a method.)
+RESERVED_TEMPLATE_ARGS = frozenset({"messages", "tools", "add_generation_prompt", "bos_token", "eos_token", "self"})
+
+_INT, _NUM = (int,), (int, float)
+_KIND_NAMES = {_INT: "an integer", _NUM: "a number", (bool,): "a boolean", (str,): "a string",
+               (tuple, list): "a list of strings", (list,): "a list", (dict,): "a dict"}
+# option: (types, check, the range it checks)
+_CHECKS = {
+    "max_tokens": (_INT, lambda v: v >= 1, "at least 1"),
+    "temperature": (_NUM, lambda v: 0 <= v < math.inf, ">= 0 and finite"),
+    "top_p": (_NUM, lambda v: 0 < v <= 1, "in (0, 1]"),
+    "top_k": (_INT, lambda v: v >= 0, ">= 0 (0: off)"),
+    "min_p": (_NUM, lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "presence_penalty": (_NUM, lambda v: -2 <= v <= 2, "in [-2, 2]"),
+    "frequency_penalty": (_NUM, lambda v: -2 <= v <= 2, "in [-2, 2]"),
+    # beyond these, logits divided or multiplied by the penalty overflow half precision
+    "repetition_penalty": (_NUM, lambda v: 0.01 <= v <= 10, "in [0.01, 10] (1: off)"),
+    "seed": (_INT, lambda v: 0 <= v < 2**64, "in [0, 2**64)"),
+    "thinking_budget": (_INT, lambda v: v >= 0, ">= 0"),
+    "enable_thinking": ((bool,), None, ""),
+    "stop": ((tuple, list), lambda v: all(isinstance(s, str) for s in v), "a list of strings"),
+    "wrap_up": ((str,), None, ""),
+    "system": ((str,), None, ""),
+    "tools": ((list,), None, ""),
+    "chat_template_kwargs": ((dict,), None, ""),
+}
+
+
+def check_text(text: str, what: str, param: Optional[str] = None):
+    """Text must be valid Unicode: a lone surrogate cannot be encoded for the tokenizer. One in
+    U+DC80..U+DCFF is a byte that was not UTF-8, kept by Python's surrogateescape (sys.argv, stdin
+    read so): it is named as that byte, at its offset in the bytes as they came."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        c = text[e.start]
+        if "\udc80" <= c <= "\udcff":
+            offset = len(text[:e.start].encode("utf-8"))
+            raise UserError(f"{what} is not valid UTF-8: byte 0x{ord(c) - 0xdc00:02x} at offset {offset}", param,
+                            "invalid_unicode") from None
+        raise UserError(f"{what} is not valid Unicode: a lone surrogate U+{ord(c):04X} at character {e.start}",
+                        param, "invalid_unicode") from None
+
+
+def _check(group):
+    """Each field's type and range; None is always allowed (the default for the mode in effect)."""
+    for f in fields(group):
+        value = getattr(group, f.name)
+        if value is None:
+            continue
+        kind, ok, span = _CHECKS[f.name]
+        if not isinstance(value, kind) or isinstance(value, bool) and bool not in kind:  # True is an int too
+            raise UserError(f"{f.name} must be {_KIND_NAMES[kind]}, not {show(value, 60)}", f.name, "invalid_type")
+        if ok is not None and not ok(value):  # NaN fails every range
+            raise UserError(f"{f.name} must be {span}, not {show(value, 60)}", f.name,
+                            "invalid_type" if f.name == "stop" else "out_of_range")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How each token is drawn. None: the default for the mode in effect."""
+
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    top_k: Optional[int] = None
+    min_p: Optional[float] = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: Optional[int] = None
+
+    def __post_init__(self):
+        _check(self)
+
+    def resolve(self, thinking: bool, generation_config: dict) -> dict:
+        """temperature, top_p, top_k, min_p: the mode's defaults, then generation_config.json, then the caller's."""
+        params = dict(THINKING_DEFAULTS if thinking else NON_THINKING_DEFAULTS)
+        params.update({k: generation_config[k] for k in params if generation_config.get(k) is not None})
+        params.update({k: getattr(self, k) for k in params if getattr(self, k) is not None})
+        return params
+
+
+@dataclass(frozen=True)
+class Stopping:
+    """When the reply ends, and how a thought over its budget is closed."""
+
+    max_tokens: int = 8192
+    stop: tuple = ()  # strings that end the answer (not included in it)
+    thinking_budget: Optional[int] = None
+    wrap_up: str = WRAP_UP  # what a thought over its budget is closed with
+
+    def __post_init__(self):
+        _check(self)
+        object.__setattr__(self, "stop", tuple(self.stop or ()))  # None: the default, as for every option
+        for s in self.stop:
+            check_text(s, "stop", "stop")
+        if self.wrap_up is not None:
+            check_text(self.wrap_up, "wrap_up", "wrap_up")
+
+
+@dataclass(frozen=True)
+class PromptOptions:
+    """What goes into the prompt besides the messages."""
+
+    system: Optional[str] = None
+    tools: Optional[list] = None
+    enable_thinking: Optional[bool] = None
+    chat_template_kwargs: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        _check(self)
+        if self.chat_template_kwargs is None:
+            object.__setattr__(self, "chat_template_kwargs", {})
+        if self.system is not None:
+            check_text(self.system, "system", "system")
+        for key in self.chat_template_kwargs:
+            if not isinstance(key, str) or key in RESERVED_TEMPLATE_ARGS:
+                raise UserError(f"chat_template_kwargs may not set {key!r}: the template gets it from the request "
+                                f"itself (reserved: {', '.join(sorted(RESERVED_TEMPLATE_ARGS))})",
+                                "chat_template_kwargs", "reserved_template_argument")
+
+
+_GROUPS = {"sampling": Sampling, "stopping": Stopping, "prompt": PromptOptions}
+_GROUP_OF = {f.name: group for group, cls in _GROUPS.items() for f in fields(cls)}
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """Every option of one generation, checked once, in its group."""
+
+    sampling: Sampling = field(default_factory=Sampling)
+    stopping: Stopping = field(default_factory=Stopping)
+    prompt: PromptOptions = field(default_factory=PromptOptions)
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> "GenerationOptions":
+        """From the flat names (temperature=..., max_tokens=..., system=...) every API takes."""
+        unknown = sorted(set(kwargs) - set(_GROUP_OF))
+        if unknown:
+            raise UserError(f"unknown generation option {unknown[0]!r}; known: {', '.join(sorted(_GROUP_OF))}",
+                            unknown[0], "unknown_parameter")
+        grouped = {group: {} for group in _GROUPS}
+        for name, value in kwargs.items():
+            grouped[_GROUP_OF[name]][name] = value
+        return cls(**{group: _GROUPS[group](**values) for group, values in grouped.items()})
