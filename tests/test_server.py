@@ -251,7 +251,7 @@ def test_a_long_reply_does_not_hold_up_a_short_one(looping, serve):
 
 
 def test_a_request_that_fails_to_start_leaves_the_worker_serving(answering, serve, monkeypatch):
-    import mlx_qwen3.server as server_module
+    import mlx_qwen3.server.engine as server_module
 
     real_run, calls = server_module.stream_generate, []
 
