@@ -427,3 +427,52 @@ def test_a_stream_cut_short_on_a_terminal_leaves_it_undimmed(capsys):
     out = capsys.readouterr().out
     assert out.startswith(DIM + "Thinking:\nHmm") and out.endswith(RESET + "\n")
     assert closed  # and the stream was closed then, not left to the garbage collector
+
+
+def test_a_cache_given_to_stream_generate_is_reused_and_holds_the_exchange(scripted):
+    from mlx_qwen3.generate import prepare
+    from mlx_qwen3.models.cache import PromptCache
+
+    tok = tokenizer()
+    reply = ids_of(tok, ["<think>", "Let me think", "</think>", "\n\n", "The answer is 4.", "<|im_end|>"])
+    model, tok = scripted([prompt_tail(tok)] + reply)
+    prompt = prepare(model, tok, "What is 2+2?", **GREEDY)
+    cache = PromptCache.new(model)
+    first = generate(model, tok, prompt, cache=cache)
+    assert first.cached_tokens == 0 and cache.consistent
+    assert cache.ids[:len(prompt.ids)] == prompt.ids and len(cache.ids) == len(prompt.ids) + first.generation_tokens + 1
+    again = generate(model, tok, prompt, cache=cache)  # the same prompt: all but its last token reused
+    assert again.cached_tokens == len(prompt.ids) - 1 and (again.thinking, again.answer) == (first.thinking, first.answer)
+
+
+def test_options_are_grouped_and_their_errors_name_them(scripted):
+    from mlx_qwen3.generate import prepare
+
+    o = GenerationOptions.from_kwargs(temperature=0.2, max_tokens=5, system="s", stop=["x"])
+    assert (o.sampling.temperature, o.stopping.max_tokens, o.prompt.system, o.stopping.stop) == (0.2, 5, "s", ("x",))
+    for kwargs, param, code in [(dict(top_p=2), "top_p", "out_of_range"), (dict(seed="1"), "seed", "invalid_type"),
+                                (dict(enable_thinking="no"), "enable_thinking", "invalid_type"),
+                                (dict(chat_template_kwargs={"tools": 1}), "chat_template_kwargs",
+                                 "reserved_template_argument"), (dict(cancel=None), "cancel", "unknown_parameter")]:
+        with pytest.raises(UserError) as e:
+            GenerationOptions.from_kwargs(**kwargs)
+        assert (e.value.param, e.value.code) == (param, code)
+    tok = tokenizer()
+    model, tok = scripted([prompt_tail(tok), tok.token_id("<|im_end|>")], max_position_embeddings=64)
+    with pytest.raises(UserError) as e:
+        prepare(model, tok, "word " * 100)
+    assert (e.value.param, e.value.code) == ("messages", "context_length_exceeded")
+    with pytest.raises(UserError, match="a prepared prompt carries its options"):
+        generate(model, tok, prepare(model, tok, "hi"), temperature=0)
+
+
+def test_cancel_is_an_argument(scripted):
+    tok = tokenizer()
+    model, tok = scripted([prompt_tail(tok, enable_thinking=False)] + ids_of(tok, ["a b", "a"]))
+    cancel = threading.Event()
+    cancel.set()
+    result = generate(model, tok, "Loop", cancel=cancel, enable_thinking=False, **GREEDY)
+    assert result.finish_reason == "cancelled" and result.generation_tokens == 1
+    session = ChatSession(model, tok, enable_thinking=False, **GREEDY)
+    assert session.send("Loop", cancel=cancel).finish_reason == "cancelled"
+    assert session.send("Loop", max_tokens=3).finish_reason == "length"  # the session's cache went on
