@@ -24,6 +24,7 @@ import mlx.nn as nn
 from . import __version__
 from .errors import UserError, run_cli
 from .load import _check_weights, build_model, read_config, read_weights, resolve
+from .models.config import normalize_config
 
 BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
@@ -367,13 +368,7 @@ def write_safetensors(file: Path, tensors: dict):
 
 
 def _write_config(file: Path, config: dict, quant: Optional[dict], dtype: Optional[str]):
-    config = dict(config)
-    # mlx-lm reads only these spellings for qwen3_moe; write them beside transformers 5's.
-    rope = config.get("rope_parameters") or {}
-    if config.get("rope_theta") is None and "rope_theta" in rope:
-        config["rope_theta"] = rope["rope_theta"]
-    if config.get("num_experts") is None and "num_local_experts" in config:
-        config["num_experts"] = config["num_local_experts"]
+    config = normalize_config(config)  # the Hub's spellings, which mlx-lm reads, beside transformers 5's
     for key in ("torch_dtype", "dtype"):
         if dtype and key in config:
             config[key] = dtype

@@ -13,7 +13,7 @@ from mlx.utils import tree_flatten
 from .errors import UserError, run_cli, show
 from .memory import weight_bytes
 from .models import MODELS
-from .models.base import QUANT_MODES
+from .models.config import QUANT_MODES
 
 # What a model needs from a Hub repo: configs, weights, tokenizer, chat template.
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt"]

@@ -17,6 +17,7 @@ from test_load import _fake_hub_cache, _truncate, edit_config
 from mlx_qwen3 import UserError, load_model
 from mlx_qwen3 import convert as convert_module
 from mlx_qwen3.convert import convert
+from mlx_qwen3.load import model_args, read_config
 
 
 def mlx_lm_model(folder):
@@ -144,6 +145,33 @@ def test_transformers5_config_gets_mlx_lm_spellings(checkpoint, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["num_experts"] == 8 and config["rope_theta"] == 1e6
     load_model(out)
+
+
+def _hub_spelling_only(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in ("rope_parameters", "num_local_experts")}
+
+
+@pytest.mark.parametrize("name", ["qwen3_tied_yarn", "qwen3_moe_yarn"])
+def test_loading_and_conversion_read_a_config_alike(checkpoint, tmp_path, name):
+    """One normalisation of the spellings: a transformers-5 config converts to a config.json that gives
+    the original's ModelArgs, also to a reader that knows only the Hub's keys (as mlx-lm does)."""
+    src, _ = checkpoint(name)
+    original = read_config(src)
+    assert "rope_parameters" in original and "rope_scaling" not in original
+    written = read_config(convert(src, tmp_path / "out"))
+    args = model_args(original)[1]
+    assert args.rope_scaling["rope_type"] == "yarn" and args.rope_theta == 1e6
+    assert model_args(written)[1] == args
+    assert model_args(_hub_spelling_only(written))[1] == args
+
+
+def test_converted_yarn_config_reads_the_same_in_mlx_lm(checkpoint, tmp_path):
+    src, _ = checkpoint("qwen3_tied_yarn")  # rope_parameters only; mlx-lm's qwen3 has YaRN
+    out = convert(src, tmp_path / "out")
+    file = out / "config.json"
+    file.write_text(json.dumps(_hub_spelling_only(json.loads(file.read_text()))))
+    ids = mx.array(prompt(2, 80, seed=5))  # past original_max_position_embeddings (32): YaRN matters
+    assert same_logits(load_model(src)[0], mlx_lm_model(out), ids) < 1e-5
 
 
 def test_existing_output_needs_force(checkpoint, tmp_path):

@@ -6,7 +6,8 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .base import MLP, Attention, BaseModelArgs, Linear, check_rope_scaling
+from .base import MLP, Attention, Linear
+from .config import BaseModelArgs, check_rope_scaling
 
 
 @dataclass(frozen=True, kw_only=True)
