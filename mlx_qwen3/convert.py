@@ -23,7 +23,8 @@ import mlx.nn as nn
 
 from . import __version__
 from .errors import UserError, run_cli
-from .load import _check_weights, build_model, read_config, read_weights, resolve
+from .checkpoint import read_config, read_weights, resolve
+from .load import build_model, check_weights
 from .models.config import normalize_config
 
 BITS = (4, 8)
@@ -124,7 +125,7 @@ def convert(
         raise UserError(f"{src} is already an MLX quantized folder; convert from the original checkpoint")
     model = build_model(config, src)  # parameters stay lazy: never evaluated, never in memory
     weights = model.sanitize(read_weights(src))
-    _check_weights(model, weights)
+    check_weights(model, weights)
     dtype = dtype or config.get("torch_dtype") or config.get("dtype")
     target = getattr(mx, dtype) if dtype in DTYPES else None
 

@@ -12,8 +12,8 @@ from typing import Optional
 from jinja2 import TemplateError
 from tokenizers import Tokenizer as _HFTokenizer
 
+from .checkpoint import read_json
 from .errors import UserError, show
-from .load import read_json
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,9 @@ from test_load import _fake_hub_cache, _truncate, edit_config
 
 from mlx_qwen3 import UserError, load_model
 from mlx_qwen3 import convert as convert_module
+from mlx_qwen3.checkpoint import read_config
 from mlx_qwen3.convert import convert
-from mlx_qwen3.load import model_args, read_config
+from mlx_qwen3.load import model_args
 
 
 def mlx_lm_model(folder):
