@@ -134,8 +134,22 @@ def test_shards_stay_under_the_limit(checkpoint, tmp_path):
     assert len(shards) > 2
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == {s.name for s in shards}
-    # a shard exceeds the limit only when one tensor alone does
+    sizes = [tensor_bytes(s) for s in shards]  # per shard, its tensors' bytes in file order
+    for i, tensors in enumerate(sizes):
+        # a shard exceeds the limit only when one tensor alone does
+        assert sum(tensors) <= 40_000 or len(tensors) == 1, f"{shards[i].name}: {tensors}"
+        # and a new shard starts only when the next tensor would not fit in this one
+        if i + 1 < len(sizes):
+            assert sum(tensors) + sizes[i + 1][0] > 40_000, f"{shards[i].name} was cut early"
     assert same_logits(load_model(out)[0], mlx_lm_model(out)) < 1e-5
+
+
+def tensor_bytes(file) -> list:
+    """The byte size of each tensor in a safetensors file, in the order they are stored."""
+    with open(file, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    header.pop("__metadata__", None)
+    return [end - start for start, end in sorted(h["data_offsets"] for h in header.values())]
 
 
 def test_transformers5_config_gets_mlx_lm_spellings(checkpoint, tmp_path):
