@@ -700,14 +700,25 @@ def test_selftest_report_with_the_kernels(on_cpu, monkeypatch):
         assert r["choice"] == ("custom" if r["custom_us"] < r["builtin_us"] * (1 - kernels.MARGIN) else "builtin")
 
 
-def test_selftest_off_metal_times_the_builtins_and_says_why():
+def test_selftest_off_metal_times_the_builtins_and_says_why(monkeypatch):
     from mlx_qwen3.selftest import op_report
 
+    monkeypatch.setattr(kernels, "on_metal", lambda: False)
     rows = op_report(SMALL, iters=1)
     assert all("not run: no Metal device" in r["custom"] and r["builtin_us"] > 0 for r in rows)
 
 
-def test_selftest_cli_with_a_model(tmp_path):
+# python -m mlx_qwen3.selftest ARGS with kernels.on_metal() False, as off Metal (on a Mac too)
+OFF_METAL = """
+import runpy, sys
+from mlx_qwen3 import kernels
+kernels.on_metal = lambda: False
+sys.argv = ["mlx_qwen3.selftest"] + sys.argv[1:]
+runpy.run_module("mlx_qwen3.selftest", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_selftest_cli_off_metal_with_a_model(tmp_path):
     import subprocess
     import sys
 
@@ -720,12 +731,14 @@ def test_selftest_cli_with_a_model(tmp_path):
     write_safetensors(folder / "model.safetensors", dict(tree_flatten(model.parameters())))
     config = dict(model.args.__dict__, quantization={"group_size": 32, "bits": 4})
     (folder / "config.json").write_text(json.dumps(config))
-    out = subprocess.run([sys.executable, "-m", "mlx_qwen3.selftest", "--model", str(folder), "--tokens", "3",
-                          "--no-ops"], capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", OFF_METAL, "--model", str(folder), "--tokens", "3", "--no-ops"],
+                         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     assert report["environment"]["metal"] is False and report["model"]["decode_tps_builtin"] > 0
+    assert "decode_tps_auto" not in report["model"]  # off Metal only the built-ins are timed
     assert report["stored_choices"]["choices"] == [] and "kernels-" in report["stored_choices"]["file"]
+    assert Path(report["stored_choices"]["file"]).parent == Path(os.environ["XDG_CACHE_HOME"]) / "mlx_qwen3"
 
 
 def test_load_sets_the_kernel_mode_of_that_model_only(tmp_path):
