@@ -767,3 +767,22 @@ def test_a_bad_environment_value_warns_once(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="mlx_qwen3.kernels"):
         assert [kernels.mode() for _ in range(3)] == ["auto"] * 3
     assert caplog.text.count("MLX_QWEN3_KERNELS=turbo") == 1
+
+
+def test_forget_starts_the_process_afresh(monkeypatch, caplog, tmp_path):
+    def broken(kernel, **kwargs):
+        raise RuntimeError("Unable to build metal library from source")
+
+    monkeypatch.setattr(kernels, "launch", broken)
+    monkeypatch.setattr(kernels, "on_metal", lambda: True)
+    monkeypatch.setenv("MLX_QWEN3_KERNELS", "turbo")
+    with caplog.at_level(logging.WARNING, logger="mlx_qwen3.kernels"):
+        kernels.quantized_linear(nn_quantized(quantized((8, 64), mx.bfloat16, 32, 4, 0)), mx.ones((1, 64), mx.bfloat16))
+        assert set(kernels.disabled()) == {"qmv"} and kernels.mode() == "auto"
+        before = kernels.store().path
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "elsewhere"))
+        assert kernels.store().path == before  # the store is opened once per process, until forget()
+        kernels.forget()
+        assert kernels.disabled() == {} and kernels.store().path.parent == tmp_path / "elsewhere" / "mlx_qwen3"
+        kernels.mode()
+    assert caplog.text.count("MLX_QWEN3_KERNELS=turbo") == 2  # the one-time message is said again
