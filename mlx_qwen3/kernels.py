@@ -3,17 +3,14 @@
 Each op has a twin made of MLX built-ins that is both its reference and its fallback. On Metal, in
 auto mode, the first use of a kernel at a shape checks it against the twin through the production
 launch, times both at the real shape, and keeps the custom kernel only where it is faster; the
-choice is stored per machine and version (ChoiceStore). A compile error, a mismatch or a launch
+choice is stored per machine and version (kernel_choices.py). A compile error, a mismatch or a launch
 that raises logs one warning and that kernel is not used again in this process. Off Metal, the
 twins run. load(..., kernels=...) (set_mode) forces either path for one model, MLX_QWEN3_KERNELS=custom|builtin
 for every model that sets none.
 """
 
-import hashlib
-import json
 import logging
 import os
-import platform
 import statistics
 import time
 from functools import cached_property
@@ -22,6 +19,8 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+
+from .kernel_choices import ChoiceStore, cache_folder, error_line, machine
 
 log = logging.getLogger(__name__)
 
@@ -141,11 +140,25 @@ def moe_twin(x, ids, scores, gate, up, down):
 MARGIN = 0.03  # the custom kernel must beat MLX's built-in by this fraction to be chosen
 ALIGN = 16  # bytes: the kernels load packed weights as uint2 (4-bit) / uint4 (8-bit)
 
-# What this process has learnt, per machine and not per model (the documented caches):
+# What this process has learnt, per machine and not per model (the documented caches; forget()):
 _disabled = {}  # kernel name -> why it is off for the rest of this process
 _choices = {}  # shape key (a tuple, see describe) -> {"custom_us", "builtin_us", "custom"} for this process
 _store = None  # the ChoiceStore, read on first use
 _said = set()  # one-time messages already logged (mode() and aligned() run once per layer and token)
+
+
+def forget():
+    """Forget what this process has learnt: the choices, the disabled kernels, the one-time
+    messages and the store (read again on next use, from the cache folder of that moment)."""
+    global _store
+    for cache in (_disabled, _choices, _said):
+        cache.clear()
+    _store = None
+
+
+def disabled() -> dict:
+    """The kernels turned off in this process: name -> why."""
+    return dict(_disabled)
 
 
 def check_mode(mode: str) -> str:
@@ -177,10 +190,6 @@ def mode(layer=None) -> str:
 
 def on_metal() -> bool:
     return mx.metal.is_available()
-
-
-def _error_line(e: Exception) -> str:
-    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
 def _disable(name: str, why: str):
@@ -220,7 +229,7 @@ def _use(m: str, key: tuple, check, timed) -> bool:
             try:
                 err = check()
             except Exception as e:  # a compile error, a launch the device refuses, ...
-                err = _error_line(e)
+                err = error_line(e)
             if err is not None:
                 _disable(name, f"failed its self-check at {text} ({err})")
                 return False
@@ -228,7 +237,7 @@ def _use(m: str, key: tuple, check, timed) -> bool:
             try:
                 choice = measure(*timed())
             except Exception as e:  # the real shape fails where the small check did not
-                _disable(name, f"failed at {text} while being timed ({_error_line(e)})")
+                _disable(name, f"failed at {text} while being timed ({error_line(e)})")
                 return False
             store().put(text, choice)
             log.info("kernel choice at %s: %s (custom %.1f us, built-in %.1f us)", text,
@@ -244,7 +253,7 @@ def _run(m: str, name: str, custom, twin, *args):
     except Exception as e:
         if m == "custom":
             raise
-        _disable(name, f"raised at launch ({_error_line(e)})")
+        _disable(name, f"raised at launch ({error_line(e)})")
         return twin(*args)
 
 
@@ -263,71 +272,12 @@ def measure(custom, builtin, rounds: int = 5, reps: int = 10, clock=time.perf_co
     return {"custom_us": round(cu, 2), "builtin_us": round(bu, 2), "custom": cu < bu * (1 - MARGIN)}
 
 
-# ---- the stored choices ----
-
-def cache_folder() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mlx_qwen3"
-
-
-def machine() -> dict:
-    """What a measured choice holds for: the chip, macOS, MLX, this package and the kernel sources."""
-    from . import __version__
-
-    info = mx.device_info(mx.gpu) if on_metal() else {}
-    sources = hashlib.sha1(b"".join(p.read_bytes() for p in sorted(SOURCES.glob("*.metal")))).hexdigest()[:12]
-    return {"chip": info.get("device_name", platform.machine()), "gpu": info.get("architecture", ""),
-            "os": platform.mac_ver()[0] or platform.platform(), "mlx": mx.__version__, "mlx_qwen3": __version__,
-            "kernel_sources": sources}
-
-
-class ChoiceStore:
-    """The measured choices of one machine and version: FOLDER/kernels-HASH.json, HASH naming
-    machine(). Unreadable or unwritable files cost a warning and a new measurement, never a crash."""
-
-    def __init__(self, folder: Path, machine: dict):
-        self.machine = machine
-        tag = hashlib.sha1(json.dumps(machine, sort_keys=True).encode()).hexdigest()[:12]
-        self.path = folder / f"kernels-{tag}.json"
-        self.choices = self._read()
-        self._warned = False
-
-    def _read(self) -> dict:
-        try:
-            data = json.loads(self.path.read_text())
-            choices = data["choices"]
-            ok = all(isinstance(c.get("custom"), bool) and isinstance(c.get("custom_us"), (int, float))
-                     and isinstance(c.get("builtin_us"), (int, float)) for c in choices.values())
-            if data.get("machine") == self.machine and ok:
-                return dict(choices)
-            log.warning("ignoring %s: not a kernel choice file of this machine; measuring again", self.path)
-        except FileNotFoundError:
-            pass
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            log.warning("ignoring %s (%s); measuring again", self.path, _error_line(e))
-        return {}
-
-    def get(self, key: str):
-        return self.choices.get(key)
-
-    def put(self, key: str, choice: dict):
-        self.choices[key] = choice
-        try:  # merge with what other processes stored meanwhile, then replace the file atomically
-            self.choices = {**self._read(), **self.choices}
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
-            tmp.write_text(json.dumps({"machine": self.machine, "choices": self.choices}, indent=1, sort_keys=True))
-            os.replace(tmp, self.path)
-        except OSError as e:
-            if not self._warned:
-                log.warning("cannot store kernel choices in %s (%s); they are measured again next run",
-                            self.path.parent, _error_line(e))
-                self._warned = True
-
+# ---- the stored choices (kernel_choices.py) ----
 
 def store() -> ChoiceStore:
     global _store
     if _store is None:
-        _store = ChoiceStore(cache_folder(), machine())
+        _store = ChoiceStore(cache_folder(), machine(SOURCES))
     return _store
 
 

@@ -13,6 +13,7 @@ import time
 import mlx.core as mx
 
 from . import kernels
+from .kernel_choices import error_line
 
 # model -> its hidden size D, MoE expert FFN I, experts E, experts per token k, dense (N, K) layers
 DEFAULT_SHAPES = {
@@ -52,7 +53,7 @@ def _compare(name, shape, custom, twin, args, iters, metal, nbytes) -> dict:
                    speedup=round(m["builtin_us"] / m["custom_us"], 3),
                    choice="custom" if m["custom"] and row["ok"] else "builtin")
     except Exception as e:  # a compile error is a finding, not a crash of the report
-        row.update(ok=False, choice="builtin", error=kernels._error_line(e))
+        row.update(ok=False, choice="builtin", error=error_line(e))
     return row
 
 
@@ -113,7 +114,7 @@ def model_report(path: str, tokens: int = 64) -> dict:
         steps.close()
     if "decode_tps_auto" in out:
         out["ratio"] = out["decode_tps_auto"] / out["decode_tps_builtin"]
-        out["kernels_disabled"] = dict(kernels._disabled)
+        out["kernels_disabled"] = kernels.disabled()
     return out
 
 

@@ -136,8 +136,22 @@ def test_shards_stay_under_the_limit(checkpoint, tmp_path):
     assert len(shards) > 2
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == {s.name for s in shards}
-    # a shard exceeds the limit only when one tensor alone does
+    sizes = [tensor_bytes(s) for s in shards]  # per shard, its tensors' bytes in file order
+    for i, tensors in enumerate(sizes):
+        # a shard exceeds the limit only when one tensor alone does
+        assert sum(tensors) <= 40_000 or len(tensors) == 1, f"{shards[i].name}: {tensors}"
+        # and a new shard starts only when the next tensor would not fit in this one
+        if i + 1 < len(sizes):
+            assert sum(tensors) + sizes[i + 1][0] > 40_000, f"{shards[i].name} was cut early"
     assert same_logits(load_model(out)[0], mlx_lm_model(out)) < 1e-5
+
+
+def tensor_bytes(file) -> list:
+    """The byte size of each tensor in a safetensors file, in the order they are stored."""
+    with open(file, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    header.pop("__metadata__", None)
+    return [end - start for start, end in sorted(h["data_offsets"] for h in header.values())]
 
 
 def test_transformers5_config_gets_mlx_lm_spellings(checkpoint, tmp_path):
@@ -337,7 +351,8 @@ import resource, sys
 from mlx_qwen3.convert import convert
 if sys.argv[1] != "-":
     convert(sys.argv[1], sys.argv[2], quantize=True)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(peak if sys.platform == "darwin" else peak * 1024)  # in bytes: ru_maxrss is KiB on Linux, bytes on macOS
 """
 
 
@@ -369,12 +384,12 @@ def test_conversion_streams_tensor_by_tensor(tmp_path):
     total = sum(f.stat().st_size for f in src.glob("*.safetensors"))
     assert total > 200e6
 
-    def peak_kb(*args):
+    def peak_bytes(*args):
         out = subprocess.run([sys.executable, "-c", PEAK, *args], capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr
         return int(out.stdout.strip())
 
-    grew = (peak_kb(str(src), str(tmp_path / "out")) - peak_kb("-", "-")) * 1024
+    grew = peak_bytes(str(src), str(tmp_path / "out")) - peak_bytes("-", "-")
     largest = I * H * 4
     assert grew < 4 * largest < total / 3, f"grew {grew / 1e6:.0f} MB converting {total / 1e6:.0f} MB"
 

@@ -263,6 +263,13 @@ def test_chat_session_reuses_the_cache_and_rewinds_dropped_thinking(scripted):
     assert (fresh.thinking, fresh.answer) == (second.thinking, second.answer)
 
 
+@pytest.fixture(scope="module")
+def ends_at_once(tmp_path_factory):
+    """A model that answers <|im_end|> at once, built once for all of test_bad_options's cases."""
+    tok = tokenizer()
+    return load(build(tmp_path_factory.mktemp("ends"), successors([prompt_tail(tok), tok.token_id("<|im_end|>")])))
+
+
 @pytest.mark.parametrize("options,message", [
     (dict(temperature=-1), "temperature must be >= 0"),
     (dict(temperature=float("inf")), "temperature must be >= 0 and finite"),
@@ -285,9 +292,8 @@ def test_chat_session_reuses_the_cache_and_rewinds_dropped_thinking(scripted):
     (dict(thinking_budget=-1), "thinking_budget must be >= 0"),
     (dict(temprature=1), "unknown generation option 'temprature'"),
 ])
-def test_bad_options(scripted, options, message):
-    tok = tokenizer()
-    model, tok = scripted([prompt_tail(tok), tok.token_id("<|im_end|>")])
+def test_bad_options(ends_at_once, options, message):
+    model, tok = ends_at_once
     with pytest.raises(UserError, match=message):
         generate(model, tok, "hi", **options)
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import metal_executor as ex
-from mlx_qwen3 import kernels
+from mlx_qwen3 import kernel_choices, kernels
 from requires import requires
 
 pytestmark = requires(ex.compiler() is not None, "needs a C++ compiler (clang++ or g++) to run Metal source")
@@ -298,14 +298,15 @@ def test_executor_shows_unwritten_outputs_and_simd_sum():
 
 @pytest.fixture(autouse=True)
 def fresh_dispatch(monkeypatch, tmp_path):
-    """Each test starts with no choices, nothing disabled, and its own cache folder; the executor
-    copies every buffer into its own allocation, so the weights count as aligned there."""
-    monkeypatch.setattr(kernels, "_choices", {})
-    monkeypatch.setattr(kernels, "_disabled", {})
-    monkeypatch.setattr(kernels, "_store", None)
+    """Each test starts with no choices, nothing disabled, and its own cache folder, and leaves
+    nothing learnt behind; the executor copies every buffer into its own allocation, so the weights
+    count as aligned there."""
     monkeypatch.setattr(kernels, "address", lambda a: 0)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.delenv("MLX_QWEN3_KERNELS", raising=False)
+    kernels.forget()
+    yield
+    kernels.forget()
 
 
 def choose(custom: bool):
@@ -440,13 +441,13 @@ def test_a_launch_that_raises_after_its_check_falls_back_with_one_warning(on_cpu
         got = [_decode_logits(model) for _ in range(2)]
     warnings = [r.getMessage() for r in caplog.records]
     assert len([w for w in warnings if "raised at launch" in w]) == 2, warnings  # qmv once, moe once
-    assert set(kernels._disabled) == {"qmv", "moe"}
+    assert set(kernels.disabled()) == {"qmv", "moe"}
     kernels.set_mode(model, "builtin")
     want = _decode_logits(model)
     assert all(mx.array_equal(g, want) for g in got)
     # forced custom: the error is the user's to see
     kernels.set_mode(model, "custom")
-    monkeypatch.setattr(kernels, "_disabled", {})
+    kernels.forget()
     with pytest.raises(ValueError, match="Thread group size"):
         _decode_logits(model)
 
@@ -466,7 +467,7 @@ def test_a_kernel_that_fails_at_the_real_shape_while_timed_falls_back(on_cpu, mo
     layer = nn_quantized(w)
     with caplog.at_level(logging.WARNING, logger="mlx_qwen3.kernels"):
         y = kernels.quantized_linear(layer, x)
-    assert "while being timed" in caplog.text and "qmv" in kernels._disabled
+    assert "while being timed" in caplog.text and "qmv" in kernels.disabled()
     kernels.set_mode(layer, "builtin")
     assert mx.array_equal(y, kernels.quantized_linear(layer, x))
     assert not kernels.store().path.exists()  # nothing stored: a later run tries again
@@ -485,7 +486,7 @@ def test_a_wrong_kernel_is_caught_by_its_self_check(on_cpu, monkeypatch, caplog)
     with caplog.at_level(logging.WARNING, logger="mlx_qwen3.kernels"):
         kernels.quantized_linear(layer, mx.ones((1, 1, 64), dtype=mx.bfloat16))
     assert "failed its self-check" in caplog.text and "relative error" in caplog.text
-    assert "qmv" in kernels._disabled
+    assert "qmv" in kernels.disabled()
 
 
 def nn_quantized(w):
@@ -509,7 +510,7 @@ def test_the_measured_choice_is_used_and_stored(on_cpu, monkeypatch):
     assert mx.array_equal(kernels.quantized_linear(layer, x), want)
     assert on_cpu == ["qmv"]  # the self-check ran; production took the built-in, which measured faster
     stored = json.loads(kernels.store().path.read_text())
-    assert stored["machine"] == kernels.machine()
+    assert stored["machine"] == kernel_choices.machine(kernels.SOURCES)
     assert list(stored["choices"].values()) == [{"custom_us": 30.0, "builtin_us": 20.0, "custom": False}]
     assert kernels.store().path.parent == Path(os.environ["XDG_CACHE_HOME"]) / "mlx_qwen3"
 
@@ -517,8 +518,7 @@ def test_the_measured_choice_is_used_and_stored(on_cpu, monkeypatch):
     def never(*a, **kw):
         raise AssertionError("measured again")
 
-    monkeypatch.setattr(kernels, "_choices", {})
-    monkeypatch.setattr(kernels, "_store", None)
+    kernels.forget()
     monkeypatch.setattr(kernels, "measure", never)
     on_cpu.clear()
     kernels.quantized_linear(layer, x)
@@ -529,8 +529,7 @@ def test_the_measured_choice_is_used_and_stored(on_cpu, monkeypatch):
     data = json.loads(path.read_text())
     data["choices"] = {k: {**c, "custom": True} for k, c in data["choices"].items()}
     path.write_text(json.dumps(data))
-    monkeypatch.setattr(kernels, "_choices", {})
-    monkeypatch.setattr(kernels, "_store", None)
+    kernels.forget()
     y = kernels.quantized_linear(layer, x)
     assert on_cpu == ["qmv", "qmv"]
     assert_close(y.reshape(-1), qmatvec64(*quantized((16, 64), mx.bfloat16, 32, 4, 0), f64(x.reshape(-1))),
@@ -538,22 +537,22 @@ def test_the_measured_choice_is_used_and_stored(on_cpu, monkeypatch):
 
 
 def test_another_machine_or_version_measures_again(monkeypatch):
-    a = kernels.ChoiceStore(Path(os.environ["XDG_CACHE_HOME"]), {"chip": "Apple M2", "mlx": "0.32.4"})
+    a = kernel_choices.ChoiceStore(Path(os.environ["XDG_CACHE_HOME"]), {"chip": "Apple M2", "mlx": "0.32.4"})
     a.put("qmv x", {"custom_us": 1.0, "builtin_us": 2.0, "custom": True})
-    b = kernels.ChoiceStore(Path(os.environ["XDG_CACHE_HOME"]), {"chip": "Apple M2", "mlx": "0.33.0"})
+    b = kernel_choices.ChoiceStore(Path(os.environ["XDG_CACHE_HOME"]), {"chip": "Apple M2", "mlx": "0.33.0"})
     assert b.path != a.path and b.get("qmv x") is None
-    again = kernels.ChoiceStore(Path(os.environ["XDG_CACHE_HOME"]), {"chip": "Apple M2", "mlx": "0.32.4"})
+    again = kernel_choices.ChoiceStore(Path(os.environ["XDG_CACHE_HOME"]), {"chip": "Apple M2", "mlx": "0.32.4"})
     assert again.get("qmv x") == {"custom_us": 1.0, "builtin_us": 2.0, "custom": True}
     # the kernel sources are part of what a choice holds for
-    assert set(kernels.machine()) >= {"chip", "os", "mlx", "mlx_qwen3", "kernel_sources"}
+    assert set(kernel_choices.machine(kernels.SOURCES)) >= {"chip", "os", "mlx", "mlx_qwen3", "kernel_sources"}
 
 
 def test_two_processes_storing_choices_keep_both(tmp_path):
     folder = tmp_path / "c"
-    first, second = (kernels.ChoiceStore(folder, {"chip": "x"}) for _ in range(2))
+    first, second = (kernel_choices.ChoiceStore(folder, {"chip": "x"}) for _ in range(2))
     first.put("a", {"custom_us": 1.0, "builtin_us": 2.0, "custom": True})
     second.put("b", {"custom_us": 3.0, "builtin_us": 2.0, "custom": False})
-    assert set(kernels.ChoiceStore(folder, {"chip": "x"}).choices) == {"a", "b"}
+    assert set(kernel_choices.ChoiceStore(folder, {"chip": "x"}).choices) == {"a", "b"}
     assert [p.name for p in folder.iterdir()] == [first.path.name]  # no temporary file left
 
 
@@ -561,21 +560,21 @@ def test_two_processes_storing_choices_keep_both(tmp_path):
                                      '[1, 2]', '{"machine": {"chip": "other"}, "choices": {}}'])
 def test_a_damaged_choice_file_costs_a_warning_and_a_new_measurement(tmp_path, caplog, content):
     folder = tmp_path / "c"
-    store = kernels.ChoiceStore(folder, {"chip": "x"})
+    store = kernel_choices.ChoiceStore(folder, {"chip": "x"})
     folder.mkdir()
     store.path.write_text(content)
-    with caplog.at_level(logging.WARNING, logger="mlx_qwen3.kernels"):
-        again = kernels.ChoiceStore(folder, {"chip": "x"})
+    with caplog.at_level(logging.WARNING, logger="mlx_qwen3.kernel_choices"):
+        again = kernel_choices.ChoiceStore(folder, {"chip": "x"})
     assert again.choices == {} and "measuring again" in caplog.text
     again.put("a", {"custom_us": 1.0, "builtin_us": 2.0, "custom": True})
-    assert kernels.ChoiceStore(folder, {"chip": "x"}).get("a")["custom"] is True
+    assert kernel_choices.ChoiceStore(folder, {"chip": "x"}).get("a")["custom"] is True
 
 
 def test_an_unwritable_cache_folder_costs_one_warning(tmp_path, caplog):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    store = kernels.ChoiceStore(blocker / "mlx_qwen3", {"chip": "x"})
-    with caplog.at_level(logging.WARNING, logger="mlx_qwen3.kernels"):
+    store = kernel_choices.ChoiceStore(blocker / "mlx_qwen3", {"chip": "x"})
+    with caplog.at_level(logging.WARNING, logger="mlx_qwen3.kernel_choices"):
         for key in "ab":
             store.put(key, {"custom_us": 1.0, "builtin_us": 2.0, "custom": True})
     assert caplog.text.count("cannot store kernel choices") == 1
@@ -702,14 +701,25 @@ def test_selftest_report_with_the_kernels(on_cpu, monkeypatch):
         assert r["choice"] == ("custom" if r["custom_us"] < r["builtin_us"] * (1 - kernels.MARGIN) else "builtin")
 
 
-def test_selftest_off_metal_times_the_builtins_and_says_why():
+def test_selftest_off_metal_times_the_builtins_and_says_why(monkeypatch):
     from mlx_qwen3.selftest import op_report
 
+    monkeypatch.setattr(kernels, "on_metal", lambda: False)
     rows = op_report(SMALL, iters=1)
     assert all("not run: no Metal device" in r["custom"] and r["builtin_us"] > 0 for r in rows)
 
 
-def test_selftest_cli_with_a_model(tmp_path):
+# python -m mlx_qwen3.selftest ARGS with kernels.on_metal() False, as off Metal (on a Mac too)
+OFF_METAL = """
+import runpy, sys
+from mlx_qwen3 import kernels
+kernels.on_metal = lambda: False
+sys.argv = ["mlx_qwen3.selftest"] + sys.argv[1:]
+runpy.run_module("mlx_qwen3.selftest", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_selftest_cli_off_metal_with_a_model(tmp_path):
     import subprocess
     import sys
 
@@ -722,12 +732,14 @@ def test_selftest_cli_with_a_model(tmp_path):
     write_safetensors(folder / "model.safetensors", dict(tree_flatten(model.parameters())))
     config = dict(model.args.__dict__, quantization={"group_size": 32, "bits": 4})
     (folder / "config.json").write_text(json.dumps(config))
-    out = subprocess.run([sys.executable, "-m", "mlx_qwen3.selftest", "--model", str(folder), "--tokens", "3",
-                          "--no-ops"], capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", OFF_METAL, "--model", str(folder), "--tokens", "3", "--no-ops"],
+                         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     assert report["environment"]["metal"] is False and report["model"]["decode_tps_builtin"] > 0
+    assert "decode_tps_auto" not in report["model"]  # off Metal only the built-ins are timed
     assert report["stored_choices"]["choices"] == [] and "kernels-" in report["stored_choices"]["file"]
+    assert Path(report["stored_choices"]["file"]).parent == Path(os.environ["XDG_CACHE_HOME"]) / "mlx_qwen3"
 
 
 def test_load_sets_the_kernel_mode_of_that_model_only(tmp_path):
@@ -753,7 +765,25 @@ def test_load_sets_the_kernel_mode_of_that_model_only(tmp_path):
 
 def test_a_bad_environment_value_warns_once(monkeypatch, caplog):
     monkeypatch.setenv("MLX_QWEN3_KERNELS", "turbo")
-    monkeypatch.setattr(kernels, "_said", set())
     with caplog.at_level(logging.WARNING, logger="mlx_qwen3.kernels"):
         assert [kernels.mode() for _ in range(3)] == ["auto"] * 3
     assert caplog.text.count("MLX_QWEN3_KERNELS=turbo") == 1
+
+
+def test_forget_starts_the_process_afresh(monkeypatch, caplog, tmp_path):
+    def broken(kernel, **kwargs):
+        raise RuntimeError("Unable to build metal library from source")
+
+    monkeypatch.setattr(kernels, "launch", broken)
+    monkeypatch.setattr(kernels, "on_metal", lambda: True)
+    monkeypatch.setenv("MLX_QWEN3_KERNELS", "turbo")
+    with caplog.at_level(logging.WARNING, logger="mlx_qwen3.kernels"):
+        kernels.quantized_linear(nn_quantized(quantized((8, 64), mx.bfloat16, 32, 4, 0)), mx.ones((1, 64), mx.bfloat16))
+        assert set(kernels.disabled()) == {"qmv"} and kernels.mode() == "auto"
+        before = kernels.store().path
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "elsewhere"))
+        assert kernels.store().path == before  # the store is opened once per process, until forget()
+        kernels.forget()
+        assert kernels.disabled() == {} and kernels.store().path.parent == tmp_path / "elsewhere" / "mlx_qwen3"
+        kernels.mode()
+    assert caplog.text.count("MLX_QWEN3_KERNELS=turbo") == 2  # the one-time message is said again

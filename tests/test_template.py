@@ -55,10 +55,16 @@ def test_rendering_equals_transformers(reference, name, thinking, tools):
 def test_a_model_without_a_template_gets_chatml_with_a_warning(caplog):
     tok = tokenizer()
     bare = Tokenizer(tok._tok, {}, None)
-    text = bare.apply_chat_template([{"role": "user", "content": "Hi"}])
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    text = bare.apply_chat_template(messages[:1])
     assert text == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     assert "no chat template" in caplog.text
-    assert bare.chat_template is None and CHATML_TEMPLATE
+    # the fallback is CHATML_TEMPLATE itself: the same text as a tokenizer that ships it as its own
+    assert bare.chat_template is None
+    chatml = Tokenizer(tok._tok, {}, CHATML_TEMPLATE)
+    for kwargs in ({}, {"add_generation_prompt": False}):
+        assert bare.apply_chat_template(messages, **kwargs) == chatml.apply_chat_template(messages, **kwargs)
+    assert bare.apply_chat_template(messages, add_generation_prompt=False).endswith("Hello<|im_end|>\n")
 
 
 def test_a_template_error_is_one_clear_line():
