@@ -10,9 +10,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .errors import UserError, run_cli, show
+from .errors import UserError, show
 from .models import MODELS
-from .models.base import QUANT_MODES, weight_bytes
+from .models.base import QUANT_MODES
 
 # What a model needs from a Hub repo: configs, weights, tokenizer, chat template.
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt"]
@@ -415,23 +415,6 @@ def _check_kernels(mode: str):
         raise UserError(str(e)) from None
 
 
-def main():
-    """`python -m mlx_qwen3.load MODEL`: load a model and print what it is, as JSON."""
-    import click
-
-    @click.command()
-    @click.argument("model")
-    def cli(model):
-        m, config = load_model(model, lazy=True)
-        print(json.dumps({
-            "model_type": config["model_type"],
-            "layers": len(m.layers),
-            "weight_bytes": weight_bytes(m),
-            "quantization": config.get("quantization"),
-        }))
-
-    run_cli(cli)
-
-
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # python -m mlx_qwen3.load is `mlx-qwen3 info`
+    from .cli import main
+    main("info")

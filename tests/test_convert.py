@@ -185,7 +185,8 @@ def slow(file, tensors):
     time.sleep(60)
 c.write_safetensors = slow
 sys.argv = ["convert"] + sys.argv[1:]
-c.main()
+from mlx_qwen3.cli import main
+main("convert")
 """
 
 
@@ -465,7 +466,8 @@ def patched_rmtree(p, *args, **kw):
     rmtree(p, *args, **kw)
 os.rename, shutil.rmtree = patched_rename, patched_rmtree
 sys.argv = ["convert"] + sys.argv[4:]
-c.main()
+from mlx_qwen3.cli import main
+main("convert")
 """
 
 
@@ -548,7 +550,8 @@ import sys
 import mlx_qwen3.convert as c
 c._check_disk = lambda out, nbytes: None
 sys.argv = ["convert"] + sys.argv[1:]
-c.main()
+from mlx_qwen3.cli import main
+main("convert")
 """
 
 
