@@ -13,10 +13,9 @@ def _started_as_a_command() -> bool:
     mlx-qwen3 script; not a program that imports the package."""
     argv = getattr(sys, "argv", None) or [""]
     if argv[0] == "-m":
-        python = sys.orig_argv
-        i = next(i for i, arg in enumerate(python) if arg.startswith("-m"))
-        module = python[i][2:] or python[i + 1]  # -m NAME, or -mNAME
-        return module.split(".")[0] == __name__
+        python = getattr(sys, "orig_argv", [])
+        modules = [arg[2:] or after for arg, after in zip(python, python[1:] + [""]) if arg.startswith("-m")]
+        return bool(modules) and modules[0].split(".")[0] == __name__  # -m NAME, or -mNAME
     return os.path.basename(argv[0]) == "mlx-qwen3"
 
 

@@ -56,7 +56,7 @@ def main(command: Optional[str] = None):
     """The mlx-qwen3 script and `python -m mlx_qwen3`; main("generate") is `python -m mlx_qwen3.generate`."""
     # The imports are done (mlx_qwen3/__init__ made a Ctrl-C during them exit quietly): Ctrl-C is click's again.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    if sys.stdout is None and (command or next(iter(sys.argv[1:2]), None)) == "generate":
+    if sys.stdout is None and (command or (sys.argv[1:2] or [None])[0]) == "generate":
         # started with stdout closed (>&-): run_cli would open /dev/null, and the reply would be lost unseen
         if sys.stderr is not None:
             print("error: cannot write the output: stdout is closed", file=sys.stderr)
