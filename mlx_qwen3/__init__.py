@@ -1,36 +1,44 @@
 """Qwen3, Qwen3-MoE and QwQ on Apple silicon with MLX."""
 
-import importlib
+import os
+import signal
 import sys
-import types
+import warnings
 
 __version__ = "0.1.0"
 
-# Public name -> the module that defines it, imported on first use so that
-# `python -m mlx_qwen3.load` (or .generate, .convert) runs its module once, not twice.
-_EXPORTS = {
-    "load": "load",
-    "load_model": "load",
-    "generate": "generate",
-    "stream_generate": "generate",
-    "ChatSession": "generate",
-    "UserError": "errors",
-}
-__all__ = list(_EXPORTS)
+
+def _started_as_a_command() -> bool:
+    """`python -m mlx_qwen3[.X]` (sys.argv[0] is "-m" while Python looks for the module) or the
+    mlx-qwen3 script; not a program that imports the package."""
+    argv = getattr(sys, "argv", None) or [""]
+    if argv[0] == "-m":
+        python = getattr(sys, "orig_argv", [])
+        modules = [arg[2:] or after for arg, after in zip(python, python[1:] + [""]) if arg.startswith("-m")]
+        return bool(modules) and modules[0].split(".")[0] == __name__  # -m NAME, or -mNAME
+    return os.path.basename(argv[0]) == "mlx-qwen3"
 
 
-class _Package(types.ModuleType):
-    def __getattr__(self, name):
-        if name in _EXPORTS:
-            return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-    def __setattr__(self, name, value):
-        # Importing the submodule `load` (or `generate`) must not hide the function of that name.
-        # (So `import mlx_qwen3.generate as m` gives the function, as with mlx-lm: use importlib.)
-        if name in _EXPORTS and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
+def _leave(*_):
+    try:
+        os.write(2, b"\n")
+    except OSError:
+        pass
+    os._exit(130)
 
 
-sys.modules[__name__].__class__ = _Package
+# A command's Ctrl-C while the modules below import (MLX takes a moment) exits 130 quietly, as a Ctrl-C
+# later does, not with a traceback; cli.main() gives the signal back to Python once they are in.
+if _started_as_a_command():
+    signal.signal(signal.SIGINT, _leave)
+
+# `python -m mlx_qwen3.generate` (or .load) runs a module the imports below have already imported, as
+# __main__: runpy warns that it runs twice. Expected here: that second copy only calls cli.main().
+warnings.filterwarnings("ignore", category=RuntimeWarning,
+                        message=r"'mlx_qwen3\.\w+' found in sys\.modules after import of package 'mlx_qwen3'")
+
+from .errors import UserError  # noqa: E402
+from .generate import ChatSession, GenerationResult, stream_generate  # noqa: E402
+from .load import load, load_model  # noqa: E402
+
+__all__ = ["ChatSession", "GenerationResult", "UserError", "load", "load_model", "stream_generate"]

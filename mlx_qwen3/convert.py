@@ -11,7 +11,6 @@ import re
 import shutil
 import signal
 import struct
-import sys
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import __version__
-from .errors import UserError, run_cli
+from .errors import UserError
 from .checkpoint import read_config, read_weights, resolve
 from .load import build_model, check_weights
 from .models.config import normalize_config
@@ -380,42 +379,6 @@ def _write_config(file: Path, config: dict, quant: Optional[dict], dtype: Option
     file.write_text(json.dumps(config, indent=2))
 
 
-def _interrupt(*_):
-    raise KeyboardInterrupt
-
-
-def main():
-    import click
-
-    @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-    @click.option("--hf-path", required=True, help="Hugging Face model folder or Hub id.")
-    @click.option("--mlx-path", required=True, help="The MLX folder to create.")
-    @click.option("-q", "--quantize", is_flag=True, help="Quantize (4-bit, group size 64 unless told).")
-    @click.option("--bits", type=int, default=4, show_default=True, help="4 or 8.")
-    @click.option("--group-size", type=int, default=64, show_default=True, help="32, 64 or 128.")
-    @click.option("--dtype", default=None, help="bfloat16, float16 or float32 for what stays float.")
-    @click.option("--mixed", default=None, help="A mixed recipe, e.g. mixed_4_6 (implies -q).")
-    @click.option("--quantize-embeddings/--float-embeddings", default=True, show_default=True,
-                  help="Quantize embed_tokens and lm_head too.")
-    @click.option("--force", is_flag=True, help="Replace an existing --mlx-path.")
-    def cli(hf_path, mlx_path, quantize, bits, group_size, dtype, mixed, quantize_embeddings, force):
-        """Convert a Hugging Face Qwen3 / Qwen3-MoE / QwQ checkpoint to MLX."""
-        # Ctrl-C and kill end the conversion the same way: the partial folder is removed, nothing is left.
-        signal.signal(signal.SIGTERM, _interrupt)
-        path = None
-        try:
-            path = convert(hf_path, mlx_path, quantize, bits, group_size, dtype, mixed, quantize_embeddings, force)
-            print(f"wrote {path}")
-        except Interrupted as e:
-            print(f"interrupted; {e}", file=sys.stderr)
-            sys.exit(130)
-        except KeyboardInterrupt:  # before anything was written, or after all of it
-            print(f"interrupted; {path} holds the new conversion" if path else "interrupted; nothing was written",
-                  file=sys.stderr)
-            sys.exit(130)
-
-    run_cli(cli)
-
-
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # python -m mlx_qwen3.convert is `mlx-qwen3 convert`
+    from .cli import main
+    main("convert")

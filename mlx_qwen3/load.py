@@ -1,7 +1,6 @@
 """config.json -> ModelArgs -> Model -> sanitize -> (quantize) -> load_weights, from a folder or the Hub
 (checkpoint.py finds and reads the folder; this module builds the model and checks the weights fit it)."""
 
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -10,8 +9,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .checkpoint import json_kind, read_config, read_weights, resolve, safetensors_header, weight_files
-from .errors import UserError, run_cli, show
-from .memory import weight_bytes
+from .errors import UserError, show
 from .models import MODELS
 from .models.config import QUANT_MODES
 
@@ -214,23 +212,6 @@ def _check_kernels(mode: str):
         raise UserError(str(e)) from None
 
 
-def main():
-    """`python -m mlx_qwen3.load MODEL`: load a model and print what it is, as JSON."""
-    import click
-
-    @click.command()
-    @click.argument("model")
-    def cli(model):
-        m, config = load_model(model, lazy=True)
-        print(json.dumps({
-            "model_type": config["model_type"],
-            "layers": len(m.layers),
-            "weight_bytes": weight_bytes(m),
-            "quantization": config.get("quantization"),
-        }))
-
-    run_cli(cli)
-
-
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # python -m mlx_qwen3.load is `mlx-qwen3 info`
+    from .cli import main
+    main("info")

@@ -92,31 +92,6 @@ def _wrap(text: str, width: int = 60, lines: int = 12) -> list:
     return out[-lines:]
 
 
-def main():
-    import sys
-
-    import click
-
-    from .errors import run_cli
-
-    @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-    @click.option("--model", required=True, help="Model folder or Hugging Face Hub id.")
-    def cli(model):
-        """A menubar assistant: ask from the status bar, watch the answer stream in."""
-        if sys.platform != "darwin":
-            raise UserError("the menubar assistant runs on macOS; use python -m mlx_qwen3.server elsewhere")
-        try:
-            import rumps
-        except ImportError:
-            raise UserError('the menubar assistant needs its extra: pip install "mlx-qwen3[menubar]"') from None
-        from .load import load
-
-        m, tokenizer = load(model)
-        MenubarApp(rumps, AssistantController(m, tokenizer, model)).run()
-
-    run_cli(cli)
-
-
 class MenubarApp:
     """The rumps layer: menu items that call the controller, and a timer that shows its state."""
 
@@ -174,5 +149,6 @@ class MenubarApp:
         self.app.run()
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # python -m mlx_qwen3.menubar is `mlx-qwen3 menubar`
+    from .cli import main
+    main("menubar")

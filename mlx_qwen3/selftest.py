@@ -5,7 +5,6 @@ built-ins, how fast each is and which the dispatcher would choose; with --model,
 tok/s with the built-ins and with `auto`; and the choices the dispatcher has stored on this machine.
 """
 
-import json
 import platform
 import statistics
 import time
@@ -138,28 +137,6 @@ def bandwidth(device_name: str):
     return BANDWIDTH_GBS.get((device_name or "").removeprefix("Apple ").strip())
 
 
-def main():
-    import click
-
-    from .errors import run_cli
-
-    @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-    @click.option("--model", default=None, help="Also time whole-model decode on this model.")
-    @click.option("--tokens", type=int, default=64, show_default=True)
-    @click.option("--iters", type=int, default=20, show_default=True)
-    @click.option("--ops/--no-ops", default=True, show_default=True, help="Check and time each kernel.")
-    def cli(model, tokens, iters, ops):
-        """Check each custom kernel against MLX's built-ins and time both; print JSON."""
-        report = {"environment": environment()}
-        if ops:
-            report["ops"] = op_report(DEFAULT_SHAPES, iters=iters)
-        if model:
-            report["model"] = model_report(model, tokens)
-        report["stored_choices"] = stored_choices()
-        print(json.dumps(report, indent=2))
-
-    run_cli(cli)
-
-
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # python -m mlx_qwen3.selftest is `mlx-qwen3 selftest`
+    from .cli import main
+    main("selftest")

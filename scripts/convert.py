@@ -1,6 +1,6 @@
-"""Thin wrapper: python scripts/convert.py --hf-path ... --mlx-path ... [-q] (see python -m mlx_qwen3.convert -h)."""
+"""Thin wrapper: python scripts/convert.py --hf-path ... --mlx-path ... [-q] (see mlx-qwen3 convert -h)."""
 
-from mlx_qwen3.convert import main
+from mlx_qwen3.cli import main
 
 if __name__ == "__main__":
-    main()
+    main("convert")

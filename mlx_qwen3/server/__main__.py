@@ -1,3 +1,3 @@
-from .serve import main
+from ..cli import main  # python -m mlx_qwen3.server is `mlx-qwen3 serve`
 
-main()
+main("serve")

@@ -3,15 +3,12 @@
 import asyncio
 import json
 import os
-import re
-import sys
 import time
 from functools import lru_cache
 from typing import Optional
 
 from ..errors import UserError
-from .app import create_app
-from .engine import CACHE_SLOTS, PARALLEL, Engine
+from .engine import Engine
 from .request import RequestError
 
 SHUTDOWN_GRACE = 2.0  # seconds, after a SIGINT/SIGTERM, for clients to take their last answer
@@ -111,60 +108,3 @@ def api_key_from(given: Optional[str], key_file: Optional[str], environ=os.envir
             raise UserError(f"--api-key-file {key_file} has no key on its first line")
         return key
     return environ.get(API_KEY_ENV, "").strip() or None
-
-
-def main():
-    import click
-
-    from ..errors import run_cli
-
-    @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-    @click.option("--model", required=True, help="Model folder or Hugging Face Hub id.")
-    @click.option("--host", default="127.0.0.1", show_default=True,
-                  help="Only this machine, unless told. Requests must name this address (or localhost) in their "
-                       "Host header; bound to 0.0.0.0 or ::, any Host is accepted.")
-    @click.option("--port", type=int, default=8080, show_default=True)
-    @click.option("--api-key", default=None,
-                  help=f"Require 'Authorization: Bearer KEY' on /v1. Visible to `ps`: prefer --api-key-file or "
-                       f"${API_KEY_ENV}. Precedence: --api-key, then --api-key-file, then ${API_KEY_ENV}.")
-    @click.option("--api-key-file", default=None, metavar="FILE", help="Read the API key from the first line of FILE.")
-    @click.option("--allow-origin", "allow_origins", multiple=True, metavar="ORIGIN",
-                  help="Let web pages from ORIGIN (e.g. http://localhost:3000, or *) call the API, with CORS "
-                       "answers. Repeatable. Other pages are refused (403); the chat page at / always works.")
-    @click.option("--parallel", type=click.IntRange(1), default=PARALLEL, show_default=True,
-                  help="Requests generating at once (time-sliced); more wait in a queue. Lower it for big models "
-                       "and long contexts: each holds its own KV cache.")
-    @click.option("--prompt-cache", "cache_slots", type=click.IntRange(0), default=CACHE_SLOTS, show_default=True,
-                  help="Finished prompts whose KV cache is kept for reuse.")
-    @click.option("--prompt-cache-gb", type=click.FloatRange(0), default=None,
-                  help="At most this many GiB for them (default: a quarter of the memory the weights leave free).")
-    def cli(model, host, port, api_key, api_key_file, allow_origins, parallel, cache_slots, prompt_cache_gb):
-        """An OpenAI-compatible server for one Qwen3 / Qwen3-MoE / QwQ model.
-
-        The first Ctrl-C (or SIGTERM) cancels every generation, answers its client and exits 0."""
-        try:
-            import uvicorn  # noqa: F401
-        except ImportError:
-            raise UserError('the server needs its extra: pip install "mlx-qwen3[server]"') from None
-        from ..load import load
-
-        api_key = api_key_from(api_key, api_key_file)
-        for origin in allow_origins:
-            if origin != "*" and not re.fullmatch(r"https?://[^/\s]+/?", origin):
-                raise UserError(f"--allow-origin {origin!r} is not an origin: give scheme://host[:port], "
-                                "e.g. http://localhost:3000, or *")
-        m, tokenizer = load(model)
-        cache_bytes = None if prompt_cache_gb is None else int(prompt_cache_gb * 2**30)
-        app = create_app(m, tokenizer, model, api_key, cache_slots=cache_slots, cache_bytes=cache_bytes,
-                         parallel=parallel, host=host, allow_origins=allow_origins)
-        print(f"serving {model} on http://{host}:{port} (chat page at /, API at /v1)", flush=True)
-        make_server(app, host, port).run()
-        if not app.state.engine.stop(timeout=2):  # a step that would not end (a long prefill): do not wait for it
-            print("the generation thread did not stop in 2 s; exiting without it", file=sys.stderr, flush=True)
-            os._exit(0)
-
-    run_cli(cli)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,231 @@
+"""Every command's click code. `mlx-qwen3 COMMAND` and `python -m mlx_qwen3 COMMAND` run the group;
+`python -m mlx_qwen3.generate` (.server, .convert, .load, .selftest, .menubar) runs one command alone.
+
+A thin shell: each command parses, calls the Python API and prints. Through errors.run_cli, bad input is
+one line and exit status 2, a stdout whose reader went away ends quietly with 141, a full one is one line
+and exit status 1, and Ctrl-C is exit status 130: never a traceback.
+"""
+
+import json
+import os
+import re
+import signal
+import sys
+import threading
+from typing import Optional
+
+import click
+
+from .convert import Interrupted, convert
+from .errors import UserError, run_cli
+from .generate import ChatSession, GenerationOptions, check_text, stream_generate, to_messages
+from .load import load, load_model
+from .memory import weight_bytes
+from .menubar import AssistantController, MenubarApp
+from .selftest import DEFAULT_SHAPES, environment, model_report, op_report, stored_choices
+from .server import create_app
+from .server.engine import CACHE_SLOTS, PARALLEL
+from .server.serve import API_KEY_ENV, api_key_from, make_server
+from .terminal import Printer, prepare_stdout, read_stdin, repl, show_stream
+
+# --model when none is given: Qwen's own MLX release of Qwen3-1.7B, 4-bit (about 1 GB; it thinks well
+# enough to show what the models do), so `python -m mlx_qwen3.generate --prompt hi` is a whole first run.
+DEFAULT_MODEL = "Qwen/Qwen3-1.7B-MLX-4bit"
+CONTEXT = {"help_option_names": ["-h", "--help"]}
+
+
+def model_option(f):
+    return click.option("--model", default=DEFAULT_MODEL, show_default=True,
+                        help="Model folder or Hugging Face Hub id.")(f)
+
+
+class _Commands(click.Group):
+    def resolve_command(self, ctx, args):
+        if args and args[0] not in self.commands:  # click's message says what is wrong, not what to do
+            raise UserError(f"no command {args[0]!r}: give one of {', '.join(self.commands)}")
+        return super().resolve_command(ctx, args)
+
+
+@click.group(cls=_Commands, context_settings=CONTEXT, invoke_without_command=True)
+@click.pass_context
+def cli(ctx):
+    """Qwen3, Qwen3-MoE and QwQ on Apple silicon with MLX."""
+    if ctx.invoked_subcommand is None:
+        raise UserError(f"give a command: {', '.join(cli.commands)} (--help says what each does)")
+
+
+def main(command: Optional[str] = None):
+    """The mlx-qwen3 script and `python -m mlx_qwen3`; main("generate") is `python -m mlx_qwen3.generate`."""
+    # The imports are done (mlx_qwen3/__init__ made a Ctrl-C during them exit quietly): Ctrl-C is click's again.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    if sys.stdout is None and (command or (sys.argv[1:2] or [None])[0]) == "generate":
+        # started with stdout closed (>&-): run_cli would open /dev/null, and the reply would be lost unseen
+        if sys.stderr is not None:
+            print("error: cannot write the output: stdout is closed", file=sys.stderr)
+        sys.exit(1)
+    run_cli(cli if command is None else cli.commands[command])
+
+
+# ---- generate: a thin shell over stream_generate and ChatSession (the printer and REPL: terminal.py) ----
+
+@cli.command("generate", context_settings=CONTEXT)
+@model_option
+@click.option("--prompt", default=None, help="The prompt; - reads it from stdin.")
+@click.option("--system", default=None, help="A system message.")
+@click.option("--max-tokens", type=int, default=8192, show_default=True)
+@click.option("--temp", "temperature", type=float, default=None, help="Default: per mode (0.6 thinking, 0.7 not).")
+@click.option("--top-p", type=float, default=None, help="Default: per mode (0.95 thinking, 0.8 not).")
+@click.option("--top-k", type=int, default=None, help="Default: 20.")
+@click.option("--min-p", type=float, default=None, help="Default: 0.")
+@click.option("--presence-penalty", type=float, default=0.0, show_default=True)
+@click.option("--repetition-penalty", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int, default=None)
+@click.option("--think/--no-think", "enable_thinking", default=None, help="Default: the model's (thinking on).")
+@click.option("--thinking-budget", type=int, default=None, help="End the thought after N tokens.")
+@click.option("--hide-thinking", is_flag=True, help="Do not print the thinking.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per event and line.")
+@click.option("--chat", is_flag=True, help="An interactive chat (/think, /no_think, /budget N, /reset, /exit).")
+def generate_command(model, prompt, chat, hide_thinking, as_json, **options):
+    """Generate with a Qwen3 / Qwen3-MoE / QwQ model."""
+    cancel = threading.Event()
+    GenerationOptions.from_kwargs(**options)  # bad values fail before the model loads
+    if prompt is None and not chat:
+        raise UserError("give --prompt TEXT (or --prompt - to read stdin), or --chat")
+    if prompt == "-":
+        prompt = read_stdin()
+    elif prompt is not None:
+        check_text(prompt, "--prompt")
+    if prompt is not None:
+        to_messages(prompt)
+    model, tokenizer = load(model)
+    prepare_stdout()
+    printer = Printer(as_json, hide_thinking, sys.stdout.isatty())
+    if not chat:
+        result = show_stream(stream_generate(model, tokenizer, prompt, cancel=cancel, **options), printer, cancel)
+        return 130 if result.finish_reason == "cancelled" else 0
+    return repl(ChatSession(model, tokenizer, **options), printer, prompt)
+
+
+# ---- serve ----
+
+@cli.command("serve", context_settings=CONTEXT)
+@model_option
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Only this machine, unless told. Requests must name this address (or localhost) in their "
+                   "Host header; bound to 0.0.0.0 or ::, any Host is accepted.")
+@click.option("--port", type=int, default=8080, show_default=True)
+@click.option("--api-key", default=None,
+              help=f"Require 'Authorization: Bearer KEY' on /v1. Visible to `ps`: prefer --api-key-file or "
+                   f"${API_KEY_ENV}. Precedence: --api-key, then --api-key-file, then ${API_KEY_ENV}.")
+@click.option("--api-key-file", default=None, metavar="FILE", help="Read the API key from the first line of FILE.")
+@click.option("--allow-origin", "allow_origins", multiple=True, metavar="ORIGIN",
+              help="Let web pages from ORIGIN (e.g. http://localhost:3000, or *) call the API, with CORS "
+                   "answers. Repeatable. Other pages are refused (403); the chat page at / always works.")
+@click.option("--parallel", type=click.IntRange(1), default=PARALLEL, show_default=True,
+              help="Requests generating at once (time-sliced); more wait in a queue. Lower it for big models "
+                   "and long contexts: each holds its own KV cache.")
+@click.option("--prompt-cache", "cache_slots", type=click.IntRange(0), default=CACHE_SLOTS, show_default=True,
+              help="Finished prompts whose KV cache is kept for reuse.")
+@click.option("--prompt-cache-gb", type=click.FloatRange(0), default=None,
+              help="At most this many GiB for them (default: a quarter of the memory the weights leave free).")
+def serve_command(model, host, port, api_key, api_key_file, allow_origins, parallel, cache_slots, prompt_cache_gb):
+    """An OpenAI-compatible server for one Qwen3 / Qwen3-MoE / QwQ model.
+
+    The first Ctrl-C (or SIGTERM) cancels every generation, answers its client and exits 0."""
+    try:
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise UserError('the server needs its extra: pip install "mlx-qwen3[server]"') from None
+    api_key = api_key_from(api_key, api_key_file)
+    for origin in allow_origins:
+        if origin != "*" and not re.fullmatch(r"https?://[^/\s]+/?", origin):
+            raise UserError(f"--allow-origin {origin!r} is not an origin: give scheme://host[:port], "
+                            "e.g. http://localhost:3000, or *")
+    m, tokenizer = load(model)
+    cache_bytes = None if prompt_cache_gb is None else int(prompt_cache_gb * 2**30)
+    app = create_app(m, tokenizer, model, api_key, cache_slots=cache_slots, cache_bytes=cache_bytes,
+                     parallel=parallel, host=host, allow_origins=allow_origins)
+    print(f"serving {model} on http://{host}:{port} (chat page at /, API at /v1)", flush=True)
+    make_server(app, host, port).run()
+    if not app.state.engine.stop(timeout=2):  # a step that would not end (a long prefill): do not wait for it
+        print("the generation thread did not stop in 2 s; exiting without it", file=sys.stderr, flush=True)
+        os._exit(0)
+
+
+# ---- convert ----
+
+def _interrupt(*_):
+    raise KeyboardInterrupt
+
+
+@cli.command("convert", context_settings=CONTEXT)
+@click.option("--hf-path", required=True, help="Hugging Face model folder or Hub id.")
+@click.option("--mlx-path", required=True, help="The MLX folder to create.")
+@click.option("-q", "--quantize", is_flag=True, help="Quantize (4-bit, group size 64 unless told).")
+@click.option("--bits", type=int, default=4, show_default=True, help="4 or 8.")
+@click.option("--group-size", type=int, default=64, show_default=True, help="32, 64 or 128.")
+@click.option("--dtype", default=None, help="bfloat16, float16 or float32 for what stays float.")
+@click.option("--mixed", default=None, help="A mixed recipe, e.g. mixed_4_6 (implies -q).")
+@click.option("--quantize-embeddings/--float-embeddings", default=True, show_default=True,
+              help="Quantize embed_tokens and lm_head too.")
+@click.option("--force", is_flag=True, help="Replace an existing --mlx-path.")
+def convert_command(hf_path, mlx_path, quantize, bits, group_size, dtype, mixed, quantize_embeddings, force):
+    """Convert a Hugging Face Qwen3 / Qwen3-MoE / QwQ checkpoint to MLX."""
+    # Ctrl-C and kill end the conversion the same way: the partial folder is removed, nothing is left.
+    signal.signal(signal.SIGTERM, _interrupt)
+    path = None
+    try:
+        path = convert(hf_path, mlx_path, quantize, bits, group_size, dtype, mixed, quantize_embeddings, force)
+        print(f"wrote {path}")
+    except Interrupted as e:
+        print(f"interrupted; {e}", file=sys.stderr)
+        sys.exit(130)
+    except KeyboardInterrupt:  # before anything was written, or after all of it
+        print(f"interrupted; {path} holds the new conversion" if path else "interrupted; nothing was written",
+              file=sys.stderr)
+        sys.exit(130)
+
+
+# ---- info, selftest, menubar ----
+
+@cli.command("info", context_settings=CONTEXT)
+@click.argument("model")
+def info_command(model):
+    """Load MODEL (a folder or Hub id) and print what it is, as JSON."""
+    m, config = load_model(model, lazy=True)
+    print(json.dumps({
+        "model_type": config["model_type"],
+        "layers": len(m.layers),
+        "weight_bytes": weight_bytes(m),
+        "quantization": config.get("quantization"),
+    }))
+
+
+@cli.command("selftest", context_settings=CONTEXT)
+@click.option("--model", default=None, help="Also time whole-model decode on this model.")
+@click.option("--tokens", type=int, default=64, show_default=True)
+@click.option("--iters", type=int, default=20, show_default=True)
+@click.option("--ops/--no-ops", default=True, show_default=True, help="Check and time each kernel.")
+def selftest_command(model, tokens, iters, ops):
+    """Check each custom kernel against MLX's built-ins and time both; print JSON."""
+    report = {"environment": environment()}
+    if ops:
+        report["ops"] = op_report(DEFAULT_SHAPES, iters=iters)
+    if model:
+        report["model"] = model_report(model, tokens)
+    report["stored_choices"] = stored_choices()
+    print(json.dumps(report, indent=2))
+
+
+@cli.command("menubar", context_settings=CONTEXT)
+@model_option
+def menubar_command(model):
+    """A menubar assistant: ask from the status bar, watch the answer stream in."""
+    if sys.platform != "darwin":
+        raise UserError("the menubar assistant runs on macOS; use python -m mlx_qwen3.server elsewhere")
+    try:
+        import rumps
+    except ImportError:
+        raise UserError('the menubar assistant needs its extra: pip install "mlx-qwen3[menubar]"') from None
+    m, tokenizer = load(model)
+    MenubarApp(rumps, AssistantController(m, tokenizer, model)).run()

@@ -1,0 +1,202 @@
+"""The terminal side of `mlx-qwen3 generate`: showing a stream of events, reading the prompt, the chat REPL.
+
+Its promises under faults: bad input (a prompt that is not UTF-8) is one line; in --chat a bad line is one
+line and the session goes on. Ctrl-C stops a reply (exit status 130), a second one stops at once.
+"""
+
+import codecs
+import json
+import signal
+import sys
+import threading
+from typing import Optional
+
+from .errors import UserError
+from .generate import ChatSession, GenerationResult, check_text
+
+DIM, RESET = "\x1b[2m", "\x1b[0m"
+
+
+class Printer:
+    """Shows events: on a terminal thinking is dimmed and labelled; --json gives one object per line."""
+
+    def __init__(self, as_json: bool, hide_thinking: bool, tty: bool):
+        self.as_json, self.hide_thinking, self.tty = as_json, hide_thinking, tty
+        self.channel = None
+        # JSON escapes what a stdout that is not UTF-8 cannot show (plain text: see prepare_stdout)
+        self.ascii = not _is_utf8(getattr(sys.stdout, "encoding", None))
+
+    def show(self, event) -> Optional[GenerationResult]:
+        out = sys.stdout
+        if self.as_json:
+            if event.type == "done":
+                record = {k: v for k, v in vars(event).items() if k != "text"}
+            else:
+                record = {"type": event.type, "text": event.text}
+                if event.tool_call is not None:
+                    record["tool_call"] = event.tool_call
+            if event.type != "thinking" or not self.hide_thinking:
+                print(json.dumps(record, ensure_ascii=self.ascii), flush=True)
+            return event if event.type == "done" else None
+        if event.type == "done":
+            self._enter(None)
+            print(file=out, flush=True)
+            print(_stats(event), file=sys.stderr)
+            return event
+        if event.type == "thinking" and self.hide_thinking:
+            return None
+        self._enter(event.type)
+        if event.type == "tool_call":
+            call = event.tool_call
+            text = f"[tool call] {call['name']}({json.dumps(call['arguments'], ensure_ascii=False)})"
+            if call.get("error"):
+                text = f"[tool call, {call['error']}] {event.text}"
+            out.write(text + "\n")
+        else:
+            out.write(event.text)
+        out.flush()
+        return None
+
+    def abandon(self):
+        """A stream cut short (a second Ctrl-C, a failed write): on a terminal, end the dimming, so that
+        the shell's prompt is not left dim."""
+        if self.tty and not self.as_json and self.channel == "thinking":
+            try:
+                sys.stdout.write(RESET + "\n")
+                sys.stdout.flush()
+            except Exception:  # the stream is what failed: nothing more to show
+                pass
+        self.channel = None
+
+    def _enter(self, channel):
+        """Open or close the thinking block when the channel changes."""
+        if channel == self.channel:
+            return
+        out = sys.stdout
+        if self.channel == "thinking":
+            out.write(RESET + "\n\n" if self.tty else "\n</think>\n\n")
+        elif self.channel == "answer" and channel == "tool_call":
+            out.write("\n")
+        if channel == "thinking":
+            out.write(DIM + "Thinking:\n" if self.tty else "<think>\n")
+        self.channel = channel
+
+
+def _stats(r: GenerationResult) -> str:
+    return (f"prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.1f} tok/s | "
+            f"generation: {r.generation_tokens} tokens, {r.generation_tps:.1f} tok/s | "
+            f"peak memory: {r.peak_memory:.2f} GB | finish: {r.finish_reason}")
+
+
+def show_stream(events, printer: Printer, cancel) -> GenerationResult:
+    """Print a stream; the first Ctrl-C cancels generation cleanly, a second one stops at once."""
+    def on_sigint(*_):
+        if cancel.is_set():
+            raise KeyboardInterrupt
+        cancel.set()
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        result = None
+        for event in events:
+            result = printer.show(event) or result
+        return result
+    except BaseException:
+        printer.abandon()
+        raise
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if hasattr(events, "close"):
+            events.close()  # now, not when the garbage collector gets to it
+
+
+def _is_utf8(encoding: Optional[str]) -> bool:
+    try:
+        return codecs.lookup(encoding or "").name == "utf-8"
+    except LookupError:
+        return False
+
+
+def prepare_stdout():
+    """Text a stdout that is not UTF-8 cannot encode (a latin-1 locale, PYTHONIOENCODING=ascii) is
+    written as backslash escapes, not a UnicodeEncodeError. Lone surrogates never reach it."""
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None and not _is_utf8(getattr(sys.stdout, "encoding", None)):
+        reconfigure(errors="backslashreplace")
+
+
+def read_stdin() -> str:
+    """All of stdin, as the prompt. Bytes that are not text in stdin's encoding (UTF-8, as a rule) are
+    refused, not replaced: a prompt must not change meaning unseen. Newlines as text mode reads them."""
+    encoding = getattr(sys.stdin, "encoding", None) or "utf-8"
+    buffer = getattr(sys.stdin, "buffer", None)
+    if buffer is None:  # stdin replaced by a text stream: it has decoded already
+        return sys.stdin.read()
+    data = buffer.read()
+    try:
+        text = data.decode(encoding)
+    except UnicodeDecodeError as e:
+        name = "UTF-8" if _is_utf8(encoding) else encoding
+        raise UserError(f"stdin is not valid {name}: byte 0x{data[e.start]:02x} at offset {e.start}; "
+                        f"convert it first (e.g. iconv -f latin1 -t utf-8)") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def repl(session: ChatSession, printer: Printer, first: Optional[str]) -> int:
+    """The --chat loop, from `first` (the --prompt, if any) on; returns the exit status."""
+    commands = "/think, /no_think, /budget N (or off), /reset, /exit"
+    print(f"chat: {commands}; Ctrl-C stops a reply, Ctrl-D leaves", file=sys.stderr)
+    if hasattr(sys.stdin, "reconfigure"):  # a line that is not UTF-8 arrives, to be refused alone
+        sys.stdin.reconfigure(errors="surrogateescape")
+    line = first
+    while True:
+        if line is None:
+            try:
+                line = input(">>> ")
+            except EOFError:
+                return 0
+            except KeyboardInterrupt:
+                print(file=sys.stderr)
+                return 130
+            except UnicodeDecodeError as e:  # only where stdin could not be reconfigured
+                print(f"error: that line is not valid {e.encoding}; nothing was sent", file=sys.stderr)
+                continue
+        line, text = None, line.strip()
+        if not text:
+            continue
+        try:
+            check_text(text, "that line")
+        except UserError as e:
+            print(f"error: {e}; nothing was sent", file=sys.stderr)
+            continue
+        if text == "/exit":
+            return 0
+        if text == "/reset":
+            session.reset()
+        elif text in ("/think", "/no_think"):
+            session.options["enable_thinking"] = text == "/think"
+        elif text.startswith("/budget"):
+            arg = (text.split()[1:] or ["?"])[0]
+            if arg == "off":
+                session.options["thinking_budget"] = None
+            elif (budget := _count(arg)) is not None:
+                session.options["thinking_budget"] = budget
+            else:
+                print("usage: /budget N, or /budget off", file=sys.stderr)
+        elif text.startswith("/") and text.split()[0] in ("/help", "/?"):
+            print(commands, file=sys.stderr)
+        else:
+            cancel = threading.Event()
+            try:
+                show_stream(session.stream(text, cancel=cancel), printer, cancel)
+            except UserError as e:
+                print(f"error: {e}", file=sys.stderr)
+            printer.channel = None
+
+
+def _count(text: str) -> Optional[int]:
+    """A whole number >= 0 written in digits, or None ("²" is a digit to str.isdigit, not to int)."""
+    try:
+        return int(text) if text.isdigit() else None
+    except ValueError:  # that, or more digits than int() reads (4,300)
+        return None
