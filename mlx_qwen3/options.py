@@ -3,7 +3,7 @@ once. A bad value raises UserError with `param` (the option's name) and `code` (
 out_of_range, invalid_value, unknown_parameter), so every entry point reports it without checking again."""
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Optional
 
 from .errors import UserError, show
@@ -58,10 +58,11 @@ def check_text(text: str, what: str, param: Optional[str] = None):
 
 
 def _check(group):
-    """Each field's type and range; None is always allowed (the default for the mode in effect)."""
+    """Each field's type and range. None is the field's default (for some, None itself: the mode's default)."""
     for f in fields(group):
         value = getattr(group, f.name)
         if value is None:
+            object.__setattr__(group, f.name, f.default if f.default_factory is MISSING else f.default_factory())
             continue
         kind, ok, span = _CHECKS[f.name]
         if not isinstance(value, kind) or isinstance(value, bool) and bool not in kind:  # True is an int too
@@ -106,11 +107,10 @@ class Stopping:
 
     def __post_init__(self):
         _check(self)
-        object.__setattr__(self, "stop", tuple(self.stop or ()))  # None: the default, as for every option
+        object.__setattr__(self, "stop", tuple(self.stop))
         for s in self.stop:
             check_text(s, "stop", "stop")
-        if self.wrap_up is not None:
-            check_text(self.wrap_up, "wrap_up", "wrap_up")
+        check_text(self.wrap_up, "wrap_up", "wrap_up")
 
 
 @dataclass(frozen=True)
@@ -124,8 +124,6 @@ class PromptOptions:
 
     def __post_init__(self):
         _check(self)
-        if self.chat_template_kwargs is None:
-            object.__setattr__(self, "chat_template_kwargs", {})
         if self.system is not None:
             check_text(self.system, "system", "system")
         for key in self.chat_template_kwargs:

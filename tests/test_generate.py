@@ -376,6 +376,16 @@ def test_none_means_the_default_for_stop_and_template_arguments():
     assert (o.stopping.stop, o.prompt.chat_template_kwargs) == ((), {})
 
 
+def test_none_means_the_default_for_every_option(scripted):
+    o = GenerationOptions.from_kwargs(max_tokens=None, repetition_penalty=None, presence_penalty=None, wrap_up=None)
+    assert o == GenerationOptions()  # not None where the generator needs a value (it raised TypeError)
+    tok = tokenizer()
+    model, tok = scripted([prompt_tail(tok)] + ids_of(tok, ["<think>", "Hmm", "</think>", "Yes", "<|im_end|>"]))
+    r = generate(model, tok, "x", max_tokens=None, repetition_penalty=None, thinking_budget=1, wrap_up=None, **GREEDY)
+    assert r.finish_reason == "stop" and r.thinking.endswith("Considering the limited time, I have to give the solution "
+                                                          "based on the thinking directly now.")  # the default wrap-up
+
+
 def test_a_temperature_too_small_for_float32_samples_greedily(scripted):
     tok = tokenizer()
     model, tok = scripted([prompt_tail(tok)] + ids_of(tok, ["<think>", "Let me think", "</think>", "Yes", "<|im_end|>"]))
