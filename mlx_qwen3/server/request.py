@@ -143,6 +143,10 @@ def parse_request(body, served: str) -> tuple:
     if _field(body, "n", int, 1, 1) not in (None, 1):
         raise RequestError(422, "'n' must be 1", "n", "unsupported")
     opts = {k: body[k] for k in OPTIONS if body.get(k) is not None}
+    temperature = opts.get("temperature")  # a number's range beyond OpenAI's; its type is the generator's to check
+    if isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and temperature > MAX_TEMPERATURE:
+        raise RequestError(422, f"'temperature' must be in [0, {MAX_TEMPERATURE}], not {show(temperature)}",
+                           "temperature", "out_of_range")
     fields = {}
     for key in ("max_completion_tokens", "max_tokens"):
         if body.get(key) is not None:
@@ -192,8 +196,4 @@ def prepare(raw: bytes, model, tokenizer, served: str) -> tuple:
     except UserError as e:  # a bad option, a prompt too long; a template that fails on this request too
         status = 400 if e.code == "context_length_exceeded" else 422
         raise RequestError(status, str(e), fields.get(e.param, e.param), e.code or "invalid_value") from None
-    temperature = prompt.options.sampling.temperature
-    if temperature is not None and temperature > MAX_TEMPERATURE:
-        raise RequestError(422, f"'temperature' must be in [0, {MAX_TEMPERATURE}], not {show(temperature)}",
-                           "temperature", "out_of_range")
     return prompt, stream, include_usage
