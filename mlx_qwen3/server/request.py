@@ -33,20 +33,16 @@ def clip(text: str, limit: int = 200) -> str:
 
 # ---- the request: OpenAI's shape checked here, the options by the generator, into a Prompt ----
 
-def _field(body: dict, key: str, kinds, lo=None, hi=None, lo_open=False):
+_KINDS = {bool: "a boolean", int: "an integer", str: "a string", list: "an array", dict: "an object"}
+
+
+def _field(body: dict, key: str, kind):
+    """A field of the request's own (not a generation option, which the generator checks), of one JSON type."""
     value = body.get(key)
     if value is None:
         return None
-    wanted = kinds if isinstance(kinds, tuple) else (kinds,)
-    if not isinstance(value, wanted) or (isinstance(value, bool) and bool not in wanted):  # True is an int too
-        names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
-                 dict: "an object"}
-        kind = "a number" if float in wanted else names[wanted[0]]
-        raise RequestError(422, f"'{key}' must be {kind}", key, "invalid_type")
-    above = lo is None or (value > lo if lo_open else value >= lo)
-    if not (above and (hi is None or value <= hi)):  # written so that NaN fails
-        span = f"{'(' if lo_open else '['}{lo}, {hi}]" if hi is not None else f">= {lo}"
-        raise RequestError(422, f"'{key}' must be in {span}, not {show(value, 60)}", key, "out_of_range")
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):  # True is an int too
+        raise RequestError(422, f"'{key}' must be {_KINDS[kind]}", key, "invalid_type")
     return value
 
 
@@ -140,8 +136,9 @@ def parse_request(body, served: str) -> tuple:
         raise RequestError(404, f"the model {show(model, 60)} is not served here; this server has '{served}'", "model",
                            "model_not_found")
     messages = parse_messages(body.get("messages"))
-    if _field(body, "n", int, 1, 1) not in (None, 1):
-        raise RequestError(422, "'n' must be 1", "n", "unsupported")
+    if _field(body, "n", int) not in (None, 1):
+        raise RequestError(422, f"'n' must be 1 (one choice per request), not {show(body['n'], 60)}", "n",
+                           "out_of_range")
     opts = {k: body[k] for k in OPTIONS if body.get(k) is not None}
     temperature = opts.get("temperature")  # a number's range beyond OpenAI's; its type is the generator's to check
     if isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and temperature > MAX_TEMPERATURE:
