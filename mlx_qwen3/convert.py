@@ -21,8 +21,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import __version__
-from .errors import UserError
 from .checkpoint import read_config, read_weights, resolve
+from .errors import UserError
 from .load import build_model, check_weights
 from .models.config import normalize_config
 
