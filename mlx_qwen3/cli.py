@@ -16,6 +16,7 @@ from typing import Optional
 
 import click
 
+from . import distributed
 from .convert import Interrupted, convert
 from .errors import UserError, run_cli
 from .generate import ChatSession, GenerationOptions, check_text, stream_generate, to_messages
@@ -37,6 +38,12 @@ CONTEXT = {"help_option_names": ["-h", "--help"]}
 def model_option(f):
     return click.option("--model", default=DEFAULT_MODEL, show_default=True,
                         help="Model folder or Hugging Face Hub id.")(f)
+
+
+def pipeline_option(f):
+    return click.option("--pipeline", is_flag=True,
+                        help="Launched on several Macs: give each a range of layers (for slow links) instead of "
+                             "a share of every layer (tensor parallel, the default).")(f)
 
 
 class _Commands(click.Group):
@@ -85,25 +92,40 @@ def main(command: Optional[str] = None):
 @click.option("--hide-thinking", is_flag=True, help="Do not print the thinking.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per event and line.")
 @click.option("--chat", is_flag=True, help="An interactive chat (/think, /no_think, /budget N, /reset, /exit).")
-def generate_command(model, prompt, chat, hide_thinking, as_json, **options):
-    """Generate with a Qwen3 / Qwen3-MoE / QwQ model."""
+@pipeline_option
+def generate_command(model, prompt, chat, hide_thinking, as_json, pipeline, **options):
+    """Generate with a Qwen3 / Qwen3-MoE / QwQ model.
+
+    Launched on several Macs (mlx.launch), the model is split across them; rank 0 reads and prints."""
     cancel = threading.Event()
+    group = _follow_rank_0()
     GenerationOptions.from_kwargs(**options)  # bad values fail before the model loads
     if prompt is None and not chat:
         raise UserError("give --prompt TEXT (or --prompt - to read stdin), or --chat")
     if prompt == "-":
-        prompt = read_stdin()
+        prompt = read_stdin() if distributed.rank() == 0 else None
     elif prompt is not None:
         check_text(prompt, "--prompt")
     if prompt is not None:
         to_messages(prompt)
-    model, tokenizer = load(model)
+    model, tokenizer = load(model, parallel="pipeline" if pipeline else None)
+    prompt = distributed.share(prompt, distributed.group_of(model))
     prepare_stdout()
     printer = Printer(as_json, hide_thinking, sys.stdout.isatty())
     if not chat:
         result = show_stream(stream_generate(model, tokenizer, prompt, cancel=cancel, **options), printer, cancel)
         return 130 if result.finish_reason == "cancelled" else 0
-    return repl(ChatSession(model, tokenizer, **options), printer, prompt)
+    return repl(ChatSession(model, tokenizer, **options), printer, prompt, read=distributed.reader(input, group))
+
+
+def _follow_rank_0():
+    """Launched on several processes: the others print nothing and leave Ctrl-C to rank 0, whose stop
+    reaches them with its next token. Returns the group (None alone)."""
+    group = distributed.group()
+    if group is not None and group.rank() != 0:
+        distributed.quiet()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return group
 
 
 # ---- serve ----

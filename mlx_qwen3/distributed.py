@@ -47,7 +47,21 @@ def agree(values: mx.array, g: Optional[mx.distributed.Group]) -> mx.array:
     """Rank 0's `values` on every rank (the others' are ignored): one all_sum of a few bytes."""
     if g is None:
         return values
-    return mx.distributed.all_sum(values if g.rank() == 0 else mx.zeros_like(values), group=g)
+    # `values * 0`, not zeros: a contribution that depends on nothing could be sent before this rank's
+    # earlier collectives, and pair with another one on rank 0 (the ranks must run them in one order)
+    return mx.distributed.all_sum(values if g.rank() == 0 else values * 0, group=g)
+
+
+def share(obj=None, g: Optional[mx.distributed.Group] = None):
+    """Rank 0's `obj` (anything JSON holds) on every rank; the others pass nothing. Two all_sums
+    (the length, then the bytes), evaluated at once: every rank must call it at the same point."""
+    g = g or group()
+    if g is None:
+        return obj
+    data = json.dumps(obj).encode() if g.rank() == 0 else b""
+    n = agree(mx.array([len(data)], dtype=mx.int32), g).item()
+    payload = mx.array(list(data), dtype=mx.uint8) if g.rank() == 0 else mx.zeros((n,), dtype=mx.uint8)
+    return json.loads(bytes(agree(payload, g).tolist()).decode())
 
 
 # ---- sharding ----
@@ -290,16 +304,67 @@ def fingerprint(folder: Path) -> dict:
     }
 
 
-def check_same(folder: Path, g: mx.distributed.Group):
-    """Refuse to start when a rank runs other software or holds other model files than rank 0."""
-    mine = fingerprint(folder)
-    digest = hashlib.sha256(json.dumps(mine, sort_keys=True).encode()).digest()[:16]
-    every = mx.distributed.all_gather(mx.array(list(digest), dtype=mx.uint8)[None], group=g)
-    every = [bytes(row) for row in every.tolist()]
-    others = [r for r, d in enumerate(every) if d != every[0]]
-    if others:
-        raise UserError(
-            f"rank {others[0]} differs from rank 0 in its model files or its software (this rank "
-            f"{g.rank()} has {mine}); install the same mlx-qwen3 and mlx, and copy the same model folder, "
-            "on every Mac"
-        )
+def gather(obj, g: mx.distributed.Group) -> list:
+    """Every rank's `obj` (anything JSON holds), in rank order, on every rank."""
+    data = json.dumps(obj).encode()
+    sizes = mx.distributed.all_gather(mx.array([len(data)], dtype=mx.int32), group=g).tolist()
+    padded = mx.array(list(data.ljust(max(sizes))), dtype=mx.uint8)[None]
+    rows = mx.distributed.all_gather(padded, group=g).tolist()
+    return [json.loads(bytes(row[:n]).decode()) for row, n in zip(rows, sizes)]
+
+
+def check_same(path, g: mx.distributed.Group) -> Path:
+    """Every rank finds the model folder `path` and runs the same software on the same files as rank 0,
+    or every rank refuses to start; rank 0 says why, in one line (the others' failures included).
+    Returns the folder."""
+    from .checkpoint import resolve
+
+    try:
+        folder = resolve(str(path))
+        mine = fingerprint(folder)
+    except UserError as e:
+        folder, mine = None, {"error": str(e)}
+    every = gather(mine, g)
+    for r, theirs in enumerate(every):
+        if "error" in theirs:
+            problem = f"rank {r}: {theirs['error']}"
+        else:
+            differs = [k for k in every[0] if k != "error" and theirs.get(k) != every[0][k]]
+            if not differs:
+                continue
+            problem = (f"rank {r} has other {' and '.join(differs)} than rank 0 ({theirs[differs[0]]} vs "
+                       f"{every[0][differs[0]]}); install the same mlx-qwen3 and mlx, and copy the same model "
+                       "folder, on every Mac")
+        raise UserError(problem) if g.rank() == 0 else SystemExit(2)  # rank 0 alone says it
+    return folder
+
+
+def quiet():
+    """Rank 0 alone prints: the others' stdout and stderr go nowhere (what they would say, rank 0 says;
+    a lost rank is reported by the watchdog, which writes to the file descriptor itself)."""
+    import os
+    import sys
+
+    sys.stdout = sys.stderr = open(os.devnull, "w")
+
+
+def reader(read, g: Optional[mx.distributed.Group]):
+    """`read(prompt)` (e.g. input) on rank 0, its lines given to every rank: what a REPL reads, rank 0
+    reads. End of input and Ctrl-C on rank 0 end every rank's REPL as they end rank 0's."""
+    if g is None:
+        return read
+
+    def shared(prompt: str = "") -> str:
+        if g.rank() == 0:
+            try:
+                line = read(prompt)
+            except (EOFError, KeyboardInterrupt) as e:
+                share({"end": type(e).__name__}, g)
+                raise
+            return share({"line": line}, g)["line"]
+        got = share(None, g)
+        if "end" in got:
+            raise EOFError if got["end"] == "EOFError" else KeyboardInterrupt
+        return got["line"]
+
+    return shared

@@ -150,17 +150,20 @@ def _few(names: list, n: int = 3) -> str:
 
 def load_model(path_or_id, lazy: bool = False, kernels: Optional[str] = None, parallel: Optional[str] = None):
     """Load the model alone (this rank's share of it when launched on several). Returns (model, config dict)."""
+    model, config, _ = _load(path_or_id, lazy, kernels, parallel)
+    return model, config
+
+
+def _load(path_or_id, lazy: bool, kernels: Optional[str], parallel: Optional[str]):
     if kernels is not None:
         _check_kernels(kernels)  # before any loading: a bad value is one line at once
     group = distributed.group()
     parallel = parallel or ("tensor" if group is not None else "none")
     distributed.check_parallel(parallel)
-    folder = resolve(str(path_or_id))
+    sharded = group is not None and parallel != "none"
+    folder = distributed.check_same(path_or_id, group) if sharded else resolve(str(path_or_id))
     config = read_config(folder)
     model = build_model(config, folder)
-    sharded = group is not None and parallel != "none"
-    if sharded:
-        distributed.check_same(folder, group)
     try:
         weights = model.sanitize(read_weights(folder))
     except ValueError as e:  # experts missing or of mismatched shapes
@@ -179,7 +182,7 @@ def load_model(path_or_id, lazy: bool = False, kernels: Optional[str] = None, pa
     if not lazy:
         for _, p in tree_flatten(model.parameters()):  # one at a time: a shard's whole tensor is freed at once
             mx.eval(p)
-    return model, config
+    return model, config, folder
 
 
 def load(path_or_id, lazy: bool = False, kernels: Optional[str] = None, parallel: Optional[str] = None):
@@ -198,8 +201,7 @@ def load(path_or_id, lazy: bool = False, kernels: Optional[str] = None, parallel
     """
     from .tokenizer import Tokenizer
 
-    folder = resolve(str(path_or_id))
-    model, _ = load_model(folder, lazy=lazy, kernels=kernels, parallel=parallel)
+    model, _, folder = _load(path_or_id, lazy, kernels, parallel)
     tokenizer = Tokenizer.from_folder(folder)
     check_vocabulary(model, tokenizer)
     return model, tokenizer

@@ -95,7 +95,9 @@ def show_stream(events, printer: Printer, cancel) -> GenerationResult:
             raise KeyboardInterrupt
         cancel.set()
 
-    previous = signal.signal(signal.SIGINT, on_sigint)
+    # a process told to ignore Ctrl-C (a rank other than 0: rank 0's stop reaches it) keeps ignoring it
+    ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN if ignored else on_sigint)
     try:
         result = None
         for event in events:
@@ -142,8 +144,9 @@ def read_stdin() -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
-def repl(session: ChatSession, printer: Printer, first: Optional[str]) -> int:
-    """The --chat loop, from `first` (the --prompt, if any) on; returns the exit status."""
+def repl(session: ChatSession, printer: Printer, first: Optional[str], read=input) -> int:
+    """The --chat loop, from `first` (the --prompt, if any) on; `read` (input) gives the lines. Returns
+    the exit status."""
     commands = "/think, /no_think, /budget N (or off), /reset, /exit"
     print(f"chat: {commands}; Ctrl-C stops a reply, Ctrl-D leaves", file=sys.stderr)
     if hasattr(sys.stdin, "reconfigure"):  # a line that is not UTF-8 arrives, to be refused alone
@@ -152,7 +155,7 @@ def repl(session: ChatSession, printer: Printer, first: Optional[str]) -> int:
     while True:
         if line is None:
             try:
-                line = input(">>> ")
+                line = read(">>> ")
             except EOFError:
                 return 0
             except KeyboardInterrupt:
