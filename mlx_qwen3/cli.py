@@ -122,6 +122,8 @@ def _follow_rank_0():
     """Launched on several processes: the others print nothing and leave Ctrl-C to rank 0, whose stop
     reaches them with its next token. Returns the group (None alone)."""
     group = distributed.group()
+    if group is not None:
+        distributed.watchdog.on_sigterm(group)
     if group is not None and group.rank() != 0:
         distributed.quiet()
         signal.signal(signal.SIGINT, signal.SIG_IGN)

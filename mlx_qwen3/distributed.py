@@ -10,6 +10,10 @@ all. Either way every rank ends with the same logits, and the generator makes ra
 
 import hashlib
 import json
+import os
+import threading
+import time
+from contextlib import contextmanager, nullcontext
 from functools import lru_cache
 from pathlib import Path
 from typing import Optional
@@ -52,16 +56,94 @@ def agree(values: mx.array, g: Optional[mx.distributed.Group]) -> mx.array:
     return mx.distributed.all_sum(values if g.rank() == 0 else values * 0, group=g)
 
 
-def share(obj=None, g: Optional[mx.distributed.Group] = None):
+def share(obj=None, g: Optional[mx.distributed.Group] = None, patient: bool = False):
     """Rank 0's `obj` (anything JSON holds) on every rank; the others pass nothing. Two all_sums
-    (the length, then the bytes), evaluated at once: every rank must call it at the same point."""
+    (the length, then the bytes), evaluated at once: every rank must call it at the same point.
+    `patient`: rank 0 may take its time (a person typing): the watchdog does not count the wait."""
     g = g or group()
     if g is None:
         return obj
     data = json.dumps(obj).encode() if g.rank() == 0 else b""
-    n = agree(mx.array([len(data)], dtype=mx.int32), g).item()
-    payload = mx.array(list(data), dtype=mx.uint8) if g.rank() == 0 else mx.zeros((n,), dtype=mx.uint8)
-    return json.loads(bytes(agree(payload, g).tolist()).decode())
+    with nullcontext() if patient else watchdog.waiting(g):
+        n = agree(mx.array([len(data)], dtype=mx.int32), g).item()
+    with watchdog.waiting(g):
+        payload = mx.array(list(data), dtype=mx.uint8) if g.rank() == 0 else mx.zeros((n,), dtype=mx.uint8)
+        return json.loads(bytes(agree(payload, g).tolist()).decode())
+
+
+# ---- a lost rank: one line and an exit, never a hang ----
+
+PEER_TIMEOUT = float(os.environ.get("MLX_QWEN3_PEER_TIMEOUT", 30))  # seconds without an answer
+
+
+class Watchdog:
+    """Watches the waits for results that need the other ranks (`with watchdog.waiting():`). When a rank
+    dies its links close, and MLX raises; when a link drops silently, or a rank stops answering, nothing
+    does: after PEER_TIMEOUT seconds without an answer the watchdog ends the process. Either way one line
+    names the rank lost, and the process exits with status 1 (mlx.launch then stops the other ranks)."""
+
+    def __init__(self):
+        self.since, self.depth, self.group = None, 0, None
+        self.thread = None
+
+    @contextmanager
+    def waiting(self, g):
+        if g is None:
+            yield
+            return
+        self.group = g
+        self.depth += 1
+        self.since = self.since or time.monotonic()
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._watch, daemon=True, name="mlx-qwen3-watchdog")
+            self.thread.start()
+        try:
+            yield
+        except RuntimeError as e:
+            if "connection to a peer was lost" in str(e) or "[ring]" in str(e) or "[jaccl]" in str(e):
+                self.fire(f"lost {_others(g, neighbours=True)}: its connection closed (the process ended, "
+                          "or the link dropped)")
+            raise
+        finally:
+            self.depth -= 1
+            self.since = None if self.depth == 0 else time.monotonic()
+
+    def _watch(self):
+        while True:
+            time.sleep(min(1.0, PEER_TIMEOUT / 4))
+            since = self.since
+            if since is not None and time.monotonic() - since > PEER_TIMEOUT:
+                self.fire(f"no answer from {_others(self.group)} for {PEER_TIMEOUT:g} s (it stopped, "
+                          "or its link dropped)")
+
+    def on_sigterm(self, g):
+        """mlx.launch stops the other ranks with SIGTERM when one ends with an error: say so, in the same
+        one line, instead of vanishing."""
+        import signal
+
+        self.group = g
+        ended = f"{_others(g)} ended" if g.size() == 2 else "another rank ended (mlx.launch names it above)"
+        signal.signal(signal.SIGTERM, lambda *_: self.fire(f"{ended}; mlx.launch stopped this one"))
+
+    def fire(self, what: str):
+        g = self.group
+        line = f"mlx-qwen3 rank {g.rank()} of {g.size()}: {what}; stopping\n"
+        try:
+            os.write(2, line.encode())
+        finally:
+            os._exit(1)
+
+
+def _others(g, neighbours: bool = False) -> str:
+    r, n = g.rank(), g.size()
+    if n == 2:
+        return f"rank {1 - r}"
+    if neighbours:  # a ring: this rank talks to the ranks beside it only
+        return f"rank {(r - 1) % n} or rank {(r + 1) % n}"
+    return "one of ranks " + ", ".join(str(i) for i in range(n) if i != r)
+
+
+watchdog = Watchdog()
 
 
 # ---- sharding ----
@@ -362,7 +444,7 @@ def reader(read, g: Optional[mx.distributed.Group]):
                 share({"end": type(e).__name__}, g)
                 raise
             return share({"line": line}, g)["line"]
-        got = share(None, g)
+        got = share(None, g, patient=True)
         if "end" in got:
             raise EOFError if got["end"] == "EOFError" else KeyboardInterrupt
         return got["line"]

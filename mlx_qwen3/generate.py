@@ -49,17 +49,19 @@ def generate_step(model, prompt: mx.array, cache: PromptCache, sampler, processo
         stop = mx.array([cancel is not None and cancel.is_set()], dtype=mx.uint32)
         return distributed.agree(mx.concatenate([sampler(logits).astype(mx.uint32), stop]), group)
 
-    y = sample(process_prompt(model, prompt[None], cache.layers))
+    with distributed.watchdog.waiting(group):  # on several ranks: a lost one ends the wait, not a hang
+        y = sample(process_prompt(model, prompt[None], cache.layers))
+        mx.async_eval(y)
     cache.ids.extend(prompt.tolist())
-    mx.async_eval(y)
     while True:
         if forced:
             y = mx.concatenate([mx.array([forced.popleft()], dtype=mx.uint32), y[1:]])
         if processors:
             history = mx.concatenate([history, y[:1]])
-        next_y = sample(model(y[None, :1], cache=cache.layers)[:, -1, :])
-        mx.async_eval(next_y)
-        token, stop = y.tolist()
+        with distributed.watchdog.waiting(group):
+            next_y = sample(model(y[None, :1], cache=cache.layers)[:, -1, :])
+            mx.async_eval(next_y)
+            token, stop = y.tolist()
         cache.ids.append(token)
         yield token
         if stop or (group is None and cancel is not None and cancel.is_set()):
