@@ -8,7 +8,7 @@ from typing import Iterator, Optional
 
 import mlx.core as mx
 
-from . import memory
+from . import distributed, memory
 from .errors import UserError
 from .models.cache import PromptCache, PromptCachePool
 from .options import GenerationOptions, PromptOptions, Stopping, check_text
@@ -30,34 +30,40 @@ def process_prompt(model, ids: mx.array, layers: list, chunk_size: int = 512) ->
 
 
 def generate_step(model, prompt: mx.array, cache: PromptCache, sampler, processors=(),
-                  forced: Optional[deque] = None):
-    """Yield token ids forever: the prompt goes through `cache` first, then one token at a time; `cache.ids`
-    records every id the model was fed.
+                  forced: Optional[deque] = None, cancel=None):
+    """Yield token ids until `cancel` (a threading.Event) is set: the prompt goes through `cache` first,
+    then one token at a time; `cache.ids` records every id the model was fed.
 
     Ids put in `forced` are fed instead of sampled ones (how a thinking budget ends a thought).
     The next step is computed while the caller looks at this token (mx.async_eval).
+    On a model sharded over several ranks, rank 0's token and its cancel flag are every rank's, so all
+    ranks feed the same ids and stop after the same token.
     """
     forced = forced if forced is not None else deque()
     history = mx.zeros((0,), dtype=mx.uint32)
+    group = distributed.group_of(model)
 
-    def sample(logits):
+    def sample(logits):  # -> [token, stop]
         for p in processors:
             logits = p(history, logits)
-        return sampler(logits).astype(mx.uint32)
+        stop = mx.array([cancel is not None and cancel.is_set()], dtype=mx.uint32)
+        return distributed.agree(mx.concatenate([sampler(logits).astype(mx.uint32), stop]), group)
 
     y = sample(process_prompt(model, prompt[None], cache.layers))
     cache.ids.extend(prompt.tolist())
     mx.async_eval(y)
     while True:
         if forced:
-            y = mx.array([forced.popleft()], dtype=mx.uint32)
+            y = mx.concatenate([mx.array([forced.popleft()], dtype=mx.uint32), y[1:]])
         if processors:
-            history = mx.concatenate([history, y])
-        next_y = sample(model(y[None], cache=cache.layers)[:, -1, :])
+            history = mx.concatenate([history, y[:1]])
+        next_y = sample(model(y[None, :1], cache=cache.layers)[:, -1, :])
         mx.async_eval(next_y)
-        token = y.item()
+        token, stop = y.tolist()
         cache.ids.append(token)
         yield token
+        if stop or (group is None and cancel is not None and cancel.is_set()):
+            return
         y = next_y
 
 
@@ -236,7 +242,7 @@ def stream_generate(model, tokenizer, prompt, cache: Optional[PromptCache] = Non
     mx.reset_peak_memory()
     tic = time.perf_counter()
     prompt_time, n, thinking_tokens, finish = None, 0, 0, "length"
-    steps = generate_step(model, mx.array(todo, dtype=mx.uint32), cache, sampler, processors, budget.forced)
+    steps = generate_step(model, mx.array(todo, dtype=mx.uint32), cache, sampler, processors, budget.forced, cancel)
     budget.step(router.state, router.state)  # a budget of 0 ends a thought the prompt opened at once
     with memory.wired.hold(model), closing(steps):
         for token in steps:
@@ -253,11 +259,10 @@ def stream_generate(model, tokenizer, prompt, cache: Optional[PromptCache] = Non
             if stops.hit:
                 finish = "stop"
                 break
-            if cancel is not None and cancel.is_set():
-                finish = "cancelled"
-                break
             if n >= max_tokens:
                 break
+        else:  # the steps end only when cancelled
+            finish = "cancelled"
     yield from stops.cut(router.finish() + [Event("answer", "")], last=True)
     gen_time = time.perf_counter() - tic
     yield GenerationResult(

@@ -8,6 +8,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from . import distributed
 from .checkpoint import json_kind, read_config, read_weights, resolve, safetensors_header, weight_files
 from .errors import UserError, show
 from .models import MODELS
@@ -147,13 +148,19 @@ def _few(names: list, n: int = 3) -> str:
     return ", ".join(names[:n]) + more
 
 
-def load_model(path_or_id, lazy: bool = False, kernels: Optional[str] = None):
-    """Load the model alone. Returns (model, config dict)."""
+def load_model(path_or_id, lazy: bool = False, kernels: Optional[str] = None, parallel: Optional[str] = None):
+    """Load the model alone (this rank's share of it when launched on several). Returns (model, config dict)."""
     if kernels is not None:
         _check_kernels(kernels)  # before any loading: a bad value is one line at once
+    group = distributed.group()
+    parallel = parallel or ("tensor" if group is not None else "none")
+    distributed.check_parallel(parallel)
     folder = resolve(str(path_or_id))
     config = read_config(folder)
     model = build_model(config, folder)
+    sharded = group is not None and parallel != "none"
+    if sharded:
+        distributed.check_same(folder, group)
     try:
         weights = model.sanitize(read_weights(folder))
     except ValueError as e:  # experts missing or of mismatched shapes
@@ -161,17 +168,21 @@ def load_model(path_or_id, lazy: bool = False, kernels: Optional[str] = None):
     _quantize(model, config, weights)
     check_weights(model, weights)
     model.load_weights(list(weights.items()), strict=True)
+    del weights
+    if sharded:
+        distributed.shard(model, group, parallel)
     model.eval()
     if kernels is not None:
         from . import kernels as kernel_modes
 
         kernel_modes.set_mode(model, kernels)  # this model's layers only
     if not lazy:
-        mx.eval(model.parameters())
+        for _, p in tree_flatten(model.parameters()):  # one at a time: a shard's whole tensor is freed at once
+            mx.eval(p)
     return model, config
 
 
-def load(path_or_id, lazy: bool = False, kernels: Optional[str] = None):
+def load(path_or_id, lazy: bool = False, kernels: Optional[str] = None, parallel: Optional[str] = None):
     """Load a Qwen3, Qwen3-MoE or Qwen2/QwQ model and its tokenizer.
 
     Args:
@@ -179,6 +190,8 @@ def load(path_or_id, lazy: bool = False, kernels: Optional[str] = None):
         lazy: leave the weights on disk until first use.
         kernels: "auto" (custom Metal kernels after a self-check), "custom" or "builtin", for this
             process; default: MLX_QWEN3_KERNELS, else auto.
+        parallel: launched on several processes (`mlx.launch`): "tensor" (the default there), "pipeline"
+            or "none" (every rank holds the whole model); see distributed.py. Alone: ignored.
 
     Returns:
         (model, tokenizer)
@@ -186,7 +199,7 @@ def load(path_or_id, lazy: bool = False, kernels: Optional[str] = None):
     from .tokenizer import Tokenizer
 
     folder = resolve(str(path_or_id))
-    model, _ = load_model(folder, lazy=lazy, kernels=kernels)
+    model, _ = load_model(folder, lazy=lazy, kernels=kernels, parallel=parallel)
     tokenizer = Tokenizer.from_folder(folder)
     check_vocabulary(model, tokenizer)
     return model, tokenizer

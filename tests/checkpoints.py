@@ -46,6 +46,22 @@ SPECS = {
         "transformers",
         None,
     ),
+    # wide enough for 4 ranks at 4 bits (every split in whole groups of 64); 2 kv heads for 4 ranks
+    "qwen3_wide": (
+        "Qwen3",
+        dict(hidden_size=128, intermediate_size=256, num_attention_heads=8, num_key_value_heads=2, head_dim=32,
+             num_hidden_layers=3),
+        "hub",
+        None,
+    ),
+    "qwen3_moe_wide": (
+        "Qwen3Moe",
+        dict(hidden_size=128, intermediate_size=256, num_attention_heads=8, num_key_value_heads=2, head_dim=32,
+             num_hidden_layers=3, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=256,
+             norm_topk_prob=True, mlp_only_layers=[1]),
+        "hub",
+        "400KB",
+    ),
     "qwen2": (
         "Qwen2",
         dict(tie_word_embeddings=True, rope_parameters={**YARN, "rope_theta": 1e6}),
