@@ -47,7 +47,9 @@ def agree(values: mx.array, g: Optional[mx.distributed.Group]) -> mx.array:
     """Rank 0's `values` on every rank (the others' are ignored): one all_sum of a few bytes."""
     if g is None:
         return values
-    return mx.distributed.all_sum(values if g.rank() == 0 else mx.zeros_like(values), group=g)
+    # the zeros depend on `values` so that every rank issues this all_sum after the same collectives
+    # (independent zeros could run before the model's all_sums on ranks > 0 and pair with the wrong one)
+    return mx.distributed.all_sum(values if g.rank() == 0 else mx.depends(mx.zeros_like(values), values), group=g)
 
 
 # ---- sharding ----
