@@ -54,7 +54,8 @@ def make_folder(work: Path) -> Path:
         })
         for e in range(c["num_experts"]):
             q = f"{p}.mlp.experts.{e}"
-            shapes.update({f"{q}.gate_proj.weight": (I, H), f"{q}.up_proj.weight": (I, H), f"{q}.down_proj.weight": (H, I)})
+            shapes.update({f"{q}.gate_proj.weight": (I, H), f"{q}.up_proj.weight": (I, H),
+                           f"{q}.down_proj.weight": (H, I)})
     mx.random.seed(0)
     weights = {k: mx.random.normal(s) * 0.05 if len(s) == 2 else mx.ones(s) for k, s in shapes.items()}
     hf.mkdir(parents=True)
@@ -167,7 +168,8 @@ def variants(folder, g):
 def single(folder, prompt: list, decode: int) -> dict:
     """Whole models in this one process: the decode speed the ranks are compared against."""
     out = {}
-    for name, load, steps in (("ours", lambda: load_ours(folder), ours_steps), ("mlx_lm", lambda: load_peer(folder), peer_steps)):
+    for name, load, steps in (("ours", lambda: load_ours(folder), ours_steps),
+                              ("mlx_lm", lambda: load_peer(folder), peer_steps)):
         model = load()
         measure(model, steps, prompt[:4], 4, counted=1)  # warm up
         out[name] = measure(model, steps, prompt, decode, counted=1)
@@ -214,17 +216,20 @@ def rank_main(folder: str, prompt: list, decode: int, alone: dict):
         "device": str(mx.default_device()),
         "prompt_tokens": len(prompt),
         "decode_tokens": decode,
-        "one_process": {k: {"decode_tps": v["decode_tps"], "weight_bytes": v["weight_bytes"]} for k, v in alone.items()},
+        "one_process": {k: {"decode_tps": v["decode_tps"], "weight_bytes": v["weight_bytes"]}
+                        for k, v in alone.items()},
         **report,
         "ratios_ours_over_mlx_lm": {
             name: {
                 "decode_tps": report[name]["decode_tps"] / peer["decode_tps"],
                 "collectives_per_token": report[name]["collectives_per_token"] / peer["collectives_per_token"],
-                "collective_bytes_per_token": report[name]["collective_bytes_per_token"] / peer["collective_bytes_per_token"],
+                "collective_bytes_per_token":
+                    report[name]["collective_bytes_per_token"] / peer["collective_bytes_per_token"],
             }
             for name in report if name != "mlx_lm"
         },
-        "note": "collective bytes: the arrays handed to the collectives; a ring all_sum of 2 ranks sends that much per rank",
+        "note": "collective bytes: the arrays handed to the collectives (a ring all_sum of 2 ranks sends that "
+                "much per rank); one run of each, on a shared CPU: speeds are noisy",
     }))
 
 
@@ -255,6 +260,10 @@ def main():
     ap.add_argument("--prompt-tokens", type=int, default=16)
     ap.add_argument("--rank-of", default=None, help=argparse.SUPPRESS)  # internal: a JSON job, run as one rank
     args = ap.parse_args()
+    if args.ranks not in (2, 4):  # what divides the folder's 4 key/value heads and its quantization groups
+        ap.error(f"--ranks {args.ranks}: this benchmark's model splits over 2 or 4 ranks only")
+    if args.decode_tokens < 2 or args.prompt_tokens < 4:
+        ap.error("--decode-tokens must be at least 2 and --prompt-tokens at least 4")
     if args.rank_of:
         job = json.loads(Path(args.rank_of).read_text())
         return rank_main(job["folder"], job["prompt"], job["decode"], job["alone"])
@@ -265,10 +274,12 @@ def main():
         prompt = mx.random.randint(0, CONFIG["vocab_size"], (args.prompt_tokens,)).tolist()
         alone = single(str(folder), prompt, args.decode_tokens)
         job = work / "job.json"
-        job.write_text(json.dumps({"folder": str(folder), "prompt": prompt, "decode": args.decode_tokens, "alone": alone}))
+        job.write_text(json.dumps({"folder": str(folder), "prompt": prompt, "decode": args.decode_tokens,
+                                   "alone": alone}))
         # mlx.launch's own code, run by this interpreter (the module has no __main__ of its own)
-        launch = [sys.executable, "-c", "from mlx._distributed_utils.launch import main; main()", "--backend", "ring", "-n", str(args.ranks),
-                  "--starting-port", str(free_ports(args.ranks)), "--", sys.executable, __file__, "--rank-of", str(job)]
+        launch = [sys.executable, "-c", "from mlx._distributed_utils.launch import main; main()",
+                  "--backend", "ring", "-n", str(args.ranks), "--starting-port", str(free_ports(args.ranks)),
+                  "--", sys.executable, __file__, "--rank-of", str(job)]
         out = subprocess.run(launch, timeout=600, stdout=subprocess.PIPE, text=True).stdout
     report = [line for line in out.splitlines() if line.startswith("{")]
     if not report:  # mlx.launch exits 0 even when a rank failed: its error is above, on stderr
