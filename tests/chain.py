@@ -1,6 +1,6 @@
 """Tiny Qwen3 checkpoints whose greedy output is a script we choose, for driving the whole text path.
 
-One layer whose o_proj and down_proj are zero, so the residual stream carries the token embedding
+Layers whose o_proj and down_proj are zero, so the residual stream carries the token embedding
 to the head unchanged; the lm_head then maps each token of the script to the next (a Markov
 chain: within one script a token may have only one successor).
 """
@@ -58,8 +58,10 @@ def _embedding(seed: int):
     return emb, emb / np.sqrt((emb**2).mean(axis=1, keepdims=True) + 1e-6)
 
 
-def build(folder, succ: dict, *, max_position_embeddings=4096, template=None, generation_config=None, seed=0):
-    """Write the checkpoint (with the real tokenizer) and check that greedy decoding follows `succ`."""
+def build(folder, succ: dict, *, max_position_embeddings=4096, template=None, generation_config=None, seed=0,
+          heads=2, layers=1):
+    """Write the checkpoint (with the real tokenizer) and check that greedy decoding follows `succ`.
+    `heads` (query heads; one key/value head) and `layers`: to split the model across ranks."""
     rng = np.random.default_rng(seed)
     emb, normed = _embedding(seed)
     head = np.zeros((VOCAB, H), np.float32)
@@ -73,21 +75,22 @@ def build(folder, succ: dict, *, max_position_embeddings=4096, template=None, ge
         assert int(np.argmax(head @ normed[a])) == b, "the random embedding broke the chain; change the seed"
 
     small = lambda *shape: mx.array(rng.standard_normal(shape).astype(np.float32) * 0.1)
-    p = "model.layers.0"
-    weights = {
-        "model.embed_tokens.weight": mx.array(emb), "lm_head.weight": mx.array(head),
-        "model.norm.weight": mx.ones(H),
-        f"{p}.input_layernorm.weight": mx.ones(H), f"{p}.post_attention_layernorm.weight": mx.ones(H),
-        f"{p}.self_attn.q_proj.weight": small(64, H), f"{p}.self_attn.k_proj.weight": small(32, H),
-        f"{p}.self_attn.v_proj.weight": small(32, H), f"{p}.self_attn.o_proj.weight": mx.zeros((H, 64)),
-        f"{p}.self_attn.q_norm.weight": mx.ones(32), f"{p}.self_attn.k_norm.weight": mx.ones(32),
-        f"{p}.mlp.gate_proj.weight": small(32, H), f"{p}.mlp.up_proj.weight": small(32, H),
-        f"{p}.mlp.down_proj.weight": mx.zeros((H, 32)),
-    }
+    weights = {"model.embed_tokens.weight": mx.array(emb), "lm_head.weight": mx.array(head),
+               "model.norm.weight": mx.ones(H)}
+    for i in range(layers):
+        p = f"model.layers.{i}"
+        weights.update({
+            f"{p}.input_layernorm.weight": mx.ones(H), f"{p}.post_attention_layernorm.weight": mx.ones(H),
+            f"{p}.self_attn.q_proj.weight": small(32 * heads, H), f"{p}.self_attn.k_proj.weight": small(32, H),
+            f"{p}.self_attn.v_proj.weight": small(32, H), f"{p}.self_attn.o_proj.weight": mx.zeros((H, 32 * heads)),
+            f"{p}.self_attn.q_norm.weight": mx.ones(32), f"{p}.self_attn.k_norm.weight": mx.ones(32),
+            f"{p}.mlp.gate_proj.weight": small(32, H), f"{p}.mlp.up_proj.weight": small(32, H),
+            f"{p}.mlp.down_proj.weight": mx.zeros((H, 32)),
+        })
     folder.mkdir(parents=True, exist_ok=True)
     mx.save_safetensors(str(folder / "model.safetensors"), weights)
     config = dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], hidden_size=H, intermediate_size=32,
-                  num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                  num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=1, head_dim=32,
                   vocab_size=VOCAB, max_position_embeddings=max_position_embeddings, rms_norm_eps=1e-6,
                   rope_theta=1000000.0, tie_word_embeddings=False)
     (folder / "config.json").write_text(json.dumps(config))

@@ -50,14 +50,14 @@ SPECS = {
     "qwen3_wide": (
         "Qwen3",
         dict(hidden_size=128, intermediate_size=256, num_attention_heads=8, num_key_value_heads=2, head_dim=32,
-             num_hidden_layers=3),
+             num_hidden_layers=4),
         "hub",
         None,
     ),
     "qwen3_moe_wide": (
         "Qwen3Moe",
         dict(hidden_size=128, intermediate_size=256, num_attention_heads=8, num_key_value_heads=2, head_dim=32,
-             num_hidden_layers=3, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=256,
+             num_hidden_layers=4, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=256,
              norm_topk_prob=True, mlp_only_layers=[1]),
         "hub",
         "400KB",
