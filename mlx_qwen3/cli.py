@@ -155,13 +155,11 @@ def serve_command(model, host, port, api_key, api_key_file, allow_origins, paral
 
     The first Ctrl-C (or SIGTERM) cancels every generation, answers its client and exits 0. Launched on
     several Macs (mlx.launch), rank 0 serves and the others follow its rounds; its stop ends theirs."""
-    from . import distributed
     from .server.follow import follow
 
     cache_bytes = None if prompt_cache_gb is None else int(prompt_cache_gb * 2**30)
-    if distributed.rank() != 0:  # no port, no printing: what this rank would say, rank 0 says
-        sys.stdout = sys.stderr = open(os.devnull, "w")
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches every rank; rank 0's stop ends this
+    group = _follow_rank_0()
+    if group is not None and group.rank() != 0:  # no port: this rank runs rank 0's rounds until its stop
         m, tokenizer = load(model)
         return follow(m, tokenizer, cache_slots, cache_bytes)
     try:
