@@ -266,3 +266,46 @@ def test_a_cache_takes_its_positions_times_position_bytes(folder):
     assert cache.nbytes == allocated * position_bytes(model) > 0
     assert cache.copy(100).nbytes == 100 * position_bytes(model)
     mx.clear_cache()
+
+
+# Every rank runs the same jobs through its Rounds, as a follower would rank 0's; each rank is given
+# another byte budget, and under pipeline parallel its cache takes other bytes per position.
+POOL = """
+import json, sys
+from mlx_qwen3 import distributed, load
+from mlx_qwen3.generate import prepare
+from mlx_qwen3.server.engine import Rounds, position_bytes
+from mlx_qwen3.server.follow import Unheard
+
+model, tok = load(sys.argv[1], parallel="pipeline")
+rank, per_position = distributed.rank(), position_bytes(model)
+rounds = Rounds(model, tok, 4, 1100 * per_position if rank == 0 else 10**12)
+kept = []
+for n in (300, 10, 600, 20, 300, 5):
+    rounds.start(Unheard(prepare(model, tok, "go " * n, enable_thinking=False, max_tokens=5)))
+    while rounds.active:
+        rounds.step()
+    kept.append([len(rounds.pool), rounds.pool.nbytes // per_position])
+with open(f"rank{rank}.json", "w") as f:
+    json.dump({"kept": kept, "per_position": per_position, "layers": len(model.layers)}, f)
+"""
+
+
+def test_under_pipeline_parallel_the_pools_decide_alike_on_other_bytes(folder, tmp_path):
+    deep = tmp_path / "three-layers"  # the scripted model thrice: its blocks add nothing to the residual
+    shutil.copytree(folder, deep)
+    weights = mx.load(str(deep / "model.safetensors"))
+    for name in [k for k in weights if k.startswith("model.layers.0.")]:
+        for i in (1, 2):
+            weights[name.replace(".0.", f".{i}.", 1)] = weights[name]
+    mx.save_safetensors(str(deep / "model.safetensors"), weights)
+    config = json.loads((deep / "config.json").read_text())
+    (deep / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
+    with launched(tmp_path, "-c", POOL, str(deep)) as (proc, log):
+        proc.wait(timeout=60)
+        assert proc.returncode == 0, log.read_text()
+    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert rank0["layers"] + rank1["layers"] == 3 and rank0["per_position"] != rank1["per_position"]
+    assert rank0["kept"] == rank1["kept"]
+    assert max(positions for _, positions in rank0["kept"]) <= 1100
+    assert [n for n, _ in rank0["kept"]] != list(range(1, 7))  # some were dropped for room
