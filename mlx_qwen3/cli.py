@@ -155,7 +155,15 @@ def _follow_rank_0():
 def serve_command(model, host, port, api_key, api_key_file, allow_origins, parallel, cache_slots, prompt_cache_gb):
     """An OpenAI-compatible server for one Qwen3 / Qwen3-MoE / QwQ model.
 
-    The first Ctrl-C (or SIGTERM) cancels every generation, answers its client and exits 0."""
+    The first Ctrl-C (or SIGTERM) cancels every generation, answers its client and exits 0. Launched on
+    several Macs (mlx.launch), rank 0 serves and the others follow its rounds; its stop ends theirs."""
+    from .server.follow import follow
+
+    cache_bytes = None if prompt_cache_gb is None else int(prompt_cache_gb * 2**30)
+    group = _follow_rank_0()
+    if group is not None and group.rank() != 0:  # no port: this rank runs rank 0's rounds until its stop
+        m, tokenizer = load(model)
+        return follow(m, tokenizer, cache_slots, cache_bytes)
     try:
         import uvicorn  # noqa: F401
     except ImportError:
@@ -166,7 +174,6 @@ def serve_command(model, host, port, api_key, api_key_file, allow_origins, paral
             raise UserError(f"--allow-origin {origin!r} is not an origin: give scheme://host[:port], "
                             "e.g. http://localhost:3000, or *")
     m, tokenizer = load(model)
-    cache_bytes = None if prompt_cache_gb is None else int(prompt_cache_gb * 2**30)
     app = create_app(m, tokenizer, model, api_key, cache_slots=cache_slots, cache_bytes=cache_bytes,
                      parallel=parallel, host=host, allow_origins=allow_origins)
     print(f"serving {model} on http://{host}:{port} (chat page at /, API at /v1)", flush=True)

@@ -12,6 +12,7 @@ SIGTERM cancels every generation, answers every client and exits 0; only this ma
 """
 
 from .app import create_app
+from .follow import follow
 from .serve import api_key_from, make_server
 
-__all__ = ["create_app", "make_server", "api_key_from"]
+__all__ = ["create_app", "make_server", "api_key_from", "follow"]

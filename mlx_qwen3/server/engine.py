@@ -1,17 +1,26 @@
-"""The engine: one worker thread, a queue, the cached prompts."""
+"""The engine: one worker thread, a queue, the cached prompts.
+
+On a model sharded over several ranks, every model call is a collective: every rank must run the same
+jobs' steps in the same order. Rank 0's engine decides (it hears the clients) and shares, at the start
+of each round, the jobs it starts; the other ranks run the same rounds on them (follow.py)."""
 
 import asyncio
 import queue
 import threading
+from dataclasses import asdict
 from typing import Optional
 
-from ..generate import Prompt, stream_generate
+import mlx.core as mx
+
+from .. import distributed
+from ..generate import GenerationOptions, Prompt, stream_generate
 from ..memory import cache_budget
 from ..models.cache import PromptCache, PromptCachePool
 
 CACHE_SLOTS = 4  # finished requests' caches kept for reuse
 PARALLEL = 8  # requests generating at once, time-sliced; each holds its own KV cache
 SHUTDOWN = object()  # put in a job's events when the server stops: its client gets a 503 / an error chunk
+HEARTBEAT = 1.0  # seconds: an idle rank 0 shares an empty round this often (the other ranks wait in it)
 
 
 class Job:
@@ -27,6 +36,42 @@ class Job:
             self.cancel.set()
 
 
+class Rounds:
+    """The jobs generating at once and the cached prompts they start from: the part of the engine every
+    rank of a sharded model runs alike (the same starts and steps, in the same order, make the same model
+    calls and the same pool decisions on every rank)."""
+
+    def __init__(self, model, tokenizer, cache_slots: int, cache_bytes: Optional[int]):
+        self.model, self.tokenizer = model, tokenizer
+        self.pool = make_pool(model, cache_slots, cache_bytes)
+        self.active = []  # (job, its events, its cache)
+
+    def start(self, job):
+        """Begin `job` from the cached prompt sharing the most with it; a failure is that job's alone."""
+        try:
+            cache = self.pool.take(job.prompt.ids) or PromptCache.new(self.model)
+            steps = stream_generate(self.model, self.tokenizer, job.prompt, cache=cache, cancel=job.cancel)
+        except Exception as e:
+            job.put(e)
+            job.put(None)
+            return
+        self.active.append((job, steps, cache))
+
+    def step(self):
+        """Advance every active job by one event; the finished ones leave, their caches to the pool."""
+        for entry in list(self.active):
+            job, steps, cache = entry
+            try:
+                job.put(next(steps))
+                continue
+            except StopIteration:  # done or cancelled: the cache holds the whole exchange, worth keeping
+                self.pool.put(cache)
+            except Exception as e:  # reported to that request; the others go on
+                job.put(e)
+            self.active.remove(entry)
+            job.put(None)
+
+
 class Engine:
     """Runs the jobs on one worker thread, time-sliced: each round, every active job (up to
     `max_active`) advances by one step of its own generator and its own KV cache, so a new request
@@ -36,11 +81,11 @@ class Engine:
 
     def __init__(self, model, tokenizer, cache_slots: int = CACHE_SLOTS, cache_bytes: Optional[int] = None,
                  max_active: int = PARALLEL):
-        self.model, self.tokenizer = model, tokenizer
+        self.group = distributed.group_of(model)
         self.jobs = queue.Queue()
-        self.pool = PromptCachePool(cache_slots, cache_budget(model) if cache_bytes is None else cache_bytes)
+        self.rounds = Rounds(model, tokenizer, cache_slots, cache_bytes)
+        self.pool = self.rounds.pool
         self.max_active = max_active
-        self.active = 0
         self.live = set()  # jobs whose client waits for them; touched on the event loop only
         self.closing = False
         self.thread = threading.Thread(target=self._work, daemon=True, name="mlx-qwen3-generation")
@@ -73,43 +118,72 @@ class Engine:
 
     @property
     def waiting(self) -> int:
-        return self.jobs.qsize() + self.active
+        return self.jobs.qsize() + len(self.rounds.active)
 
-    def _admit(self, active: list):
-        """Start the waiting jobs there is room for; block only when there is nothing else to do."""
-        while len(active) < self.max_active:
+    def _admit(self) -> list:
+        """The queued jobs there is room for; block only when there is nothing else to do (sharded: for
+        at most HEARTBEAT seconds, so that the round, empty, still reaches the other ranks)."""
+        new = []
+        while len(self.rounds.active) + len(new) < self.max_active:
+            idle = not self.rounds.active and not new and not self.closing
             try:
-                job = self.jobs.get(block=not active and not self.closing)
+                job = self.jobs.get(block=idle, timeout=HEARTBEAT if idle and self.group is not None else None)
             except queue.Empty:
-                return
+                break
             if job is None:  # close() woke us
                 continue
             if job.cancel.is_set():  # the client left while it waited, or the server is stopping
                 job.put(None)
                 continue
-            try:
-                cache = self.pool.take(job.prompt.ids) or PromptCache.new(self.model)
-                steps = stream_generate(self.model, self.tokenizer, job.prompt, cache=cache, cancel=job.cancel)
-            except Exception as e:  # reported to that request; the worker goes on
-                job.put(e)
-                job.put(None)
-                continue
-            active.append((job, steps, cache))
+            new.append(job)
+        return new
 
     def _work(self):
-        active = []
-        while not (self.closing and not active and self.jobs.empty()):
-            self._admit(active)
-            self.active = len(active)
-            for entry in list(active):
-                job, steps, cache = entry
-                try:
-                    job.put(next(steps))
-                    continue
-                except StopIteration:  # done or cancelled: the cache holds the whole exchange, worth keeping
-                    self.pool.put(cache)
-                except Exception as e:  # reported to that request; the others go on
-                    job.put(e)
-                active.remove(entry)
-                job.put(None)
-            self.active = len(active)
+        while True:
+            new = self._admit()
+            done = self.closing and not new and not self.rounds.active and self.jobs.empty()
+            if self.group is not None:
+                distributed.share({"start": [to_wire(job.prompt) for job in new], "stop": done}, self.group)
+            if done:
+                return
+            for job in new:
+                self.rounds.start(job)
+            self.rounds.step()
+
+
+# ---- what the ranks share ----
+
+def to_wire(prompt: Prompt) -> dict:
+    """A Prompt as JSON holds it (from_wire rebuilds an equal one)."""
+    return asdict(prompt)
+
+
+def from_wire(wire: dict) -> Prompt:
+    """The Prompt to_wire gave."""
+    options = GenerationOptions.from_kwargs(**{k: v for group in wire["options"].values() for k, v in group.items()})
+    return Prompt(wire["ids"], wire["messages"], wire["thinking"], options)
+
+
+def make_pool(model, slots: int, max_bytes: Optional[int]) -> PromptCachePool:
+    """The pool of `slots` cached prompts in `max_bytes` (default: memory.cache_budget). On a sharded
+    model, agreed across the ranks: call it on every rank at once."""
+    max_bytes = cache_budget(model) if max_bytes is None else max_bytes
+    group = distributed.group_of(model)
+    if group is None:
+        return PromptCachePool(slots, max_bytes)
+    # Every take and put must decide alike on every rank (another reuse is another number of model calls:
+    # a deadlock). Takes go by ids and the slot count (rank 0's). Puts go by bytes, which differ by rank
+    # (pipeline: other layers; other Macs: other budgets): so the ranks agree on a limit in positions, the
+    # fewest any can hold, and each holds that many of its own: "over the limit" reads alike everywhere.
+    per_position = position_bytes(model)
+    mine = mx.array([min(max_bytes // per_position, 2**31 - 1)], dtype=mx.int32)
+    positions = mx.distributed.all_min(mine, group=group).item()
+    return PromptCachePool(distributed.share(slots, group), positions * per_position)
+
+
+def position_bytes(model) -> int:
+    """The bytes one cached position takes on this rank (its layers, its share of the heads), measured on
+    one token: every rank must call it at once (a sharded model's forward has collectives)."""
+    cache = PromptCache.new(model)
+    mx.eval(model(mx.array([[0]]), cache=cache.layers), [c.state for c in cache.layers])
+    return sum(c.nbytes // c.keys.shape[2] for c in cache.layers)
