@@ -152,7 +152,9 @@ def _follow_rank_0():
               help="Finished prompts whose KV cache is kept for reuse.")
 @click.option("--prompt-cache-gb", type=click.FloatRange(0), default=None,
               help="At most this many GiB for them (default: a quarter of the memory the weights leave free).")
-def serve_command(model, host, port, api_key, api_key_file, allow_origins, parallel, cache_slots, prompt_cache_gb):
+@pipeline_option
+def serve_command(model, host, port, api_key, api_key_file, allow_origins, parallel, cache_slots, prompt_cache_gb,
+                  pipeline):
     """An OpenAI-compatible server for one Qwen3 / Qwen3-MoE / QwQ model.
 
     The first Ctrl-C (or SIGTERM) cancels every generation, answers its client and exits 0. Launched on
@@ -162,7 +164,7 @@ def serve_command(model, host, port, api_key, api_key_file, allow_origins, paral
     cache_bytes = None if prompt_cache_gb is None else int(prompt_cache_gb * 2**30)
     group = _follow_rank_0()
     if group is not None and group.rank() != 0:  # no port: this rank runs rank 0's rounds until its stop
-        m, tokenizer = load(model)
+        m, tokenizer = load(model, parallel="pipeline" if pipeline else None)
         return follow(m, tokenizer, cache_slots, cache_bytes)
     try:
         import uvicorn  # noqa: F401
@@ -173,7 +175,7 @@ def serve_command(model, host, port, api_key, api_key_file, allow_origins, paral
         if origin != "*" and not re.fullmatch(r"https?://[^/\s]+/?", origin):
             raise UserError(f"--allow-origin {origin!r} is not an origin: give scheme://host[:port], "
                             "e.g. http://localhost:3000, or *")
-    m, tokenizer = load(model)
+    m, tokenizer = load(model, parallel="pipeline" if pipeline else None)
     app = create_app(m, tokenizer, model, api_key, cache_slots=cache_slots, cache_bytes=cache_bytes,
                      parallel=parallel, host=host, allow_origins=allow_origins)
     print(f"serving {model} on http://{host}:{port} (chat page at /, API at /v1)", flush=True)
