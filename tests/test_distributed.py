@@ -290,11 +290,8 @@ def _rank_pid(folder, rank: int, deadline: float):
     raise AssertionError(f"rank {rank} did not start")
 
 
-@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the ranks' processes in /proc")
-@pytest.mark.parametrize("how", ["killed", "stopped"])
-def test_a_lost_rank_ends_the_others_with_one_line(tmp_path, how):
-    """Killed (its links close) or stopped (silent, as a pulled cable): rank 0 says which rank it lost and
-    exits within 60 s (here the watchdog waits 5 s), never hangs."""
+def _endless(tmp_path, env=None):
+    """The generate CLI on 2 ranks with a model that answers "a ba ba b..." without end."""
     tok = tokenizer()
     script = [_tail(tok, enable_thinking=False)] + ids_of(tok, ["a b", "a"])
     folder = build_scripted(tmp_path / "loop", successors(script), max_position_embeddings=100000)
@@ -304,11 +301,22 @@ def test_a_lost_rank_ends_the_others_with_one_line(tmp_path, how):
     p = subprocess.Popen([LAUNCHER, "--backend", "ring", "-n", "2", "--starting-port", str(port), sys.executable,
                           "-m", "mlx_qwen3.generate", "--model", str(folder), "--prompt", "go", "--no-think",
                           "--temp", "0", "--max-tokens", "1000000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, start_new_session=True, env={**os.environ, "MLX_QWEN3_PEER_TIMEOUT": "5"})
+                         text=True, start_new_session=True, env={**os.environ, **(env or {})})
+    return p, folder
+
+
+on_linux = pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the ranks' processes in /proc")
+
+
+@on_linux
+@pytest.mark.parametrize("how", ["killed", "stopped"])
+def test_a_lost_rank_ends_the_others_with_one_line(tmp_path, how):
+    """Killed (its links close) or stopped (silent, as a pulled cable): rank 0 says which rank it lost and
+    exits within 60 s (here the watchdog waits 5 s), never hangs."""
+    p, folder = _endless(tmp_path, {"MLX_QWEN3_PEER_TIMEOUT": "5"})
     try:
         victim = _rank_pid(folder, 1, time.monotonic() + 60)
-        first = p.stdout.read(20)  # generating
-        assert first.startswith("a b")
+        assert p.stdout.read(20).startswith("a b")  # generating
         os.kill(victim, signal.SIGKILL if how == "killed" else signal.SIGSTOP)
         t0 = time.monotonic()
         lines = []
@@ -325,3 +333,19 @@ def test_a_lost_rank_ends_the_others_with_one_line(tmp_path, how):
     reasons = ("lost rank 1", "rank 1 ended") if how == "killed" else ("no answer from rank 1 for 5 s",)
     assert len(ours) == 1 and any(r in ours[0] for r in reasons), lines
     assert took < 60
+
+
+@on_linux
+def test_ctrl_c_stops_every_rank_after_the_same_token(tmp_path):
+    """A terminal's Ctrl-C reaches every rank: rank 0's stop is everyone's, and only rank 0 exits 130."""
+    p, folder = _endless(tmp_path)
+    try:
+        ranks = [_rank_pid(folder, r, time.monotonic() + 60) for r in range(2)]
+        assert p.stdout.read(20).startswith("a b")
+        for pid in ranks:
+            os.kill(pid, signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+    finally:
+        _kill(p)
+    assert "finish: cancelled" in err
+    assert "rank 0 exited with code 130" in err and "rank 1 exited" not in err, err
