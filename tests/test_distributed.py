@@ -329,8 +329,9 @@ def test_a_lost_rank_ends_the_others_with_one_line(tmp_path, how):
         _kill(p)
         p.communicate()
     ours = [line for line in lines if "mlx-qwen3 rank" in line]
-    # killed: rank 0 sees the link close, or mlx.launch, seeing rank 1 end, stops it first
-    reasons = ("lost rank 1", "rank 1 ended") if how == "killed" else ("no answer from rank 1 for 5 s",)
+    # killed: rank 0 sees the link close, or mlx.launch, seeing rank 1 end, stops it first, or (when MLX
+    # leaves the wait pending) the watchdog sees no answer
+    reasons = ("no answer from rank 1 for 5 s",) + (("lost rank 1", "rank 1 ended") if how == "killed" else ())
     assert len(ours) == 1 and any(r in ours[0] for r in reasons), lines
     assert took < 60
 
@@ -347,5 +348,5 @@ def test_ctrl_c_stops_every_rank_after_the_same_token(tmp_path):
         out, err = p.communicate(timeout=60)
     finally:
         _kill(p)
-    assert "finish: cancelled" in err
+    assert "finish: cancelled" in err, err
     assert "rank 0 exited with code 130" in err and "rank 1 exited" not in err, err
