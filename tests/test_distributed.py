@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from chain import build as build_scripted
 from chain import ids_of, successors, tokenizer
-from checkpoints import build, rel_err
+from checkpoints import build, copy_tokenizer, rel_err
 from conftest import _tail
 
 from mlx_qwen3 import distributed, load, memory
@@ -26,7 +26,8 @@ from mlx_qwen3.load import load_model
 HERE = Path(__file__).parent
 LAUNCHER = shutil.which("mlx.launch")
 pytestmark = pytest.mark.skipif(LAUNCHER is None, reason="mlx.launch (installed with mlx) is not on PATH")
-FOLDERS = ("qwen3_wide", "qwen3_moe_wide", "qwen3_wide-4bit", "qwen3_moe_wide-4bit")
+# ours (Hugging Face fp32, 4-bit by our converter) and an mlx-community-style folder (8-bit by mlx-lm's)
+FOLDERS = ("qwen3_wide", "qwen3_moe_wide", "qwen3_wide-4bit", "qwen3_moe_wide-4bit", "qwen3_moe_wide-mlx_lm")
 
 
 def launch(n: int, *command, env=None, timeout=300, check=True) -> subprocess.CompletedProcess:
@@ -62,6 +63,12 @@ def folders(tmp_path_factory):
     for name in FOLDERS[:2]:
         build(name, root / name)
         convert(str(root / name), str(root / f"{name}-4bit"), quantize=True)
+    from mlx_lm import convert as mlx_lm_convert
+
+    hf = tmp_path_factory.mktemp("hf") / "qwen3_moe_wide"
+    shutil.copytree(root / "qwen3_moe_wide", hf)
+    copy_tokenizer(hf)  # mlx_lm.convert needs one
+    mlx_lm_convert(str(hf), str(root / "qwen3_moe_wide-mlx_lm"), quantize=True, q_bits=8, q_group_size=64)
     _mid(root / "mid")
     convert(str(root / "mid"), str(root / "mid-4bit"), quantize=True)
     return root
