@@ -65,6 +65,20 @@ def looping(tmp_path_factory):
 
 
 
+def wait_for_health(url: str, alive, why, timeout: float):
+    """Until `url`/health answers; fails with why() when alive() turns false or `timeout` passes."""
+    import httpx
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            httpx.get(f"{url}/health", timeout=1)
+            return
+        except httpx.HTTPError:
+            assert alive() and time.time() < deadline, why()
+            time.sleep(0.1)
+
+
 @pytest.fixture(scope="session")
 def serve():
     """serve(model, tokenizer, **create_app options): a context manager giving a live server's URL."""

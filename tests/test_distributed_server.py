@@ -19,6 +19,7 @@ import httpx
 import mlx.core as mx
 import pytest
 from chain import build, ids_of, successors, tokenizer
+from conftest import _tail, wait_for_health
 
 from mlx_qwen3 import load
 from mlx_qwen3.generate import generate, prepare
@@ -28,10 +29,6 @@ from mlx_qwen3.server.engine import from_wire, position_bytes, to_wire
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "qwen3-scripted"  # the model folder's name: what requests call it
 NO_THINK = {"chat_template_kwargs": {"enable_thinking": False}}
-
-
-def _tail(tok, **kwargs):
-    return tok.encode(tok.apply_chat_template([{"role": "user", "content": "x"}], **kwargs))[-1]
 
 
 @pytest.fixture(scope="module")
@@ -92,14 +89,7 @@ def serving(folder, tmp_path, *command):
     port = _free(1)
     with launched(tmp_path, *command, "--model", str(folder), "--port", str(port)) as (proc, log):
         url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 60
-        while True:
-            try:
-                httpx.get(f"{url}/health", timeout=1)
-                break
-            except httpx.HTTPError:
-                assert proc.poll() is None and time.time() < deadline, log.read_text()
-                time.sleep(0.1)
+        wait_for_health(url, lambda: proc.poll() is None, log.read_text, 60)
         yield proc, log, url
 
 

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 
 import httpx
 import pytest
-from conftest import NAME
+from conftest import NAME, wait_for_health
 
 from mlx_qwen3.generate import generate
 
@@ -617,14 +617,7 @@ def server_process(folder, *args):
     proc = subprocess.Popen([sys.executable, "-m", "mlx_qwen3.server", "--model", str(folder), "--port", str(port),
                              *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            httpx.get(f"{url}/health", timeout=1)
-            break
-        except httpx.HTTPError:
-            assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()
-            time.sleep(0.1)
+    wait_for_health(url, lambda: proc.poll() is None, lambda: proc.stderr.read().decode(), 120)
     try:
         yield proc, url
     finally:
