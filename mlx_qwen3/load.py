@@ -13,6 +13,7 @@ from .checkpoint import json_kind, read_config, read_weights, resolve, safetenso
 from .errors import UserError, show
 from .models import MODELS
 from .models.config import QUANT_MODES
+from .models.shard import check_parallel, shard
 
 
 def model_args(config: dict):
@@ -159,7 +160,7 @@ def _load(path_or_id, lazy: bool, kernels: Optional[str], parallel: Optional[str
         _check_kernels(kernels)  # before any loading: a bad value is one line at once
     group = distributed.group()
     parallel = parallel or ("tensor" if group is not None else "none")
-    distributed.check_parallel(parallel)
+    check_parallel(parallel)
     sharded = group is not None and parallel != "none"
     folder = distributed.check_same(path_or_id, group) if sharded else resolve(str(path_or_id))
     config = read_config(folder)
@@ -173,7 +174,7 @@ def _load(path_or_id, lazy: bool, kernels: Optional[str], parallel: Optional[str
     model.load_weights(list(weights.items()), strict=True)
     del weights
     if sharded:
-        distributed.shard(model, group, parallel)
+        shard(model, group, parallel)
     model.eval()
     if kernels is not None:
         from . import kernels as kernel_modes

@@ -143,7 +143,7 @@ def replicated_bytes(model) -> int:
 
 
 def load_ours(folder, g=None, parallel="tensor", experts="split"):
-    from mlx_qwen3.distributed import shard
+    from mlx_qwen3.models.shard import shard
     from mlx_qwen3.load import load_model
 
     model, _ = load_model(folder, lazy=True, parallel="none")

@@ -21,7 +21,9 @@ from conftest import _tail
 
 from mlx_qwen3 import distributed, load, memory
 from mlx_qwen3.convert import convert
+from mlx_qwen3.errors import UserError
 from mlx_qwen3.load import load_model
+from mlx_qwen3.models.shard import balance, shard
 
 HERE = Path(__file__).parent
 LAUNCHER = shutil.which("mlx.launch")
@@ -176,9 +178,10 @@ def test_whole_experts_give_the_same_logits(folders, tmp_path):
 import mlx.core as mx, numpy as np
 from mlx_qwen3 import distributed
 from mlx_qwen3.load import load_model
+from mlx_qwen3.models.shard import shard
 from ranks import IDS
 model, _ = load_model({str(folders / 'qwen3_moe_wide-4bit')!r}, lazy=True, parallel="none")
-distributed.shard(model, distributed.group(), "tensor", experts="whole")
+shard(model, distributed.group(), "tensor", experts="whole")
 np.save({str(tmp_path)!r} + f"/whole-{{distributed.rank()}}.npy", np.array(model(mx.array(IDS))))
 """)
     launch(2, str(script), env={"PYTHONPATH": str(HERE)})
@@ -200,17 +203,17 @@ def test_a_split_the_model_cannot_take_is_one_line(folders):
         def rank(self):
             return 0
 
-    with pytest.raises(distributed.UserError, match="3 ranks cannot share 8 attention heads"):
-        distributed.shard(model, Three())
-    with pytest.raises(distributed.UserError, match="parallel='data' is not one of"):
+    with pytest.raises(UserError, match="3 ranks cannot share 8 attention heads"):
+        shard(model, Three())
+    with pytest.raises(UserError, match="parallel='data' is not one of"):
         load_model(folders / "qwen3_wide", parallel="data")
 
 
 def test_pipeline_ranges_balance_bytes():
-    assert distributed.balance([1, 1, 1, 1], 2) == [0, 2, 4]
-    assert distributed.balance([5, 1, 1, 1, 1, 1], 2) == [0, 1, 6]
-    assert distributed.balance([1, 1, 1], 3) == [0, 1, 2, 3]
-    assert distributed.balance([9, 1, 1, 1], 3) == [0, 1, 3, 4]  # the big layer alone; no empty range
+    assert balance([1, 1, 1, 1], 2) == [0, 2, 4]
+    assert balance([5, 1, 1, 1, 1, 1], 2) == [0, 1, 6]
+    assert balance([1, 1, 1], 3) == [0, 1, 2, 3]
+    assert balance([9, 1, 1, 1], 3) == [0, 1, 3, 4]  # the big layer alone; no empty range
 
 
 def single(folder, *args) -> subprocess.CompletedProcess:
