@@ -87,7 +87,7 @@ class Watchdog:
             return
         self.group = g
         self.depth += 1
-        self.since = self.since or time.monotonic()
+        self.since = time.monotonic()
         if self.thread is None:
             self.thread = threading.Thread(target=self._watch, daemon=True, name="mlx-qwen3-watchdog")
             self.thread.start()
@@ -101,6 +101,11 @@ class Watchdog:
         finally:
             self.depth -= 1
             self.since = None if self.depth == 0 else time.monotonic()
+
+    def beat(self):
+        """Progress inside a long wait (a long prompt's chunks): the time without an answer starts again."""
+        if self.since is not None:
+            self.since = time.monotonic()
 
     def _watch(self):
         while True:

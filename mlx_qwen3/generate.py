@@ -25,6 +25,7 @@ def process_prompt(model, ids: mx.array, layers: list, chunk_size: int = 512) ->
         n = min(chunk_size, L - 1 - start)
         model(ids[:, start : start + n], cache=layers)
         mx.eval([c.state for c in layers])
+        distributed.watchdog.beat()  # on several ranks, each chunk is an answer from the others
         start += n
     return model(ids[:, start:], cache=layers)[:, -1, :]
 
