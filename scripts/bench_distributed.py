@@ -5,6 +5,8 @@ Builds one small random 4-bit Qwen3-MoE folder, times single-process decode, the
 experts "split" and "whole", and pipeline) and mlx-lm's `Model.shard()` on the same folder, counts the
 collective calls and their payload bytes per decoded token (mx.distributed's functions wrapped, as
 every sharded layer looks them up at call time), and times greedy decode. Rank 0 prints one JSON object.
+Also, in one process, one rank's MoE work per token at Qwen3-30B-A3B's shapes with experts split vs
+dealt out whole (the choice between them; decode speeds on a shared CPU are too noisy to decide it).
 
     python scripts/bench_distributed.py [--ranks 2] [--decode-tokens 64] [--prompt-tokens 16]
 """
@@ -189,6 +191,42 @@ def single(folder, prompt: list, decode: int) -> dict:
     return out
 
 
+def moe_share_speed(ranks: int, D: int = 2048, I: int = 768, E: int = 128, k: int = 8, tokens: int = 200) -> dict:
+    """One rank's MoE work per decoded token at Qwen3-30B-A3B's shapes, 4-bit, in this one process (no
+    collectives): its share as "split" (1/N of each expert) and as "whole" (1/N of the experts, the
+    others' picks run at weight 0 to keep shapes fixed), over the same random routings. Microseconds."""
+    import mlx.nn as nn
+
+    from mlx_qwen3.models.qwen3_moe import ModelArgs, SparseMoeBlock
+    from mlx_qwen3.models.shard import _shard_mlp
+
+    class Rank0:
+        def rank(self):
+            return 0
+
+        def size(self):
+            return ranks
+
+    args = ModelArgs(model_type="qwen3_moe", hidden_size=D, num_hidden_layers=1, intermediate_size=I,
+                     num_attention_heads=32, num_key_value_heads=4, rms_norm_eps=1e-6, vocab_size=1,
+                     max_position_embeddings=1, num_experts=E, num_experts_per_tok=k, moe_intermediate_size=I)
+    xs = [mx.random.normal((1, 1, D)) for _ in range(tokens)]
+    out = {}
+    for experts in ("split", "whole"):
+        mx.random.seed(0)
+        block = SparseMoeBlock(args)
+        nn.quantize(block.switch_mlp, 64, 4)
+        share = _shard_mlp(block, Rank0(), experts)
+        mx.eval(share.parameters())
+        for x in xs[:10]:
+            mx.eval(share(x))
+        tic = time.perf_counter()
+        for x in xs:
+            mx.eval(share(x))
+        out[experts] = (time.perf_counter() - tic) / tokens * 1e6
+    return out
+
+
 def rank_main(folder: str, prompt: list, decode: int, alone: dict):
     """One rank's part; rank 0 prints the JSON object."""
     from mlx_qwen3.distributed import group
@@ -234,6 +272,7 @@ def rank_main(folder: str, prompt: list, decode: int, alone: dict):
         "device": str(mx.default_device()),
         "prompt_tokens": len(prompt),
         "decode_tokens": decode,
+        "moe_block_us_per_token_on_one_rank": alone.pop("moe_us_per_token_one_rank"),
         "one_process": {k: {"decode_tps": v["decode_tps"], "weight_bytes": v["weight_bytes"],
                             "replicated_bytes": v["replicated_bytes"]}
                         for k, v in alone.items()},
@@ -292,6 +331,7 @@ def main():
         folder = make_folder(work)
         prompt = mx.random.randint(0, CONFIG["vocab_size"], (args.prompt_tokens,)).tolist()
         alone = single(str(folder), prompt, args.decode_tokens)
+        alone["moe_us_per_token_one_rank"] = moe_share_speed(args.ranks)
         job = work / "job.json"
         job.write_text(json.dumps({"folder": str(folder), "prompt": prompt, "decode": args.decode_tokens,
                                    "alone": alone}))
