@@ -147,8 +147,11 @@ watchdog = Watchdog()
 
 # ---- the same files and software on every rank ----
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja")
+
+
 def fingerprint(folder: Path) -> dict:
-    """What must match across ranks: the software, and the model folder's config and weight files."""
+    """What must match across ranks: the software, and the model folder's config, tokenizer and weight files."""
     from . import __version__
     from .checkpoint import weight_files
 
@@ -156,6 +159,11 @@ def fingerprint(folder: Path) -> dict:
     for f in sorted(Path(__file__).parent.rglob("*.py")):
         package.update(f.read_bytes())
     files = hashlib.sha256((folder / "config.json").read_bytes())
+    # the tokenizer's files too: another template or eos on one rank is another prompt or end there (a desync)
+    extra = folder / "additional_chat_templates"
+    for name in TOKENIZER_FILES + tuple(sorted(f"{extra.name}/{f.name}" for f in extra.glob("*.jinja"))):
+        f = folder / name
+        files.update(name.encode() + (hashlib.sha256(f.read_bytes()).digest() if f.is_file() else b"absent"))
     for f in weight_files(folder):
         with open(f, "rb") as fh:  # the header names every tensor, its shape, dtype and offsets
             head = fh.read(8)

@@ -360,3 +360,17 @@ def test_ctrl_c_stops_every_rank_after_the_same_token(tmp_path):
         _kill(p)
     assert "finish: cancelled" in err, err
     assert "rank 0 exited with code 130" in err and "rank 1 exited" not in err, err
+
+
+@pytest.mark.parametrize("name, text", [
+    ("generation_config.json", '{"eos_token_id": [151645, 151643, 151668]}'),  # </think> ends the reply there
+    ("chat_template.jinja", "{% for m in messages %}{{ m['content'] }}{% endfor %}"),
+])
+def test_ranks_with_other_tokenizer_files_are_refused_in_one_line(scripted, tmp_path, name, text):
+    other = tmp_path / "other"
+    shutil.copytree(scripted, other)
+    (other / name).write_text(text)
+    got = launch(2, "ranks.py", "cli", str(scripted), str(other), "--prompt", "hi", check=False)
+    ours = [line for line in got.stderr.splitlines() if line.startswith(("error", "mlx-qwen3"))]
+    assert ours == [f"error: rank 1 has other model files than rank 0 ({_digest(other)} vs {_digest(scripted)}); "
+                    "install the same mlx-qwen3 and mlx, and copy the same model folder, on every Mac"], got.stderr
