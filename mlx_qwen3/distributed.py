@@ -210,6 +210,12 @@ def check_same(path, g: mx.distributed.Group) -> Path:
     return folder
 
 
+def barrier(g: mx.distributed.Group):
+    """Every rank gets here before any goes on, however long the slowest takes (one Mac reading its share
+    of the weights from a slower disk is no fault): not timed by the watchdog."""
+    mx.eval(mx.distributed.all_sum(mx.array(0), group=g))
+
+
 def quiet():
     """Rank 0 alone prints: the others' stdout and stderr go nowhere (what they would say, rank 0 says;
     a lost rank is reported by the watchdog, which writes to the file descriptor itself)."""

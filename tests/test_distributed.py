@@ -362,6 +362,34 @@ def test_ctrl_c_stops_every_rank_after_the_same_token(tmp_path):
     assert "rank 0 exited with code 130" in err and "rank 1 exited" not in err, err
 
 
+# Rank 1 reads its weights 8 s later than rank 0 (a slower disk, or no copy in its page cache yet).
+SLOW_READ = """
+import importlib, time
+from mlx_qwen3 import distributed
+load = importlib.import_module("mlx_qwen3.load")
+read = load.read_weights
+
+
+def slow(*args):
+    if distributed.rank() == 1:
+        time.sleep(8)
+    return read(*args)
+
+
+load.read_weights = slow
+from mlx_qwen3.cli import main
+main("generate")
+"""
+
+
+def test_a_rank_slower_to_load_than_the_watchdog_waits_is_no_fault(scripted):
+    """Loading takes as long as the slowest rank's disk: the watchdog times only the waits after it."""
+    got = launch(2, "-c", SLOW_READ, "--model", str(scripted), "--prompt", "What is 2+2?", "--temp", "0", "--json",
+                 env={"MLX_QWEN3_PEER_TIMEOUT": "3"}, check=False)
+    assert "mlx-qwen3 rank" not in got.stderr and "exited with code" not in got.stderr, got.stderr[-3000:]
+    assert json.loads(got.stdout.splitlines()[-1])["answer"] == "The answer is 4."
+
+
 @pytest.mark.parametrize("name, text", [
     ("generation_config.json", '{"eos_token_id": [151645, 151643, 151668]}'),  # </think> ends the reply there
     ("chat_template.jinja", "{% for m in messages %}{{ m['content'] }}{% endfor %}"),
