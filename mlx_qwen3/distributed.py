@@ -227,7 +227,8 @@ def quiet():
 
 def reader(read, g: Optional[mx.distributed.Group]):
     """`read(prompt)` (e.g. input) on rank 0, its lines given to every rank: what a REPL reads, rank 0
-    reads. End of input and Ctrl-C on rank 0 end every rank's REPL as they end rank 0's."""
+    reads. End of input and Ctrl-C on rank 0 end every rank's REPL; the others' as an end of input (exit 0:
+    rank 0 says how it ended, and another rank ending non-zero first would make mlx.launch stop rank 0)."""
     if g is None:
         return read
 
@@ -241,7 +242,7 @@ def reader(read, g: Optional[mx.distributed.Group]):
             return share({"line": line}, g)["line"]
         got = share(None, g, patient=True)
         if "end" in got:
-            raise EOFError if got["end"] == "EOFError" else KeyboardInterrupt
+            raise EOFError
         return got["line"]
 
     return shared

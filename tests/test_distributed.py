@@ -402,3 +402,31 @@ def test_ranks_with_other_tokenizer_files_are_refused_in_one_line(scripted, tmp_
     ours = [line for line in got.stderr.splitlines() if line.startswith(("error", "mlx-qwen3"))]
     assert ours == [f"error: rank 1 has other model files than rank 0 ({_digest(other)} vs {_digest(scripted)}); "
                     "install the same mlx-qwen3 and mlx, and copy the same model folder, on every Mac"], got.stderr
+
+
+# Ctrl-C at the >>> prompt of the --chat REPL, on 2 ranks: what each rank's repl returns (its exit status).
+CTRL_C_AT_PROMPT = """
+import sys
+from mlx_qwen3 import distributed, load
+from mlx_qwen3.generate import ChatSession
+from mlx_qwen3.terminal import Printer, repl
+
+
+def read(prompt):
+    raise KeyboardInterrupt
+
+
+model, tok = load(sys.argv[1])
+shared = distributed.reader(read, distributed.group())
+status = repl(ChatSession(model, tok), Printer(False, False, False), None, shared)
+open(f"status-{distributed.rank()}", "w").write(str(status))
+"""
+
+
+def test_ctrl_c_at_the_chat_prompt_ends_rank_0_with_130_and_the_others_with_0(scripted, tmp_path):
+    """Rank 0 says how the chat ended; another rank ending non-zero first would make mlx.launch stop rank 0
+    (exit -15 instead of 130), so the others leave as at an end of input."""
+    script = tmp_path / "ctrl_c.py"
+    script.write_text(f"import os; os.chdir({str(tmp_path)!r})\n" + CTRL_C_AT_PROMPT)
+    launch(2, str(script), str(scripted))
+    assert [(tmp_path / f"status-{r}").read_text() for r in range(2)] == ["130", "0"]
