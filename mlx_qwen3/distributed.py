@@ -147,8 +147,11 @@ watchdog = Watchdog()
 
 # ---- the same files and software on every rank ----
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja")
+
+
 def fingerprint(folder: Path) -> dict:
-    """What must match across ranks: the software, and the model folder's config and weight files."""
+    """What must match across ranks: the software, and the model folder's config, tokenizer and weight files."""
     from . import __version__
     from .checkpoint import weight_files
 
@@ -156,6 +159,11 @@ def fingerprint(folder: Path) -> dict:
     for f in sorted(Path(__file__).parent.rglob("*.py")):
         package.update(f.read_bytes())
     files = hashlib.sha256((folder / "config.json").read_bytes())
+    # the tokenizer's files too: another template or eos on one rank is another prompt or end there (a desync)
+    extra = folder / "additional_chat_templates"
+    for name in TOKENIZER_FILES + tuple(sorted(f"{extra.name}/{f.name}" for f in extra.glob("*.jinja"))):
+        f = folder / name
+        files.update(name.encode() + (hashlib.sha256(f.read_bytes()).digest() if f.is_file() else b"absent"))
     for f in weight_files(folder):
         with open(f, "rb") as fh:  # the header names every tensor, its shape, dtype and offsets
             head = fh.read(8)
@@ -202,6 +210,12 @@ def check_same(path, g: mx.distributed.Group) -> Path:
     return folder
 
 
+def barrier(g: mx.distributed.Group):
+    """Every rank gets here before any goes on, however long the slowest takes (one Mac reading its share
+    of the weights from a slower disk is no fault): not timed by the watchdog."""
+    mx.eval(mx.distributed.all_sum(mx.array(0), group=g))
+
+
 def quiet():
     """Rank 0 alone prints: the others' stdout and stderr go nowhere (what they would say, rank 0 says;
     a lost rank is reported by the watchdog, which writes to the file descriptor itself)."""
@@ -213,7 +227,8 @@ def quiet():
 
 def reader(read, g: Optional[mx.distributed.Group]):
     """`read(prompt)` (e.g. input) on rank 0, its lines given to every rank: what a REPL reads, rank 0
-    reads. End of input and Ctrl-C on rank 0 end every rank's REPL as they end rank 0's."""
+    reads. End of input and Ctrl-C on rank 0 end every rank's REPL; the others' as an end of input (exit 0:
+    rank 0 says how it ended, and another rank ending non-zero first would make mlx.launch stop rank 0)."""
     if g is None:
         return read
 
@@ -227,7 +242,7 @@ def reader(read, g: Optional[mx.distributed.Group]):
             return share({"line": line}, g)["line"]
         got = share(None, g, patient=True)
         if "end" in got:
-            raise EOFError if got["end"] == "EOFError" else KeyboardInterrupt
+            raise EOFError
         return got["line"]
 
     return shared

@@ -183,6 +183,8 @@ def _load(path_or_id, lazy: bool, kernels: Optional[str], parallel: Optional[str
     if not lazy:
         for _, p in tree_flatten(model.parameters()):  # one at a time: a shard's whole tensor is freed at once
             mx.eval(p)
+    if sharded:  # the ranks leave loading together: the waits the watchdog times start from here
+        distributed.barrier(group)
     return model, config, folder
 
 

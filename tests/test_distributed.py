@@ -362,3 +362,73 @@ def test_ctrl_c_stops_every_rank_after_the_same_token(tmp_path):
         _kill(p)
     assert "finish: cancelled" in err, err
     assert "rank 0 exited with code 130" in err and "rank 1 exited" not in err, err
+
+
+# Rank 1 reads its weights 8 s later than rank 0 (a slower disk, or no copy in its page cache yet).
+SLOW_READ = """
+import importlib, time
+from mlx_qwen3 import distributed
+load = importlib.import_module("mlx_qwen3.load")
+read = load.read_weights
+
+
+def slow(*args):
+    if distributed.rank() == 1:
+        time.sleep(8)
+    return read(*args)
+
+
+load.read_weights = slow
+from mlx_qwen3.cli import main
+main("generate")
+"""
+
+
+def test_a_rank_slower_to_load_than_the_watchdog_waits_is_no_fault(scripted):
+    """Loading takes as long as the slowest rank's disk: the watchdog times only the waits after it."""
+    got = launch(2, "-c", SLOW_READ, "--model", str(scripted), "--prompt", "What is 2+2?", "--temp", "0", "--json",
+                 env={"MLX_QWEN3_PEER_TIMEOUT": "3"}, check=False)
+    assert "mlx-qwen3 rank" not in got.stderr and "exited with code" not in got.stderr, got.stderr[-3000:]
+    assert json.loads(got.stdout.splitlines()[-1])["answer"] == "The answer is 4."
+
+
+@pytest.mark.parametrize("name, text", [
+    ("generation_config.json", '{"eos_token_id": [151645, 151643, 151668]}'),  # </think> ends the reply there
+    ("chat_template.jinja", "{% for m in messages %}{{ m['content'] }}{% endfor %}"),
+])
+def test_ranks_with_other_tokenizer_files_are_refused_in_one_line(scripted, tmp_path, name, text):
+    other = tmp_path / "other"
+    shutil.copytree(scripted, other)
+    (other / name).write_text(text)
+    got = launch(2, "ranks.py", "cli", str(scripted), str(other), "--prompt", "hi", check=False)
+    ours = [line for line in got.stderr.splitlines() if line.startswith(("error", "mlx-qwen3"))]
+    assert ours == [f"error: rank 1 has other model files than rank 0 ({_digest(other)} vs {_digest(scripted)}); "
+                    "install the same mlx-qwen3 and mlx, and copy the same model folder, on every Mac"], got.stderr
+
+
+# Ctrl-C at the >>> prompt of the --chat REPL, on 2 ranks: what each rank's repl returns (its exit status).
+CTRL_C_AT_PROMPT = """
+import sys
+from mlx_qwen3 import distributed, load
+from mlx_qwen3.generate import ChatSession
+from mlx_qwen3.terminal import Printer, repl
+
+
+def read(prompt):
+    raise KeyboardInterrupt
+
+
+model, tok = load(sys.argv[1])
+shared = distributed.reader(read, distributed.group())
+status = repl(ChatSession(model, tok), Printer(False, False, False), None, shared)
+open(f"status-{distributed.rank()}", "w").write(str(status))
+"""
+
+
+def test_ctrl_c_at_the_chat_prompt_ends_rank_0_with_130_and_the_others_with_0(scripted, tmp_path):
+    """Rank 0 says how the chat ended; another rank ending non-zero first would make mlx.launch stop rank 0
+    (exit -15 instead of 130), so the others leave as at an end of input."""
+    script = tmp_path / "ctrl_c.py"
+    script.write_text(f"import os; os.chdir({str(tmp_path)!r})\n" + CTRL_C_AT_PROMPT)
+    launch(2, str(script), str(scripted))
+    assert [(tmp_path / f"status-{r}").read_text() for r in range(2)] == ["130", "0"]
