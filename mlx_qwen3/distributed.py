@@ -12,7 +12,7 @@ import json
 import os
 import threading
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Optional
@@ -58,7 +58,7 @@ def share(obj=None, g: Optional[mx.distributed.Group] = None, patient: bool = Fa
     if g is None:
         return obj
     data = json.dumps(obj).encode() if g.rank() == 0 else b""
-    with nullcontext() if patient else watchdog.waiting(g):
+    with watchdog.waiting(g, timed=not patient):
         n = agree(mx.array([len(data)], dtype=mx.int32), g).item()
     with watchdog.waiting(g):
         payload = mx.array(np.frombuffer(data, np.uint8)) if g.rank() == 0 else mx.zeros((n,), dtype=mx.uint8)
@@ -67,7 +67,8 @@ def share(obj=None, g: Optional[mx.distributed.Group] = None, patient: bool = Fa
 
 # ---- a lost rank: one line and an exit, never a hang ----
 
-PEER_TIMEOUT = float(os.environ.get("MLX_QWEN3_PEER_TIMEOUT", 30))  # seconds without an answer
+# seconds without an answer; at least 5: an idle server's rank 0 speaks every second (engine.HEARTBEAT)
+PEER_TIMEOUT = max(5.0, float(os.environ.get("MLX_QWEN3_PEER_TIMEOUT", 30)))
 
 
 class Watchdog:
@@ -81,16 +82,31 @@ class Watchdog:
         self.thread = None
 
     @contextmanager
-    def waiting(self, g):
+    def waiting(self, g, timed: bool = True):
+        """Around a wait for the other ranks. `timed`: no answer within PEER_TIMEOUT is a fault (not for
+        waits that may take any time: a person typing, the slowest rank loading); a closed link always is."""
         if g is None:
             yield
             return
         self.group = g
+        if not timed:
+            with self._closed_link(g):
+                yield
+            return
         self.depth += 1
         self.since = time.monotonic()
         if self.thread is None:
             self.thread = threading.Thread(target=self._watch, daemon=True, name="mlx-qwen3-watchdog")
             self.thread.start()
+        try:
+            with self._closed_link(g):
+                yield
+        finally:
+            self.depth -= 1
+            self.since = None if self.depth == 0 else time.monotonic()
+
+    @contextmanager
+    def _closed_link(self, g):
         try:
             yield
         except RuntimeError as e:
@@ -98,9 +114,6 @@ class Watchdog:
                 self.fire(f"lost {_others(g, neighbours=True)}: its connection closed (the process ended, "
                           "or the link dropped)")
             raise
-        finally:
-            self.depth -= 1
-            self.since = None if self.depth == 0 else time.monotonic()
 
     def beat(self):
         """Progress inside a long wait (a long prompt's chunks): the time without an answer starts again."""
@@ -124,8 +137,8 @@ class Watchdog:
         ended = f"{_others(g)} ended" if g.size() == 2 else "another rank ended (mlx.launch names it above)"
         signal.signal(signal.SIGTERM, lambda *_: self.fire(f"{ended}; mlx.launch stopped this one"))
 
-    def fire(self, what: str):
-        g = self.group
+    def fire(self, what: str, g=None):
+        g = g or self.group
         line = f"mlx-qwen3 rank {g.rank()} of {g.size()}: {what}; stopping\n"
         try:
             os.write(2, line.encode())
@@ -178,9 +191,10 @@ def fingerprint(folder: Path) -> dict:
 def gather(obj, g: mx.distributed.Group) -> list:
     """Every rank's `obj` (anything JSON holds), in rank order, on every rank."""
     data = json.dumps(obj).encode()
-    sizes = mx.distributed.all_gather(mx.array([len(data)], dtype=mx.int32), group=g).tolist()
-    padded = mx.array(np.frombuffer(data.ljust(max(sizes)), np.uint8))[None]
-    rows = mx.distributed.all_gather(padded, group=g).tolist()
+    with watchdog.waiting(g, timed=False):  # ranks start when they start
+        sizes = mx.distributed.all_gather(mx.array([len(data)], dtype=mx.int32), group=g).tolist()
+        padded = mx.array(np.frombuffer(data.ljust(max(sizes)), np.uint8))[None]
+        rows = mx.distributed.all_gather(padded, group=g).tolist()
     return [json.loads(bytes(row[:n]).decode()) for row, n in zip(rows, sizes)]
 
 
@@ -213,7 +227,8 @@ def check_same(path, g: mx.distributed.Group) -> Path:
 def barrier(g: mx.distributed.Group):
     """Every rank gets here before any goes on, however long the slowest takes (one Mac reading its share
     of the weights from a slower disk is no fault): not timed by the watchdog."""
-    mx.eval(mx.distributed.all_sum(mx.array(0), group=g))
+    with watchdog.waiting(g, timed=False):
+        mx.eval(mx.distributed.all_sum(mx.array(0), group=g))
 
 
 def quiet():

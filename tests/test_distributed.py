@@ -361,7 +361,9 @@ def test_ctrl_c_stops_every_rank_after_the_same_token(tmp_path):
     finally:
         _kill(p)
     assert "finish: cancelled" in err, err
-    assert "rank 0 exited with code 130" in err and "rank 1 exited" not in err, err
+    # rank 1 exits 0, unless mlx.launch, seeing rank 0 end with 130 first, stops it while it exits
+    assert "rank 0 exited with code 130" in err, err
+    assert "rank 1 exited" not in err or "rank 1 exited with code -15" in err, err
 
 
 # Rank 1 reads its weights 8 s later than rank 0 (a slower disk, or no copy in its page cache yet).

@@ -66,7 +66,11 @@ class Rounds:
                 continue
             except StopIteration:  # done or cancelled: the cache holds the whole exchange, worth keeping
                 self.pool.put(cache)
-            except Exception as e:  # reported to that request; the others go on
+            except Exception as e:  # reported to that request; the others go on (alone)
+                group = distributed.group_of(self.model)
+                if group is not None:  # its step may have stopped between collectives: no going on in step
+                    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+                    distributed.watchdog.fire(f"a generation failed ({reason}); the ranks cannot stay in step", group)
                 job.put(e)
             self.active.remove(entry)
             job.put(None)
@@ -175,9 +179,10 @@ def make_pool(model, slots: int, max_bytes: Optional[int]) -> PromptCachePool:
     # a deadlock). Takes go by ids and the slot count (rank 0's). Puts go by bytes, which differ by rank
     # (pipeline: other layers; other Macs: other budgets): so the ranks agree on a limit in positions, the
     # fewest any can hold, and each holds that many of its own: "over the limit" reads alike everywhere.
-    per_position = position_bytes(model)
-    mine = mx.array([min(max_bytes // per_position, 2**31 - 1)], dtype=mx.int32)
-    positions = mx.distributed.all_min(mine, group=group).item()
+    with distributed.watchdog.waiting(group, timed=False):  # the ranks start serving when they start
+        per_position = position_bytes(model)
+        mine = mx.array([min(max_bytes // per_position, 2**31 - 1)], dtype=mx.int32)
+        positions = mx.distributed.all_min(mine, group=group).item()
     return PromptCachePool(distributed.share(slots, group), positions * per_position)
 
 
