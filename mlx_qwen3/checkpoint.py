@@ -4,6 +4,7 @@ files, its safetensors headers checked against the file, and its weights (lazily
 import json
 import re
 import struct
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -30,7 +31,16 @@ def resolve(path_or_id: str) -> Path:
 
 
 def _download(repo_id: str) -> Path:
-    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub import snapshot_download
+
+    with hub_errors(repo_id):
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
+
+
+@contextmanager
+def hub_errors(repo_id: str):
+    """A failed Hub call as one line that says what to do."""
+    from huggingface_hub import constants
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
@@ -39,7 +49,7 @@ def _download(repo_id: str) -> Path:
     )
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
+        yield
     except LocalEntryNotFoundError:
         how = "downloads are off (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else "the Hub could not be reached"
         raise UserError(
@@ -160,6 +170,37 @@ def _check_entry(file: Path, name: str, t) -> int:
             f"{offsets[1] - offsets[0]} bytes; download or convert it again"
         )
     return offsets[1]
+
+
+def stored_bytes(folder: Path) -> int:
+    """The bytes of every tensor in the folder's weights, from their headers alone."""
+    total = 0
+    for file in weight_files(folder):
+        header = safetensors_header(file)
+        total += sum(t["data_offsets"][1] - t["data_offsets"][0] for k, t in header.items() if k != "__metadata__")
+    return total
+
+
+def describe(path_or_id: str):
+    """(config, weight bytes) of a model folder, or of a Hub model without downloading its weights (its
+    config.json, and its safetensors headers read from the Hub)."""
+    path = Path(path_or_id).expanduser()
+    if path.exists() or not _REPO_ID.match(str(path_or_id)):
+        folder = resolve(path_or_id)
+        return read_config(folder), stored_bytes(folder)
+    from huggingface_hub import get_safetensors_metadata, hf_hub_download
+
+    from huggingface_hub.errors import NotASafetensorsRepoError, SafetensorsParsingError
+
+    with hub_errors(str(path_or_id)):
+        config = read_json(Path(hf_hub_download(str(path_or_id), "config.json")))
+        try:
+            meta = get_safetensors_metadata(str(path_or_id))
+        except (NotASafetensorsRepoError, SafetensorsParsingError) as e:
+            raise UserError(f"{path_or_id} has no readable safetensors weights ({str(e).splitlines()[0]})") from None
+    weights = sum(t.data_offsets[1] - t.data_offsets[0] for f in meta.files_metadata.values()
+                  for t in f.tensors.values())
+    return config, weights
 
 
 def weight_files(folder: Path) -> list:

@@ -235,6 +235,45 @@ def info_command(model):
     }))
 
 
+@cli.command("plan", context_settings=CONTEXT)
+@model_option
+@click.option("--context", type=click.IntRange(1), default=None,
+              help="Tokens of prompt and reply to plan for (default: the model's context window).")
+@click.option("--json", "as_json", is_flag=True, help="The plan as one JSON object.")
+def plan_command(model, context, as_json):
+    """Whether MODEL fits this Mac at a context length, for each KV cache setting: weights + KV cache +
+    working memory against what Metal keeps resident (MLX_QWEN3_MEMORY_GB overrides). A Hub model is
+    planned from its config and safetensors headers, without downloading its weights."""
+    from .checkpoint import describe
+    from .load import model_args
+    from .memory import plan, usable_memory
+
+    config, weights = describe(model)
+    _, args = model_args(config)
+    window = args.context_window
+    if context is not None and context > window:
+        raise UserError(f"--context {context:,} is more than {model}'s context window, {window:,} tokens")
+    context = context or window
+    limit = usable_memory()
+    rows = plan(args, weights, context, limit)
+    if as_json:
+        print(json.dumps({"model": model, "weight_bytes": weights, "memory_limit_bytes": limit,
+                          "context": context, "kv": rows}))
+        return 0
+    gb = lambda n: f"{n / 2**30:.1f} GB"  # noqa: E731
+    print(f"{model}: weights {gb(weights)}; this machine keeps {gb(limit)} resident; context {context:,} tokens")
+    print(f"{'KV cache':<10}{'KV':>10}{'total':>10}  {'fits':<5}{'longest context that fits':>27}")
+    for r in rows:
+        name = "float16" if r["kv_bits"] == 16 else f"{r['kv_bits']}-bit"
+        print(f"{name:<10}{gb(r['kv_bytes']):>10}{gb(r['total_bytes']):>10}  {'yes' if r['fits'] else 'no':<5}"
+              f"{r['longest_context']:>27,}")
+    if not any(r["fits"] for r in rows):
+        longest = max(rows, key=lambda r: r["longest_context"])
+        print(f"nothing fits {context:,} tokens; at most {longest['longest_context']:,} with a "
+              f"{longest['kv_bits']}-bit KV cache", file=sys.stderr)
+    return 0
+
+
 @cli.command("selftest", context_settings=CONTEXT)
 @click.option("--model", default=None, help="Also time whole-model decode on this model.")
 @click.option("--tokens", type=int, default=64, show_default=True)

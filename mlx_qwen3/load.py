@@ -9,7 +9,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from . import distributed
-from .checkpoint import json_kind, read_config, read_weights, resolve, safetensors_header, weight_files
+from .checkpoint import json_kind, read_config, read_weights, resolve, stored_bytes
 from .errors import UserError, show
 from .models import MODELS
 from .models.config import QUANT_MODES
@@ -50,10 +50,7 @@ def check_size(args, folder: Path):
     unquantized, as fp8; the smallest bits in the quantization otherwise), and only a need of more
     than twice the bytes on disk is refused. Finer mismatches are caught by the shape check.
     """
-    stored = 0
-    for file in weight_files(folder):
-        header = safetensors_header(file)
-        stored += sum(t["data_offsets"][1] - t["data_offsets"][0] for k, t in header.items() if k != "__metadata__")
+    stored = stored_bytes(folder)
     params = args.parameter_count()
     q = args.quantization
     bits = 8
