@@ -126,3 +126,8 @@ def plan(args, weights: int, context: int, limit: int) -> list:
         rows.append({"kv_bits": bits, "kv_bytes": kv, "total_bytes": total, "fits": total <= limit,
                      "longest_context": longest})
     return rows
+
+
+if __name__ == "__main__":  # python -m mlx_qwen3.memory is `mlx-qwen3 plan`
+    from .cli import main
+    main("plan")

@@ -448,7 +448,7 @@ COMMAND_FORMS = {
     "script": lambda folder: [sys.executable, str(console_script(folder)), "generate"],
 }
 ALIASES = {"generate": "generate", "server": "serve", "convert": "convert", "load": "info", "selftest": "selftest",
-           "menubar": "menubar"}
+           "menubar": "menubar", "memory": "plan"}
 
 
 def run(*cmd, **kwargs):
@@ -471,7 +471,7 @@ def test_help_lists_the_commands():
     assert sorted(listed) == sorted(ALIASES.values())
 
 
-@pytest.mark.parametrize("args,phrase", [([], "give a command: generate, serve, convert, info, selftest, menubar"),
+@pytest.mark.parametrize("args,phrase", [([], "give a command: generate, serve, convert, info, plan, selftest, menubar"),
                                          (["nope"], "no command 'nope': give one of generate, serve"),
                                          (["generate", "--nope"], "No such option '--nope'")])
 def test_no_command_or_an_unknown_one_is_one_line(args, phrase):
