@@ -22,10 +22,15 @@ import numpy as np
 
 from .errors import UserError
 
+# what mlx.launch sets for the ring and JACCL backends, and what MPI launchers set
+LAUNCHED = ("MLX_RANK", "JACCL_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK")
+
+
 @lru_cache(maxsize=None)
 def group() -> Optional[mx.distributed.Group]:
-    """The group `mlx.launch` set up for this process, or None when it runs alone."""
-    if not mx.distributed.is_available():
+    """The group `mlx.launch` (or mpirun) set up for this process, or None when it runs alone."""
+    # Only a launched process starts a backend: MPI, say, would otherwise initialise in every plain run.
+    if not any(os.environ.get(v) for v in LAUNCHED) or not mx.distributed.is_available():
         return None
     g = mx.distributed.init()
     return g if g.size() > 1 else None
