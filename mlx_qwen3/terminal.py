@@ -25,14 +25,14 @@ class ProgressBar:
 
     def __init__(self, stream, clock=time.perf_counter):
         self.stream, self.clock = stream, clock
-        self.first = None  # (time, done) at the first call: the rate counts from there
+        self.first = None  # (time, done) at this prompt's first call: the rate counts from there
         self.shown = False
 
     def __call__(self, done: int, total: int):
         if total <= BAR_FROM:
             return
         now = self.clock()
-        if self.first is None or done <= self.first[1]:  # a new prompt (the next turn of a chat)
+        if self.first is None:
             self.first = (now, done)
         t0, d0 = self.first
         rate = (done - d0) / (now - t0) if now > t0 and done > d0 else None

@@ -96,7 +96,7 @@ def test_the_bar_redraws_one_line_and_clears_it():
     assert "\n" not in text  # redrawn in place
     bar.clear()
     assert out.getvalue().endswith("\r\x1b[2K")
-    # the next prompt (a chat's next turn) starts its own count
+    # after clear(), the next prompt (a chat's next turn) starts its own count
     now[0] += 100.0
     bar(1000, 5000)
     now[0] += 0.5
