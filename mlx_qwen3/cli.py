@@ -113,7 +113,8 @@ def generate_command(model, prompt, chat, hide_thinking, as_json, pipeline, **op
     prepare_stdout()
     printer = Printer(as_json, hide_thinking, sys.stdout.isatty())
     if not chat:
-        result = show_stream(stream_generate(model, tokenizer, prompt, cancel=cancel, **options), printer, cancel)
+        result = show_stream(stream_generate(model, tokenizer, prompt, cancel=cancel, progress=printer.bar, **options),
+                             printer, cancel)
         # rank 0 says how it ended; another rank ending non-zero first would make mlx.launch stop rank 0
         return 130 if result.finish_reason == "cancelled" and distributed.rank() == 0 else 0
     return repl(ChatSession(model, tokenizer, **options), printer, prompt, read=distributed.reader(input, group))

@@ -16,29 +16,39 @@ from .sample import make_processors, make_sampler
 from .thinking import THINKING, Event, ThinkingRouter, starts_in_thinking, thinking_wanted
 
 
-def process_prompt(model, ids: mx.array, layers: list, chunk_size: int = 512) -> mx.array:
+PREFILL_CHUNK = 512  # prompt tokens per model call: bounds the working memory of a long prompt
+
+
+def process_prompt(model, ids: mx.array, layers: list, chunk_size: Optional[int] = None, progress=None) -> mx.array:
     """Feed `ids` (B, L) through the model in chunks, filling the per-layer caches; returns the last
-    position's logits. All but the last token only fill the cache: their logits are never computed."""
+    position's logits. All but the last token only fill the cache: their logits are never computed.
+    `progress(done, L)` is called after each chunk, the last one included, when L > 1."""
     L = ids.shape[1]
     start = 0
     while start < L - 1:
-        n = min(chunk_size, L - 1 - start)
+        n = min(chunk_size or PREFILL_CHUNK, L - 1 - start)
         model(ids[:, start : start + n], cache=layers)
         mx.eval([c.state for c in layers])
         distributed.watchdog.beat()  # on several ranks, each chunk is an answer from the others
         start += n
-    return model(ids[:, start:], cache=layers)[:, -1, :]
+        if progress is not None:
+            progress(start, L)
+    logits = model(ids[:, start:], cache=layers)[:, -1, :]
+    if progress is not None and L > 1:
+        mx.eval(logits)  # counted once done, as the other chunks
+        progress(L, L)
+    return logits
 
 
 def generate_step(model, prompt: mx.array, cache: PromptCache, sampler, processors=(),
-                  forced: Optional[deque] = None, cancel=None):
+                  forced: Optional[deque] = None, cancel=None, progress=None):
     """Yield token ids until `cancel` (a threading.Event) is set: the prompt goes through `cache` first,
     then one token at a time; `cache.ids` records every id the model was fed.
 
     Ids put in `forced` are fed instead of sampled ones (how a thinking budget ends a thought).
     The next step is computed while the caller looks at this token (mx.async_eval).
     On a model sharded over several ranks, rank 0's token and its cancel flag are every rank's, so all
-    ranks feed the same ids and stop after the same token.
+    ranks feed the same ids and stop after the same token. `progress`: see process_prompt.
     """
     forced = forced if forced is not None else deque()
     history = mx.zeros((0,), dtype=mx.uint32)
@@ -51,7 +61,7 @@ def generate_step(model, prompt: mx.array, cache: PromptCache, sampler, processo
         return distributed.agree(mx.concatenate([sampler(logits).astype(mx.uint32), stop]), group)
 
     with distributed.watchdog.waiting(group):  # on several ranks: a lost one ends the wait, not a hang
-        y = sample(process_prompt(model, prompt[None], cache.layers))
+        y = sample(process_prompt(model, prompt[None], cache.layers, progress=progress))
         mx.async_eval(y)
     cache.ids.extend(prompt.tolist())
     while True:
@@ -207,7 +217,7 @@ class StopStrings:
 
 
 def stream_generate(model, tokenizer, prompt, cache: Optional[PromptCache] = None, cancel=None,
-                    **options) -> Iterator:
+                    progress=None, **options) -> Iterator:
     """Stream a reply to a prompt (a string), a conversation (a list of messages) or a prepared Prompt.
 
     Args:
@@ -215,6 +225,9 @@ def stream_generate(model, tokenizer, prompt, cache: Optional[PromptCache] = Non
         cache: a PromptCache to start from: the prefix it shares with the prompt is not computed again,
             and it holds the whole exchange afterwards. None: a new one.
         cancel: a threading.Event; set it from another thread to stop.
+        progress: called as progress(done, total) after each chunk of the prompt's processing, where
+            total counts the tokens not reused from `cache`; the last call has done == total. Not called
+            when only the last token is left to feed. On several ranks, called on each.
         options: see options.py (max_tokens, temperature, top_p, top_k, min_p, presence_penalty,
             frequency_penalty, repetition_penalty, seed, stop, enable_thinking, thinking_budget,
             wrap_up, system, tools, chat_template_kwargs); with a Prompt, give them to prepare().
@@ -245,7 +258,8 @@ def stream_generate(model, tokenizer, prompt, cache: Optional[PromptCache] = Non
     mx.reset_peak_memory()
     tic = time.perf_counter()
     prompt_time, n, thinking_tokens, finish = None, 0, 0, "length"
-    steps = generate_step(model, mx.array(todo, dtype=mx.uint32), cache, sampler, processors, budget.forced, cancel)
+    steps = generate_step(model, mx.array(todo, dtype=mx.uint32), cache, sampler, processors, budget.forced, cancel,
+                          progress=progress)
     budget.step(router.state, router.state)  # a budget of 0 ends a thought the prompt opened at once
     with memory.wired.hold(model), closing(steps):
         for token in steps:
@@ -310,8 +324,17 @@ class ChatSession:
         self.messages = self.messages[:1] if self.messages and self.messages[0]["role"] == "system" else []
         self.reset_cache()
 
-    def stream(self, message, cancel=None, **options) -> Iterator:
-        """Send a user message (text or a message dict, e.g. a tool result); yields events, then the result."""
+    def stream(self, message, cancel=None, progress=None, **options) -> Iterator:
+        """Send a user message (text or a message dict, e.g. a tool result); yields events, then the result.
+
+        Args:
+            message: text, or a message dict.
+            cancel, progress: as in stream_generate.
+            options: per-turn options, over the session's.
+
+        Returns:
+            An iterator of Events, then a GenerationResult.
+        """
         if isinstance(message, str) and not message.strip():
             raise UserError("the message is empty; give some text", "messages", "empty_messages")
         if isinstance(message, str):
@@ -321,7 +344,8 @@ class ChatSession:
         cache = self.pool.take(prompt.ids) or PromptCache.new(self.model)
         result = None
         try:
-            for event in stream_generate(self.model, self.tokenizer, prompt, cache=cache, cancel=cancel):
+            for event in stream_generate(self.model, self.tokenizer, prompt, cache=cache, cancel=cancel,
+                                         progress=progress):
                 result = event
                 yield event
         finally:

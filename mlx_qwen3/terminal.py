@@ -9,25 +9,68 @@ import json
 import signal
 import sys
 import threading
+import time
 from typing import Optional
 
 from .errors import UserError
 from .generate import ChatSession, GenerationResult, check_text
 
 DIM, RESET = "\x1b[2m", "\x1b[0m"
+BAR_FROM = 2000  # prompt tokens to process: a shorter prompt is done before a bar would help
+
+
+class ProgressBar:
+    """One line on a terminal while a long prompt is processed (tokens done, tok/s, time left), redrawn in
+    place; stream_generate's `progress` callback. clear() erases it (the answer starts)."""
+
+    def __init__(self, stream, clock=time.perf_counter):
+        self.stream, self.clock = stream, clock
+        self.first = None  # (time, done) at this prompt's first call: the rate counts from there
+        self.shown = False
+
+    def __call__(self, done: int, total: int):
+        if total <= BAR_FROM:
+            return
+        now = self.clock()
+        if self.first is None:
+            self.first = (now, done)
+        t0, d0 = self.first
+        rate = (done - d0) / (now - t0) if now > t0 and done > d0 else None
+        filled = 20 * done // total
+        line = f"prompt [{'#' * filled}{'.' * (20 - filled)}] {done:,}/{total:,} tokens"
+        if rate:
+            line += f", {rate:,.0f} tok/s, {_duration((total - done) / rate)} left"
+        self.stream.write("\r\x1b[2K" + line)
+        self.stream.flush()
+        self.shown = True
+
+    def clear(self):
+        if self.shown:
+            self.stream.write("\r\x1b[2K")
+            self.stream.flush()
+        self.first, self.shown = None, False
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(round(seconds), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
 
 
 class Printer:
-    """Shows events: on a terminal thinking is dimmed and labelled; --json gives one object per line."""
+    """Shows events: on a terminal thinking is dimmed and labelled; --json gives one object per line.
+    `bar`: the progress bar for a long prompt, when stderr is a terminal (never with --json); None otherwise."""
 
     def __init__(self, as_json: bool, hide_thinking: bool, tty: bool):
         self.as_json, self.hide_thinking, self.tty = as_json, hide_thinking, tty
         self.channel = None
+        self.bar = None if as_json or not _isatty(sys.stderr) else ProgressBar(sys.stderr)
         # JSON escapes what a stdout that is not UTF-8 cannot show (plain text: see prepare_stdout)
         self.ascii = not _is_utf8(getattr(sys.stdout, "encoding", None))
 
     def show(self, event) -> Optional[GenerationResult]:
         out = sys.stdout
+        if self.bar is not None:
+            self.bar.clear()
         if self.as_json:
             if event.type == "done":
                 record = {k: v for k, v in vars(event).items() if k != "text"}
@@ -60,6 +103,11 @@ class Printer:
     def abandon(self):
         """A stream cut short (a second Ctrl-C, a failed write): on a terminal, end the dimming, so that
         the shell's prompt is not left dim."""
+        if self.bar is not None:
+            try:
+                self.bar.clear()
+            except Exception:  # stderr is what failed: nothing more to show
+                pass
         if self.tty and not self.as_json and self.channel == "thinking":
             try:
                 sys.stdout.write(RESET + "\n")
@@ -110,6 +158,13 @@ def show_stream(events, printer: Printer, cancel) -> GenerationResult:
         signal.signal(signal.SIGINT, previous)
         if hasattr(events, "close"):
             events.close()  # now, not when the garbage collector gets to it
+
+
+def _isatty(stream) -> bool:
+    try:
+        return stream is not None and stream.isatty()
+    except (AttributeError, ValueError):  # not a file, or a closed one
+        return False
 
 
 def _is_utf8(encoding: Optional[str]) -> bool:
@@ -191,7 +246,7 @@ def repl(session: ChatSession, printer: Printer, first: Optional[str], read=inpu
         else:
             cancel = threading.Event()
             try:
-                show_stream(session.stream(text, cancel=cancel), printer, cancel)
+                show_stream(session.stream(text, cancel=cancel, progress=printer.bar), printer, cancel)
             except UserError as e:
                 print(f"error: {e}", file=sys.stderr)
             printer.channel = None

@@ -78,7 +78,8 @@ def create_app(model, tokenizer, model_name: str, api_key: Optional[str] = None,
         if not authorized(request):  # without the key: only that the server is up
             return JSONResponse({"status": "ok"})
         return JSONResponse({"status": "ok", "model": model_name, "waiting": engine.waiting,
-                             "cached_prompts": len(engine.pool), "cached_bytes": engine.pool.nbytes})
+                             "requests": engine.running(), "cached_prompts": len(engine.pool),
+                             "cached_bytes": engine.pool.nbytes})
 
     async def models(request):
         if not authorized(request):

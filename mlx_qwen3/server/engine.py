@@ -36,6 +36,20 @@ class Job:
             self.cancel.set()
 
 
+class Progress:
+    """How far a running request's prompt has been processed: written by the worker thread (one int at a
+    time), read by /health on the event loop."""
+
+    def __init__(self, prompt_tokens: int):
+        self.prompt_tokens, self.processed = prompt_tokens, 0
+
+    def __call__(self, done: int, total: int):
+        self.processed = self.prompt_tokens - total + done  # the tokens reused from a cached prompt count too
+
+    def report(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "processed": self.processed}
+
+
 class Rounds:
     """The jobs generating at once and the cached prompts they start from: the part of the engine every
     rank of a sharded model runs alike (the same starts and steps, in the same order, make the same model
@@ -44,25 +58,35 @@ class Rounds:
     def __init__(self, model, tokenizer, cache_slots: int, cache_bytes: Optional[int]):
         self.model, self.tokenizer = model, tokenizer
         self.pool = make_pool(model, cache_slots, cache_bytes)
-        self.active = []  # (job, its events, its cache)
+        self.active = []  # (job, its events, its cache, its Progress)
+        self.lock = threading.Lock()  # over `active`'s changes: running() reads it from another thread
 
     def start(self, job):
         """Begin `job` from the cached prompt sharing the most with it; a failure is that job's alone."""
         try:
             cache = self.pool.take(job.prompt.ids) or PromptCache.new(self.model)
-            steps = stream_generate(self.model, self.tokenizer, job.prompt, cache=cache, cancel=job.cancel)
+            progress = Progress(len(job.prompt.ids))
+            steps = stream_generate(self.model, self.tokenizer, job.prompt, cache=cache, cancel=job.cancel,
+                                    progress=progress)
         except Exception as e:
             job.put(e)
             job.put(None)
             return
-        self.active.append((job, steps, cache))
+        with self.lock:
+            self.active.append((job, steps, cache, progress))
+
+    def running(self) -> list:
+        """Each active job's prompt processing, as {"prompt_tokens", "processed"}; from any thread."""
+        with self.lock:
+            return [progress.report() for *_, progress in self.active]
 
     def step(self):
         """Advance every active job by one event; the finished ones leave, their caches to the pool."""
         for entry in list(self.active):
-            job, steps, cache = entry
+            job, steps, cache, progress = entry
             try:
                 job.put(next(steps))
+                progress.processed = progress.prompt_tokens  # an event: the prompt is behind it
                 continue
             except StopIteration:  # done or cancelled: the cache holds the whole exchange, worth keeping
                 self.pool.put(cache)
@@ -72,7 +96,8 @@ class Rounds:
                     reason = str(e).splitlines()[0] if str(e) else type(e).__name__
                     distributed.watchdog.fire(f"a generation failed ({reason}); the ranks cannot stay in step", group)
                 job.put(e)
-            self.active.remove(entry)
+            with self.lock:
+                self.active.remove(entry)
             job.put(None)
 
 
@@ -123,6 +148,10 @@ class Engine:
     @property
     def waiting(self) -> int:
         return self.jobs.qsize() + len(self.rounds.active)
+
+    def running(self) -> list:
+        """Per running request, its prompt's tokens and how many are processed; safe from the event loop."""
+        return self.rounds.running()
 
     def _admit(self) -> list:
         """The queued jobs there is room for; block only when there is nothing else to do (sharded: for
