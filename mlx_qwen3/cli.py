@@ -92,6 +92,9 @@ def main(command: Optional[str] = None):
 @click.option("--hide-thinking", is_flag=True, help="Do not print the thinking.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per event and line.")
 @click.option("--chat", is_flag=True, help="An interactive chat (/think, /no_think, /budget N, /reset, /exit).")
+@click.option("--kv-bits", type=int, default=None, help="Quantize the KV cache to 4 or 8 bits. Default: 16-bit.")
+@click.option("--kv-start", type=int, default=0, show_default=True,
+              help="With --kv-bits: keep the first N tokens' keys and values 16-bit, then quantize.")
 @pipeline_option
 def generate_command(model, prompt, chat, hide_thinking, as_json, pipeline, **options):
     """Generate with a Qwen3 / Qwen3-MoE / QwQ model.
