@@ -237,3 +237,31 @@ def test_bad_flags_are_one_line_before_the_model_loads(tmp_path, args, message):
     out = cli("--model", str(tmp_path / "nope"), "--prompt", "hi", *args)
     assert out.returncode == 2, out.stderr
     assert out.stderr.startswith("error: ") and out.stderr.count("\n") == 1 and message in out.stderr, out.stderr
+
+
+# ---- the server: a server-wide setting ----
+
+def test_a_server_with_8_bit_kv_answers_the_same_and_reuses_its_quantized_caches(answering, serve):
+    import httpx
+
+    long = "tell me " * 30
+    turns = [[{"role": "user", "content": long}],
+             [{"role": "user", "content": long}, {"role": "assistant", "content": "The answer is 4."},
+              {"role": "user", "content": "and?"}]]
+    held = {}
+    for kv_bits in (None, 8):
+        with serve(*answering, kv_bits=kv_bits) as url:
+            replies = [httpx.post(f"{url}/v1/chat/completions", timeout=60,
+                                  json={"model": "qwen3-tiny", "messages": m, "temperature": 0}).json() for m in turns]
+            held[kv_bits] = httpx.get(f"{url}/health").json()["cached_bytes"]
+        assert [r["choices"][0]["message"]["content"] for r in replies] == ["The answer is 4."] * 2
+        first, second = (r["usage"] for r in replies)
+        assert second["prompt_tokens_details"]["cached_tokens"] >= first["prompt_tokens"] - 1
+    # the same positions held; fp32 model, head_dim 32 in one group of 32: (32 + 2 * 4) / (32 * 4) bytes
+    assert held[8] / held[None] == 40 / 128
+
+
+def test_the_server_refuses_a_bad_kv_setting_in_one_line(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "mlx_qwen3.server", "--model", str(tmp_path / "none"),
+                          "--kv-bits", "2"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "kv_bits must be 4 or 8" in out.stderr, out.stderr
