@@ -102,7 +102,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
 
-        if isinstance(k, tuple):  # a quantized cache: (packed, scales, biases)
+        if isinstance(k, tuple):  # a quantized cache: (packed, scales, biases); the mask is causal or none
             out = quantized_attention(q, k, v, self.scale, cache.group_size, cache.bits)
         else:
             # "causal" aligns the queries with the last keys, which is what a cache offset needs.
