@@ -23,6 +23,7 @@ from .generate import ChatSession, GenerationOptions, check_text, stream_generat
 from .load import load, load_model
 from .memory import weight_bytes
 from .menubar import AssistantController, MenubarApp
+from .options import CacheOptions
 from .selftest import DEFAULT_SHAPES, environment, model_report, op_report, stored_choices
 from .server import create_app
 from .server.engine import CACHE_SLOTS, PARALLEL
@@ -92,6 +93,9 @@ def main(command: Optional[str] = None):
 @click.option("--hide-thinking", is_flag=True, help="Do not print the thinking.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per event and line.")
 @click.option("--chat", is_flag=True, help="An interactive chat (/think, /no_think, /budget N, /reset, /exit).")
+@click.option("--kv-bits", type=int, default=None, help="Quantize the KV cache to 4 or 8 bits. Default: 16-bit.")
+@click.option("--kv-start", type=int, default=0, show_default=True,
+              help="With --kv-bits: keep the first N tokens' keys and values 16-bit, then quantize.")
 @pipeline_option
 def generate_command(model, prompt, chat, hide_thinking, as_json, pipeline, **options):
     """Generate with a Qwen3 / Qwen3-MoE / QwQ model.
@@ -154,9 +158,13 @@ def _follow_rank_0():
               help="Finished prompts whose KV cache is kept for reuse.")
 @click.option("--prompt-cache-gb", type=click.FloatRange(0), default=None,
               help="At most this many GiB for them (default: a quarter of the memory the weights leave free).")
+@click.option("--kv-bits", type=int, default=None, help="Quantize every request's KV cache to 4 or 8 bits. "
+                                                          "Default: 16-bit.")
+@click.option("--kv-start", type=int, default=0, show_default=True,
+              help="With --kv-bits: keep the first N tokens' keys and values 16-bit, then quantize.")
 @pipeline_option
 def serve_command(model, host, port, api_key, api_key_file, allow_origins, parallel, cache_slots, prompt_cache_gb,
-                  pipeline):
+                  kv_bits, kv_start, pipeline):
     """An OpenAI-compatible server for one Qwen3 / Qwen3-MoE / QwQ model.
 
     The first Ctrl-C (or SIGTERM) cancels every generation, answers its client and exits 0. Launched on
@@ -164,10 +172,11 @@ def serve_command(model, host, port, api_key, api_key_file, allow_origins, paral
     from .server.follow import follow
 
     cache_bytes = None if prompt_cache_gb is None else int(prompt_cache_gb * 2**30)
+    kv = CacheOptions(kv_bits, kv_start).kv  # bad values fail before the model loads
     group = _follow_rank_0()
     if group is not None and group.rank() != 0:  # no port: this rank runs rank 0's rounds until its stop
         m, tokenizer = load(model, parallel="pipeline" if pipeline else None)
-        return follow(m, tokenizer, cache_slots, cache_bytes)
+        return follow(m, tokenizer, cache_slots, cache_bytes, kv)
     try:
         import uvicorn  # noqa: F401
     except ImportError:
@@ -179,7 +188,7 @@ def serve_command(model, host, port, api_key, api_key_file, allow_origins, paral
                             "e.g. http://localhost:3000, or *")
     m, tokenizer = load(model, parallel="pipeline" if pipeline else None)
     app = create_app(m, tokenizer, model, api_key, cache_slots=cache_slots, cache_bytes=cache_bytes,
-                     parallel=parallel, host=host, allow_origins=allow_origins)
+                     parallel=parallel, host=host, allow_origins=allow_origins, kv_bits=kv[0], kv_start=kv[1])
     print(f"serving {model} on http://{host}:{port} (chat page at /, API at /v1)", flush=True)
     make_server(app, host, port).run()
     if not app.state.engine.stop(timeout=2):  # a step that would not end (a long prefill): do not wait for it

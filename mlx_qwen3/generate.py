@@ -230,7 +230,8 @@ def stream_generate(model, tokenizer, prompt, cache: Optional[PromptCache] = Non
             when only the last token is left to feed. On several ranks, called on each.
         options: see options.py (max_tokens, temperature, top_p, top_k, min_p, presence_penalty,
             frequency_penalty, repetition_penalty, seed, stop, enable_thinking, thinking_budget,
-            wrap_up, system, tools, chat_template_kwargs); with a Prompt, give them to prepare().
+            wrap_up, system, tools, chat_template_kwargs, kv_bits, kv_start); with a Prompt, give them
+            to prepare(). kv_bits/kv_start apply to the cache made here (not to one given).
 
     Returns:
         An iterator of Events (.type thinking | answer | tool_call, .text), then a
@@ -240,7 +241,7 @@ def stream_generate(model, tokenizer, prompt, cache: Optional[PromptCache] = Non
         prompt = prepare(model, tokenizer, prompt, **options)
     elif options:
         raise UserError(f"a prepared prompt carries its options: give {sorted(options)[0]!r} to prepare()")
-    cache = PromptCache.new(model) if cache is None else cache
+    cache = PromptCache.new(model, *prompt.options.cache.kv) if cache is None else cache
     todo = cache.reuse_for(prompt.ids)
     reused = len(cache.ids)
     opts = prompt.options
@@ -341,7 +342,8 @@ class ChatSession:
             check_text(message, "the message", "messages")
         turn = {"role": "user", "content": message} if isinstance(message, str) else dict(message)
         prompt = prepare(self.model, self.tokenizer, self.messages + [turn], **{**self.options, **options})
-        cache = self.pool.take(prompt.ids) or PromptCache.new(self.model)
+        kv = prompt.options.cache.kv  # a cache of another KV setting is not reused
+        cache = self.pool.take(prompt.ids, kv) or PromptCache.new(self.model, *kv)
         result = None
         try:
             for event in stream_generate(self.model, self.tokenizer, prompt, cache=cache, cancel=cancel,

@@ -38,6 +38,8 @@ _CHECKS = {
     "system": ((str,), None, ""),
     "tools": ((list,), None, ""),
     "chat_template_kwargs": ((dict,), None, ""),
+    "kv_bits": (_INT, lambda v: v in (4, 8), "4 or 8 (None: 16-bit)"),
+    "kv_start": (_INT, lambda v: v >= 0, ">= 0"),
 }
 
 
@@ -133,7 +135,23 @@ class PromptOptions:
                                 "chat_template_kwargs", "reserved_template_argument")
 
 
-_GROUPS = {"sampling": Sampling, "stopping": Stopping, "prompt": PromptOptions}
+@dataclass(frozen=True)
+class CacheOptions:
+    """How the KV cache is held: quantized to `kv_bits` (None: 16-bit) from `kv_start` tokens on."""
+
+    kv_bits: Optional[int] = None
+    kv_start: int = 0
+
+    def __post_init__(self):
+        _check(self)
+
+    @property
+    def kv(self) -> tuple:
+        """(kv_bits, kv_start) as PromptCache.new takes them and PromptCache.kv records them."""
+        return (self.kv_bits, self.kv_start if self.kv_bits is not None else 0)
+
+
+_GROUPS = {"sampling": Sampling, "stopping": Stopping, "prompt": PromptOptions, "cache": CacheOptions}
 _GROUP_OF = {f.name: group for group, cls in _GROUPS.items() for f in fields(cls)}
 
 
@@ -144,6 +162,7 @@ class GenerationOptions:
     sampling: Sampling = field(default_factory=Sampling)
     stopping: Stopping = field(default_factory=Stopping)
     prompt: PromptOptions = field(default_factory=PromptOptions)
+    cache: CacheOptions = field(default_factory=CacheOptions)
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "GenerationOptions":

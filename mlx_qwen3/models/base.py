@@ -102,9 +102,30 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
 
-        # "causal" aligns the queries with the last keys, which is what a cache offset needs.
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        if isinstance(k, tuple):  # a quantized cache: (packed, scales, biases); the mask is causal or none
+            out = quantized_attention(q, k, v, self.scale, cache.group_size, cache.bits)
+        else:
+            # "causal" aligns the queries with the last keys, which is what a cache offset needs.
+            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+def quantized_attention(q: mx.array, k: tuple, v: tuple, scale: float, group_size: int, bits: int) -> mx.array:
+    """Causal attention of q (B, n_heads, L, D) over quantized keys and values, each (packed, scales,
+    biases) of (B, n_kv_heads, S, ...): two quantized matmuls, the cache is never dequantized whole."""
+    B, n_heads, L, D = q.shape
+    n_kv, S = k[0].shape[1], k[0].shape[2]
+    # GQA: each kv head serves `repeats` query heads; a broadcast axis instead of repeating the cache
+    q = (q * scale).reshape(B, n_kv, n_heads // n_kv, L, D)
+    k, v = (tuple(a[:, :, None] for a in t) for t in (k, v))
+    scores = mx.quantized_matmul(q, *k, transpose=True, group_size=group_size, bits=bits)
+    scores = scores.astype(mx.float32)
+    if L > 1:  # the queries are the last L positions
+        causal = mx.arange(S - L, S)[:, None] >= mx.arange(S)[None]
+        scores = mx.where(causal, scores, -mx.inf)
+    probs = mx.softmax(scores, axis=-1).astype(q.dtype)
+    out = mx.quantized_matmul(probs, *v, transpose=False, group_size=group_size, bits=bits)
+    return out.reshape(B, n_heads, L, D)
 
 
 class Linear(nn.Linear):

@@ -1,10 +1,12 @@
 """KV caches: one layer's keys and values (KVCache), a prompt's caches with the ids they hold
 (PromptCache), and a bounded pool of them to start new requests from (PromptCachePool).
 
+Quantized keys/values (QuantizedKVCache) have the same per-layer interface (offset, update_and_fetch,
+trim, copy, nbytes, state), chosen where the layers are made (`make_cache`); PromptCache, the pool and
+the generator only ever call that interface. Its update_and_fetch returns (packed, scales, biases)
+tuples, which Attention recognises.
+
 Built for what comes next, without changing the two classes above the layers:
-- Quantized keys/values: another per-layer class with the same interface (offset, update_and_fetch,
-  trim, copy, nbytes, state), chosen where the layers are made (`make_cache`); PromptCache, the pool
-  and the generator only ever call that interface.
 - A tensor-parallel model: each machine's attention holds only its share of the heads, so its
   KVCache simply holds those; the ids are the same on every machine, and `nbytes` is this machine's.
 - Several rows decoded together: a PromptCache is one row. A batch stacks the rows' layers along B
@@ -15,6 +17,8 @@ import threading
 from typing import Optional
 
 import mlx.core as mx
+
+from ..errors import UserError
 
 
 class KVCache:
@@ -66,9 +70,113 @@ class KVCache:
         return sum(a.nbytes for a in self.state)
 
 
-def make_cache(model) -> list:
-    """One cache per layer: what `model(ids, cache=...)` takes."""
-    return [KVCache() for _ in model.layers]
+class QuantizedKVCache:
+    """Keys and values of one layer quantized to `bits` (4 or 8) in groups of `group_size` along the
+    head dimension, preallocated in steps like KVCache.
+
+    With `start` > 0 the layer holds plain keys and values (a KVCache) until it holds `start` positions,
+    then quantizes them in place, once, and stays quantized (a trim back below `start` too): the first
+    `start` tokens of every prompt cost 16 bits and attend at full precision before the switch."""
+
+    step = 256
+
+    def __init__(self, bits: int, group_size: int = 64, start: int = 0):
+        self.bits, self.group_size, self.start = bits, group_size, start
+        self.plain = KVCache() if start > 0 else None
+        self.keys = self.values = None  # (packed, scales, biases) each
+        self.offset = 0
+
+    @property
+    def quantized(self) -> bool:
+        return self.plain is None
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        if not self.quantized:
+            k, v = self.plain.update_and_fetch(keys, values)
+            self.offset = self.plain.offset
+            if self.offset < self.start:
+                return k, v
+            self.plain, self.offset = None, 0  # the switch: all held so far is quantized now
+            keys, values = k, v
+        B, H, L, D = keys.shape
+        prev = self.offset
+        if self.keys is None or prev + L > self.keys[0].shape[2]:
+            n = ((prev + L + self.step - 1) // self.step) * self.step
+            k = self._empty(B, H, n, D, keys.dtype)
+            v = self._empty(B, H, n, values.shape[3], values.dtype)
+            if self.keys is not None:
+                for new, old in zip(k + v, self.keys + self.values):
+                    new[..., :prev, :] = old[..., :prev, :]
+            self.keys, self.values = k, v
+        self.offset += L
+        for held, new in ((self.keys, keys), (self.values, values)):
+            for a, q in zip(held, mx.quantize(new, self.group_size, self.bits)):
+                a[..., prev : self.offset, :] = q
+        return (tuple(a[..., : self.offset, :] for a in self.keys),
+                tuple(a[..., : self.offset, :] for a in self.values))
+
+    def _empty(self, B, H, n, D, dtype):
+        if D % self.group_size:
+            raise ValueError(f"a quantized KV cache needs a head_dim divisible by its group size "
+                             f"{self.group_size}, not {D}")
+        return (mx.zeros((B, H, n, D * self.bits // 32), mx.uint32),
+                mx.zeros((B, H, n, D // self.group_size), dtype),
+                mx.zeros((B, H, n, D // self.group_size), dtype))
+
+    def trim(self, n: int) -> int:
+        """Forget the last `n` positions; returns how many were dropped."""
+        if not self.quantized:
+            n = self.plain.trim(n)
+            self.offset = self.plain.offset
+            return n
+        n = min(self.offset, n)
+        self.offset -= n
+        return n
+
+    @property
+    def state(self):
+        if not self.quantized:
+            return self.plain.state
+        return [] if self.keys is None else [*self.keys, *self.values]
+
+    def copy(self, n: int) -> "QuantizedKVCache":
+        """A new cache holding this one's first `n` positions; this one is left as it is."""
+        c = QuantizedKVCache(self.bits, self.group_size, self.start)
+        if not self.quantized:
+            c.plain = self.plain.copy(n)
+            c.offset = c.plain.offset
+        else:
+            c.plain = None
+            if self.keys is not None and n > 0:
+                n = min(n, self.offset)
+                c.keys = tuple(a[..., :n, :] for a in self.keys)
+                c.values = tuple(a[..., :n, :] for a in self.values)
+                c.offset = n
+        return c
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held, preallocated positions included."""
+        return sum(a.nbytes for a in self.state)
+
+
+def kv_group_size(head_dim: int) -> int:
+    """64 (Qwen's head_dim is 128); 32 where 64 does not divide the head (tiny test models)."""
+    for gs in (64, 32):
+        if head_dim % gs == 0:
+            return gs
+    raise UserError(f"this model's head_dim {head_dim} cannot be quantized in groups of 32 or 64: leave kv_bits "
+                    f"unset (16-bit KV)", "kv_bits", "invalid_value")
+
+
+def make_cache(model, kv_bits: Optional[int] = None, kv_start: int = 0) -> list:
+    """One cache per layer: what `model(ids, cache=...)` takes; quantized to `kv_bits` (4 or 8, None:
+    16-bit) once a layer holds `kv_start` positions."""
+    if kv_bits is None:
+        return [KVCache() for _ in model.layers]
+    args = model.args
+    group_size = kv_group_size(args.head_dim or args.hidden_size // args.num_attention_heads)
+    return [QuantizedKVCache(kv_bits, group_size, kv_start) for _ in model.layers]
 
 
 def common_prefix(a: list, b: list) -> int:
@@ -85,15 +193,18 @@ class PromptCache:
     """The per-layer caches of one prompt and the token ids whose keys and values they hold.
 
     `layers` is what the model takes; whoever feeds the model records the ids it fed (`ids`), so the
-    two never disagree (`consistent` checks it)."""
+    two never disagree (`consistent` checks it). `kv` is the (kv_bits, kv_start) its layers were made
+    with: a cache is reused only for the same setting."""
 
-    def __init__(self, layers: list, ids=()):
+    def __init__(self, layers: list, ids=(), kv: tuple = (None, 0)):
         self.layers = layers
         self.ids = list(ids)
+        self.kv = kv
 
     @classmethod
-    def new(cls, model) -> "PromptCache":
-        return cls(make_cache(model))
+    def new(cls, model, kv_bits: Optional[int] = None, kv_start: int = 0) -> "PromptCache":
+        kv = (kv_bits, kv_start if kv_bits is not None else 0)
+        return cls(make_cache(model, *kv), kv=kv)
 
     def reuse_for(self, ids: list) -> list:
         """Keep the longest prefix shared with `ids`, leaving at least one token of `ids` to feed (its
@@ -107,7 +218,7 @@ class PromptCache:
     def copy(self, n: Optional[int] = None) -> "PromptCache":
         """A new cache holding this one's first `n` positions (all by default); this one is left as it is."""
         n = len(self.ids) if n is None else min(n, len(self.ids))
-        return PromptCache([c.copy(n) for c in self.layers], self.ids[:n])
+        return PromptCache([c.copy(n) for c in self.layers], self.ids[:n], self.kv)
 
     @property
     def nbytes(self) -> int:
@@ -128,14 +239,15 @@ class PromptCachePool:
         self._entries = []  # most recent last
         self._lock = threading.Lock()
 
-    def take(self, ids: list) -> Optional[PromptCache]:
-        """The cache sharing the longest prefix with `ids`, reused for it (PromptCache.reuse_for), or None.
+    def take(self, ids: list, kv: tuple = (None, 0)) -> Optional[PromptCache]:
+        """The cache made with KV setting `kv` (PromptCache.kv) sharing the longest prefix with `ids`,
+        reused for it (PromptCache.reuse_for), or None: a 16-bit cache never serves an 8-bit request.
 
         A cache whose ids all begin `ids` (a conversation going on) is taken out of the pool. One that
         shares only a prefix is copied, so that its own conversation stays whole for its next turn;
         except in a pool of one entry, which the new cache would replace anyway: that one is taken."""
         with self._lock:
-            shared = [common_prefix(c.ids, ids) for c in self._entries]
+            shared = [common_prefix(c.ids, ids) if c.kv == tuple(kv) else 0 for c in self._entries]
             best = max(range(len(shared)), key=shared.__getitem__, default=None)
             common = 0 if best is None else min(shared[best], len(ids) - 1)
             if common <= 0:
@@ -153,7 +265,8 @@ class PromptCachePool:
             return
         with self._lock:
             # an entry whose ids all begin the new one's is covered by it
-            self._entries = [c for c in self._entries if common_prefix(c.ids, cache.ids) < len(c.ids)]
+            self._entries = [c for c in self._entries
+                             if c.kv != cache.kv or common_prefix(c.ids, cache.ids) < len(c.ids)]
             self._entries.append(cache)
             while self._entries and (len(self._entries) > self.max_entries or
                                      self.max_bytes is not None and self._nbytes() > self.max_bytes):

@@ -13,6 +13,7 @@ from typing import Optional
 
 from ..errors import UserError, show
 from ..generate import GenerationResult
+from ..options import CacheOptions
 from .engine import SHUTDOWN, CACHE_SLOTS, PARALLEL, Engine, Job
 from .guard import Guard
 from .request import RequestError, clip, prepare, serves
@@ -24,9 +25,10 @@ PAGE = Path(__file__).with_name("chat.html")
 
 def create_app(model, tokenizer, model_name: str, api_key: Optional[str] = None, max_body: int = MAX_BODY,
                cache_slots: int = CACHE_SLOTS, cache_bytes: Optional[int] = None, parallel: int = PARALLEL,
-               host: str = "127.0.0.1", allow_origins=()):
+               host: str = "127.0.0.1", allow_origins=(), kv_bits: Optional[int] = None, kv_start: int = 0):
     """The ASGI app. `host` is the address the server is bound to (Host headers are checked against it);
-    `allow_origins`: web origins (scheme://host[:port], or "*") whose pages may call the API."""
+    `allow_origins`: web origins (scheme://host[:port], or "*") whose pages may call the API; `kv_bits`,
+    `kv_start`: every request's KV cache (options.CacheOptions), server-wide."""
     import anyio
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
@@ -35,7 +37,8 @@ def create_app(model, tokenizer, model_name: str, api_key: Optional[str] = None,
     from starlette.responses import HTMLResponse, JSONResponse, StreamingResponse
     from starlette.routing import Route
 
-    engine = Engine(model, tokenizer, cache_slots, cache_bytes, parallel)
+    kv = CacheOptions(kv_bits, kv_start).kv  # checked before the engine starts
+    engine = Engine(model, tokenizer, cache_slots, cache_bytes, parallel, kv)
     created = int(time.time())
 
     @lru_cache(maxsize=1)

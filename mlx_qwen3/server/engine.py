@@ -55,16 +55,17 @@ class Rounds:
     rank of a sharded model runs alike (the same starts and steps, in the same order, make the same model
     calls and the same pool decisions on every rank)."""
 
-    def __init__(self, model, tokenizer, cache_slots: int, cache_bytes: Optional[int]):
+    def __init__(self, model, tokenizer, cache_slots: int, cache_bytes: Optional[int], kv: tuple = (None, 0)):
         self.model, self.tokenizer = model, tokenizer
-        self.pool = make_pool(model, cache_slots, cache_bytes)
+        self.kv = kv  # the server's (kv_bits, kv_start): every cache is made so, and the pool holds only those
+        self.pool = make_pool(model, cache_slots, cache_bytes, kv[0])
         self.active = []  # (job, its events, its cache, its Progress)
         self.lock = threading.Lock()  # over `active`'s changes: running() reads it from another thread
 
     def start(self, job):
         """Begin `job` from the cached prompt sharing the most with it; a failure is that job's alone."""
         try:
-            cache = self.pool.take(job.prompt.ids) or PromptCache.new(self.model)
+            cache = self.pool.take(job.prompt.ids, self.kv) or PromptCache.new(self.model, *self.kv)
             progress = Progress(len(job.prompt.ids))
             steps = stream_generate(self.model, self.tokenizer, job.prompt, cache=cache, cancel=job.cancel,
                                     progress=progress)
@@ -106,13 +107,13 @@ class Engine:
     `max_active`) advances by one step of its own generator and its own KV cache, so a new request
     starts at once instead of waiting for the ones before it. Outputs never mix: each job has its
     own queue. Finished caches go back to a PromptCachePool: the newest `cache_slots` of them that fit in
-    `cache_bytes` together (default: memory.cache_budget)."""
+    `cache_bytes` together (default: memory.cache_budget). `kv`: (kv_bits, kv_start) of every KV cache."""
 
     def __init__(self, model, tokenizer, cache_slots: int = CACHE_SLOTS, cache_bytes: Optional[int] = None,
-                 max_active: int = PARALLEL):
+                 max_active: int = PARALLEL, kv: tuple = (None, 0)):
         self.group = distributed.group_of(model)
         self.jobs = queue.Queue()
-        self.rounds = Rounds(model, tokenizer, cache_slots, cache_bytes)
+        self.rounds = Rounds(model, tokenizer, cache_slots, cache_bytes, kv)
         self.pool = self.rounds.pool
         self.max_active = max_active
         self.live = set()  # jobs whose client waits for them; touched on the event loop only
@@ -197,7 +198,7 @@ def from_wire(wire: dict) -> Prompt:
     return Prompt(wire["ids"], wire["messages"], wire["thinking"], options)
 
 
-def make_pool(model, slots: int, max_bytes: Optional[int]) -> PromptCachePool:
+def make_pool(model, slots: int, max_bytes: Optional[int], kv_bits: Optional[int] = None) -> PromptCachePool:
     """The pool of `slots` cached prompts in `max_bytes` (default: memory.cache_budget). On a sharded
     model, agreed across the ranks: call it on every rank at once."""
     max_bytes = cache_budget(model) if max_bytes is None else max_bytes
@@ -209,15 +210,16 @@ def make_pool(model, slots: int, max_bytes: Optional[int]) -> PromptCachePool:
     # (pipeline: other layers; other Macs: other budgets): so the ranks agree on a limit in positions, the
     # fewest any can hold, and each holds that many of its own: "over the limit" reads alike everywhere.
     with distributed.watchdog.waiting(group, timed=False):  # the ranks start serving when they start
-        per_position = position_bytes(model)
+        per_position = position_bytes(model, kv_bits)
         mine = mx.array([min(max_bytes // per_position, 2**31 - 1)], dtype=mx.int32)
         positions = mx.distributed.all_min(mine, group=group).item()
     return PromptCachePool(distributed.share(slots, group), positions * per_position)
 
 
-def position_bytes(model) -> int:
-    """The bytes one cached position takes on this rank (its layers, its share of the heads), measured on
-    one token: every rank must call it at once (a sharded model's forward has collectives)."""
-    cache = PromptCache.new(model)
+def position_bytes(model, kv_bits: Optional[int] = None) -> int:
+    """The bytes one cached position takes on this rank (its layers, its share of the heads) at `kv_bits`
+    (a kv_start's 16-bit positions are not counted), measured on one token: every rank must call it at
+    once (a sharded model's forward has collectives)."""
+    cache = PromptCache.new(model, kv_bits)
     mx.eval(model(mx.array([[0]]), cache=cache.layers), [c.state for c in cache.layers])
-    return sum(c.nbytes // c.keys.shape[2] for c in cache.layers)
+    return sum(c.nbytes // c.step for c in cache.layers)  # one token: one step of positions allocated
