@@ -57,11 +57,16 @@ def tool_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def looping(tmp_path_factory):
-    """Answers "a ba ba b..." without end (max_tokens or a disconnect stop it)."""
+def looping_dir(tmp_path_factory):
+    """A model folder that answers "a ba ba b..." without end (max_tokens or a disconnect stop it)."""
     tok = tokenizer()
     script = [_tail(tok, enable_thinking=False)] + ids_of(tok, ["a b", "a"])
-    return load(build_scripted(tmp_path_factory.mktemp("loop"), successors(script), max_position_embeddings=100000))
+    return build_scripted(tmp_path_factory.mktemp("loop"), successors(script), max_position_embeddings=100000)
+
+
+@pytest.fixture(scope="session")
+def looping(looping_dir):
+    return load(looping_dir)
 
 
 

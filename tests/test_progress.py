@@ -1,7 +1,6 @@
 """Progress while a long prompt is processed: the `progress` callback, the CLI's bar, /health."""
 
 import io
-import os
 import re
 import subprocess
 import sys
@@ -10,7 +9,6 @@ import time
 
 import httpx
 import pytest
-from chain import build, ids_of, successors, tokenizer
 from conftest import serving
 from test_cli import pty_run
 
@@ -115,14 +113,6 @@ def test_the_printer_has_a_bar_only_on_a_terminal_and_not_in_json(monkeypatch):
 
 
 # ---- the CLI ----
-
-@pytest.fixture(scope="module")
-def looping_dir(tmp_path_factory):
-    tok = tokenizer()
-    tail = tok.encode(tok.apply_chat_template([{"role": "user", "content": "x"}], enable_thinking=False))[-1]
-    return build(tmp_path_factory.mktemp("loop"), successors([tail] + ids_of(tok, ["a b", "a"])),
-                 max_position_embeddings=100000)
-
 
 def test_the_cli_shows_the_bar_on_a_terminal_for_a_long_prompt(looping_dir):
     total = len(prepare(*_load(looping_dir), LONG, enable_thinking=False).ids)

@@ -595,16 +595,6 @@ def test_mismatched_content_length_gets_json(answering):
 
 # ---- stopping: SIGINT / SIGTERM with generations running ----
 
-@pytest.fixture(scope="module")
-def looping_dir(tmp_path_factory):
-    from chain import build, ids_of, successors, tokenizer
-
-    tok = tokenizer()
-    tail = tok.encode(tok.apply_chat_template([{"role": "user", "content": "x"}], enable_thinking=False))[-1]
-    return build(tmp_path_factory.mktemp("loop"), successors([tail] + ids_of(tok, ["a b", "a"])),
-                 max_position_embeddings=100000)
-
-
 @contextmanager
 def server_process(folder, *args):
     import socket
