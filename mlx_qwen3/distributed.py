@@ -171,7 +171,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config
 def fingerprint(folder: Path) -> dict:
     """What must match across ranks: the software, and the model folder's config, tokenizer and weight files."""
     from . import __version__
-    from .checkpoint import weight_files
+    from .checkpoint import safetensors_header, weight_files
 
     package = hashlib.sha256()
     for f in sorted(Path(__file__).parent.rglob("*.py")):
@@ -182,11 +182,9 @@ def fingerprint(folder: Path) -> dict:
     for name in TOKENIZER_FILES + tuple(sorted(f"{extra.name}/{f.name}" for f in extra.glob("*.jinja"))):
         f = folder / name
         files.update(name.encode() + (hashlib.sha256(f.read_bytes()).digest() if f.is_file() else b"absent"))
-    for f in weight_files(folder):
-        with open(f, "rb") as fh:  # the header names every tensor, its shape, dtype and offsets
-            head = fh.read(8)
-            files.update(f.name.encode() + head + fh.read(int.from_bytes(head, "little")))
-        files.update(str(f.stat().st_size).encode())
+    for f in weight_files(folder):  # each header names every tensor, its shape, dtype and offsets
+        header = json.dumps(safetensors_header(f), sort_keys=True)
+        files.update(f.name.encode() + header.encode() + str(f.stat().st_size).encode())
     return {
         "software": f"mlx-qwen3 {__version__}, mlx {mx.__version__}, sources {package.hexdigest()[:12]}",
         "model files": files.hexdigest()[:12],
@@ -239,7 +237,6 @@ def barrier(g: mx.distributed.Group):
 def quiet():
     """Rank 0 alone prints: the others' stdout and stderr go nowhere (what they would say, rank 0 says;
     a lost rank is reported by the watchdog, which writes to the file descriptor itself)."""
-    import os
     import sys
 
     sys.stdout = sys.stderr = open(os.devnull, "w")

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from mlx_qwen3 import memory
+
 GREEDY = lambda logits: mx.argmax(logits, axis=-1)  # noqa: E731  the same sampler on both sides
 REPEATS = 5  # decode timings per model on the ranks; the median is reported
 COLLECTIVES = ("all_sum", "all_gather", "send", "recv", "recv_like")
@@ -130,12 +132,6 @@ def measure(model, steps_of, prompt: list, decode: int, counted: int = 8) -> dic
     }
 
 
-def weight_bytes(model) -> int:
-    from mlx.utils import tree_flatten
-
-    return sum(p.nbytes for _, p in tree_flatten(model.parameters()))
-
-
 def replicated_bytes(model) -> int:
     """What every rank holds whole under tensor parallel: embeddings, lm_head, norms, routers."""
     from mlx.utils import tree_flatten
@@ -185,7 +181,7 @@ def single(folder, prompt: list, decode: int) -> dict:
         model = load()
         measure(model, steps, prompt[:4], 4, counted=1)  # warm up
         out[name] = measure(model, steps, prompt, decode, counted=1)
-        out[name]["weight_bytes"] = weight_bytes(model)
+        out[name]["weight_bytes"] = memory.weight_bytes(model)
         out[name]["replicated_bytes"] = replicated_bytes(model)
         del model
     return out
@@ -241,7 +237,7 @@ def rank_main(folder: str, prompt: list, decode: int, alone: dict):
         speeds = [runs[name]["decode_tps"]] + [measure(model, steps, prompt, decode)["decode_tps"]
                                               for _ in range(REPEATS - 1)]
         runs[name]["decode_tps"] = statistics.median(speeds)
-        runs[name]["weight_bytes_this_rank"] = weight_bytes(model)
+        runs[name]["weight_bytes_this_rank"] = memory.weight_bytes(model)
         del model
     if g.rank() != 0:
         return

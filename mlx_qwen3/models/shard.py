@@ -98,21 +98,19 @@ def _shard_attention(attn: nn.Module, g) -> nn.Module:
 
 
 def _shard_mlp(mlp: nn.Module, g, experts: str) -> nn.Module:
+    """A dense MLP's or every expert's hidden units split (gate and up by rows, down by columns), or with
+    experts="whole" this rank's 1/N of the experts."""
     r, n = g.rank(), g.size()
-    if "switch_mlp" not in mlp:
-        _take(mlp.gate_proj, r, n, axis="out")
-        _take(mlp.up_proj, r, n, axis="out")
-        _take(mlp.down_proj, r, n, axis="in")
-        return mlp
-    sw = mlp.switch_mlp
-    if experts == "split":
-        _take(sw.gate_proj, r, n, axis="out")
-        _take(sw.up_proj, r, n, axis="out")
-        _take(sw.down_proj, r, n, axis="in")
-        return mlp
-    for proj in (sw.gate_proj, sw.up_proj, sw.down_proj):
-        _take(proj, r, n, axis="experts")
-    return LocalExperts(mlp, r * (mlp.gate.weight.shape[0] // n), mlp.gate.weight.shape[0] // n)
+    projs = mlp.switch_mlp if "switch_mlp" in mlp else mlp
+    if "switch_mlp" in mlp and experts == "whole":
+        for proj in (projs.gate_proj, projs.up_proj, projs.down_proj):
+            _take(proj, r, n, axis="experts")
+        count = mlp.gate.weight.shape[0] // n  # the router's rows: every expert
+        return LocalExperts(mlp, r * count, count)
+    _take(projs.gate_proj, r, n, axis="out")
+    _take(projs.up_proj, r, n, axis="out")
+    _take(projs.down_proj, r, n, axis="in")
+    return mlp
 
 
 class LocalExperts(nn.Module):
