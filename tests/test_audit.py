@@ -1,7 +1,6 @@
 """The audit's counters (tests/metal_audit.py) on tiny kernels whose figures are known by hand."""
 
 import mlx.core as mx
-import numpy as np
 import pytest
 
 import metal_audit as au

@@ -16,7 +16,7 @@ import time
 from collections import Counter
 from contextlib import contextmanager
 
-from conftest import NAME, serving
+from conftest import serving
 
 KEY = "fuzz-key"
 MAX_BODY = 4 * 2**20
