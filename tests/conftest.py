@@ -70,6 +70,22 @@ def looping(looping_dir):
 
 
 
+def free_ports(n: int) -> int:
+    """The first of `n` consecutive free ports (the ring backend takes one per rank from --starting-port)."""
+    import random
+    from contextlib import ExitStack
+
+    while True:
+        first = random.randrange(20000, 60000)
+        with ExitStack() as held:
+            try:
+                for port in range(first, first + n):
+                    held.enter_context(socket.socket()).bind(("127.0.0.1", port))
+                return first
+            except OSError:
+                continue
+
+
 def wait_for_health(url: str, alive, why, timeout: float):
     """Until `url`/health answers; fails with why() when alive() turns false or `timeout` passes."""
     import httpx

@@ -5,7 +5,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import pytest
 from chain import build as build_scripted
 from chain import ids_of, successors, tokenizer
 from checkpoints import build, copy_tokenizer, rel_err
-from conftest import _tail
+from conftest import _tail, free_ports
 
 from mlx_qwen3 import distributed, load, memory
 from mlx_qwen3.convert import convert
@@ -34,9 +33,7 @@ FOLDERS = ("qwen3_wide", "qwen3_moe_wide", "qwen3_wide-4bit", "qwen3_moe_wide-4b
 
 def launch(n: int, *command, env=None, timeout=300, check=True) -> subprocess.CompletedProcess:
     """Run `command` on n ranks of this machine; its own process group, killed whatever happens."""
-    with socket.socket() as s:  # a free range of ports for the ring (tests may run beside other launches)
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_ports(n)  # one per rank (tests may run beside other launches)
     args = [LAUNCHER, "--backend", "ring", "-n", str(n), "--starting-port", str(port), sys.executable, *command]
     p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                          env={**os.environ, **(env or {})}, cwd=HERE)
@@ -239,8 +236,9 @@ def test_chat_lines_are_read_by_rank_0_for_every_rank(scripted):
     lines = "What is 2+2?\n/no_think\nhello\n/exit\n"  # mlx.launch never closes its ranks' stdin: no EOF
     want = subprocess.run([sys.executable, "-m", "mlx_qwen3.generate", "--model", str(scripted), "--chat",
                            "--temp", "0"], input=lines, capture_output=True, text=True, timeout=120)
-    p = subprocess.Popen([LAUNCHER, "--backend", "ring", "-n", "2", sys.executable, "-m", "mlx_qwen3.generate",
-                          "--model", str(scripted), "--chat", "--temp", "0"], stdin=subprocess.PIPE,
+    p = subprocess.Popen([LAUNCHER, "--backend", "ring", "-n", "2", "--starting-port", str(free_ports(2)),
+                          sys.executable, "-m", "mlx_qwen3.generate", "--model", str(scripted), "--chat", "--temp", "0"],
+                         stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         out, err = p.communicate(lines, timeout=120)
@@ -307,12 +305,10 @@ def _endless(tmp_path, env=None):
     tok = tokenizer()
     script = [_tail(tok, enable_thinking=False)] + ids_of(tok, ["a b", "a"])
     folder = build_scripted(tmp_path / "loop", successors(script), max_position_embeddings=100000)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    p = subprocess.Popen([LAUNCHER, "--backend", "ring", "-n", "2", "--starting-port", str(port), sys.executable,
-                          "-m", "mlx_qwen3.generate", "--model", str(folder), "--prompt", "go", "--no-think",
-                          "--temp", "0", "--max-tokens", "1000000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    p = subprocess.Popen([LAUNCHER, "--backend", "ring", "-n", "2", "--starting-port", str(free_ports(2)),
+                          sys.executable, "-m", "mlx_qwen3.generate", "--model", str(folder), "--prompt", "go",
+                          "--no-think", "--temp", "0", "--max-tokens", "1000000"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True, start_new_session=True, env={**os.environ, **(env or {})})
     return p, folder
 

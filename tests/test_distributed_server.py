@@ -4,10 +4,8 @@ thinking, it answers "a ba ba b..." without end."""
 
 import json
 import os
-import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +17,7 @@ import httpx
 import mlx.core as mx
 import pytest
 from chain import build, ids_of, successors, tokenizer
-from conftest import _tail, wait_for_health
+from conftest import _tail, free_ports, wait_for_health
 
 from mlx_qwen3 import load
 from mlx_qwen3.generate import generate, prepare
@@ -45,19 +43,6 @@ def client(url):
     return OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
 
 
-def _free(n: int) -> int:
-    """The first of `n` consecutive free ports (the ring backend takes one per rank from --starting-port)."""
-    while True:
-        first = random.randrange(20000, 60000)
-        with socket.socket() as a, socket.socket() as b:
-            try:
-                for s, port in zip((a, b), range(first, first + n)):
-                    s.bind(("127.0.0.1", port))
-                return first
-            except OSError:
-                continue
-
-
 def _launcher() -> str:
     beside = Path(sys.executable).with_name("mlx.launch")
     return str(beside) if beside.exists() else shutil.which("mlx.launch")
@@ -71,7 +56,7 @@ def launched(tmp_path, *command):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     with open(log, "wb") as out:
         proc = subprocess.Popen([_launcher(), "--verbose", "--backend", "ring", "-n", "2", "--starting-port",
-                                 str(_free(2)), sys.executable, *command], stdout=out, stderr=subprocess.STDOUT,
+                                 str(free_ports(2)), sys.executable, *command], stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, env=env, cwd=tmp_path, start_new_session=True)
     try:
         yield proc, log
@@ -86,7 +71,7 @@ def launched(tmp_path, *command):
 @contextmanager
 def serving(folder, tmp_path, *command):
     """The server on 2 ranks (`command`: how python runs it); yields (launcher, log, url)."""
-    port = _free(1)
+    port = free_ports(1)
     with launched(tmp_path, *command, "--model", str(folder), "--port", str(port)) as (proc, log):
         url = f"http://127.0.0.1:{port}"
         wait_for_health(url, lambda: proc.poll() is None, log.read_text, 60)
