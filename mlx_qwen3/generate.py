@@ -10,7 +10,7 @@ import mlx.core as mx
 
 from . import distributed, memory
 from .errors import UserError
-from .models.cache import PromptCache, PromptCachePool
+from .models.cache import CacheSetting, PromptCache, PromptCachePool
 from .options import GenerationOptions, PromptOptions, Stopping, check_text
 from .sample import make_processors, make_sampler
 from .thinking import THINKING, Event, ThinkingRouter, starts_in_thinking, thinking_wanted
@@ -101,12 +101,14 @@ class GenerationResult:
 
 @dataclass(frozen=True)
 class Prompt:
-    """A prompt ready to generate from: its ids, the messages they render, the mode in effect, the options."""
+    """A prompt ready to generate from: its ids, the messages they render, the mode in effect, the options,
+    and how its cache is made for the context it plans (the prompt and max_tokens)."""
 
     ids: list
     messages: list
     thinking: bool
     options: GenerationOptions
+    setting: CacheSetting = CacheSetting()
 
 
 def to_messages(prompt, system: Optional[str] = None) -> list:
@@ -158,7 +160,8 @@ def prepare(model, tokenizer, prompt, **options) -> Prompt:
     if len(ids) >= window:
         raise UserError(f"the prompt is {len(ids)} tokens; the context window is {window}", "messages",
                         "context_length_exceeded")
-    return Prompt(ids, messages, thinking_wanted(messages, opts.prompt.enable_thinking), opts)
+    setting = CacheSetting(*opts.cache.kv)
+    return Prompt(ids, messages, thinking_wanted(messages, opts.prompt.enable_thinking), opts, setting)
 
 
 class ThinkingBudget:
@@ -241,7 +244,7 @@ def stream_generate(model, tokenizer, prompt, cache: Optional[PromptCache] = Non
         prompt = prepare(model, tokenizer, prompt, **options)
     elif options:
         raise UserError(f"a prepared prompt carries its options: give {sorted(options)[0]!r} to prepare()")
-    cache = PromptCache.new(model, *prompt.options.cache.kv) if cache is None else cache
+    cache = PromptCache.new(model, prompt.setting) if cache is None else cache
     todo = cache.reuse_for(prompt.ids)
     reused = len(cache.ids)
     opts = prompt.options
@@ -342,8 +345,8 @@ class ChatSession:
             check_text(message, "the message", "messages")
         turn = {"role": "user", "content": message} if isinstance(message, str) else dict(message)
         prompt = prepare(self.model, self.tokenizer, self.messages + [turn], **{**self.options, **options})
-        kv = prompt.options.cache.kv  # a cache of another KV setting is not reused
-        cache = self.pool.take(prompt.ids, kv) or PromptCache.new(self.model, *kv)
+        # a cache of another setting is not reused
+        cache = self.pool.take(prompt.ids, prompt.setting) or PromptCache.new(self.model, prompt.setting)
         result = None
         try:
             for event in stream_generate(self.model, self.tokenizer, prompt, cache=cache, cancel=cancel,

@@ -14,17 +14,32 @@ Built for what comes next, without changing the two classes above the layers:
 """
 
 import threading
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import mlx.core as mx
 
 from ..errors import UserError
 
 
+class CacheSetting(NamedTuple):
+    """How a prompt's caches are made. A cache is reused only for the same setting: its keys were
+    rotated with its rope factor, and its layers hold its kind of keys and values."""
+
+    kv_bits: Optional[int] = None  # None: 16-bit
+    kv_start: int = 0  # with kv_bits: the positions kept 16-bit before the layer quantizes
+    rope_factor: float = 1.0  # the YaRN factor every position is rotated with (1: plain RoPE)
+
+
+def normal(setting: CacheSetting) -> CacheSetting:
+    """16-bit from the start is one setting, whatever kv_start says."""
+    return setting._replace(kv_start=0) if setting.kv_bits is None else setting
+
+
 class KVCache:
     """Keys and values of one layer, preallocated in steps of `step` positions."""
 
     step = 256
+    rope_factor = 1.0  # what Attention rotates this layer's keys with (make_cache sets it)
 
     def __init__(self):
         self.keys = None
@@ -60,6 +75,7 @@ class KVCache:
     def copy(self, n: int) -> "KVCache":
         """A new cache holding this one's first `n` positions; this one is left as it is."""
         c = KVCache()
+        c.rope_factor = self.rope_factor
         if self.keys is not None and n > 0:
             c.keys, c.values, c.offset = self.keys[..., :n, :], self.values[..., :n, :], n
         return c
@@ -79,6 +95,7 @@ class QuantizedKVCache:
     `start` tokens of every prompt cost 16 bits and attend at full precision before the switch."""
 
     step = 256
+    rope_factor = 1.0
 
     def __init__(self, bits: int, group_size: int = 64, start: int = 0):
         self.bits, self.group_size, self.start = bits, group_size, start
@@ -142,6 +159,7 @@ class QuantizedKVCache:
     def copy(self, n: int) -> "QuantizedKVCache":
         """A new cache holding this one's first `n` positions; this one is left as it is."""
         c = QuantizedKVCache(self.bits, self.group_size, self.start)
+        c.rope_factor = self.rope_factor
         if not self.quantized:
             c.plain = self.plain.copy(n)
             c.offset = c.plain.offset
@@ -169,14 +187,18 @@ def kv_group_size(head_dim: int) -> int:
                     f"unset (16-bit KV)", "kv_bits", "invalid_value")
 
 
-def make_cache(model, kv_bits: Optional[int] = None, kv_start: int = 0) -> list:
+def make_cache(model, kv_bits: Optional[int] = None, kv_start: int = 0, rope_factor: float = 1.0) -> list:
     """One cache per layer: what `model(ids, cache=...)` takes; quantized to `kv_bits` (4 or 8, None:
-    16-bit) once a layer holds `kv_start` positions."""
+    16-bit) once a layer holds `kv_start` positions; its positions rotated with YaRN's `rope_factor`."""
     if kv_bits is None:
-        return [KVCache() for _ in model.layers]
-    args = model.args
-    group_size = kv_group_size(args.head_dim or args.hidden_size // args.num_attention_heads)
-    return [QuantizedKVCache(kv_bits, group_size, kv_start) for _ in model.layers]
+        layers = [KVCache() for _ in model.layers]
+    else:
+        args = model.args
+        group_size = kv_group_size(args.head_dim or args.hidden_size // args.num_attention_heads)
+        layers = [QuantizedKVCache(kv_bits, group_size, kv_start) for _ in model.layers]
+    for c in layers:
+        c.rope_factor = rope_factor
+    return layers
 
 
 def common_prefix(a: list, b: list) -> int:
@@ -193,18 +215,18 @@ class PromptCache:
     """The per-layer caches of one prompt and the token ids whose keys and values they hold.
 
     `layers` is what the model takes; whoever feeds the model records the ids it fed (`ids`), so the
-    two never disagree (`consistent` checks it). `kv` is the (kv_bits, kv_start) its layers were made
+    two never disagree (`consistent` checks it). `setting` is the CacheSetting its layers were made
     with: a cache is reused only for the same setting."""
 
-    def __init__(self, layers: list, ids=(), kv: tuple = (None, 0)):
+    def __init__(self, layers: list, ids=(), setting: CacheSetting = CacheSetting()):
         self.layers = layers
         self.ids = list(ids)
-        self.kv = kv
+        self.setting = setting
 
     @classmethod
-    def new(cls, model, kv_bits: Optional[int] = None, kv_start: int = 0) -> "PromptCache":
-        kv = (kv_bits, kv_start if kv_bits is not None else 0)
-        return cls(make_cache(model, *kv), kv=kv)
+    def new(cls, model, setting: CacheSetting = CacheSetting()) -> "PromptCache":
+        setting = normal(setting)
+        return cls(make_cache(model, *setting), setting=setting)
 
     def reuse_for(self, ids: list) -> list:
         """Keep the longest prefix shared with `ids`, leaving at least one token of `ids` to feed (its
@@ -218,7 +240,7 @@ class PromptCache:
     def copy(self, n: Optional[int] = None) -> "PromptCache":
         """A new cache holding this one's first `n` positions (all by default); this one is left as it is."""
         n = len(self.ids) if n is None else min(n, len(self.ids))
-        return PromptCache([c.copy(n) for c in self.layers], self.ids[:n], self.kv)
+        return PromptCache([c.copy(n) for c in self.layers], self.ids[:n], self.setting)
 
     @property
     def nbytes(self) -> int:
@@ -239,15 +261,17 @@ class PromptCachePool:
         self._entries = []  # most recent last
         self._lock = threading.Lock()
 
-    def take(self, ids: list, kv: tuple = (None, 0)) -> Optional[PromptCache]:
-        """The cache made with KV setting `kv` (PromptCache.kv) sharing the longest prefix with `ids`,
-        reused for it (PromptCache.reuse_for), or None: a 16-bit cache never serves an 8-bit request.
+    def take(self, ids: list, setting: CacheSetting = CacheSetting()) -> Optional[PromptCache]:
+        """The cache made with `setting` (PromptCache.setting) sharing the longest prefix with `ids`,
+        reused for it (PromptCache.reuse_for), or None: a 16-bit cache never serves an 8-bit request,
+        nor one rotated with another rope factor.
 
         A cache whose ids all begin `ids` (a conversation going on) is taken out of the pool. One that
         shares only a prefix is copied, so that its own conversation stays whole for its next turn;
         except in a pool of one entry, which the new cache would replace anyway: that one is taken."""
         with self._lock:
-            shared = [common_prefix(c.ids, ids) if c.kv == tuple(kv) else 0 for c in self._entries]
+            setting = normal(setting)
+            shared = [common_prefix(c.ids, ids) if c.setting == setting else 0 for c in self._entries]
             best = max(range(len(shared)), key=shared.__getitem__, default=None)
             common = 0 if best is None else min(shared[best], len(ids) - 1)
             if common <= 0:
@@ -266,7 +290,7 @@ class PromptCachePool:
         with self._lock:
             # an entry whose ids all begin the new one's is covered by it
             self._entries = [c for c in self._entries
-                             if c.kv != cache.kv or common_prefix(c.ids, cache.ids) < len(c.ids)]
+                             if c.setting != cache.setting or common_prefix(c.ids, cache.ids) < len(c.ids)]
             self._entries.append(cache)
             while self._entries and (len(self._entries) > self.max_entries or
                                      self.max_bytes is not None and self._nbytes() > self.max_bytes):

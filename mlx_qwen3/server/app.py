@@ -28,7 +28,7 @@ def create_app(model, tokenizer, model_name: str, api_key: Optional[str] = None,
                host: str = "127.0.0.1", allow_origins=(), kv_bits: Optional[int] = None, kv_start: int = 0):
     """The ASGI app. `host` is the address the server is bound to (Host headers are checked against it);
     `allow_origins`: web origins (scheme://host[:port], or "*") whose pages may call the API; `kv_bits`,
-    `kv_start`: every request's KV cache (options.CacheOptions), server-wide."""
+    `kv_start`: how a request's KV cache is held unless the request says (options.CacheOptions)."""
     import anyio
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
@@ -38,6 +38,7 @@ def create_app(model, tokenizer, model_name: str, api_key: Optional[str] = None,
     from starlette.routing import Route
 
     kv = CacheOptions(kv_bits, kv_start).kv  # checked before the engine starts
+    defaults = {"kv_bits": kv_bits, "kv_start": kv_start}  # a request's own kv_bits, kv_start come first
     engine = Engine(model, tokenizer, cache_slots, cache_bytes, parallel, kv)
     created = int(time.time())
 
@@ -109,7 +110,7 @@ def create_app(model, tokenizer, model_name: str, api_key: Optional[str] = None,
             # off the event loop: rendering and tokenizing a 4 MB prompt takes seconds
             limiter = big_prompts() if len(raw) > BIG_BODY else None
             prompt, stream, include_usage = await anyio.to_thread.run_sync(
-                partial(prepare, raw, model, tokenizer, model_name), limiter=limiter)
+                partial(prepare, raw, model, tokenizer, model_name, defaults), limiter=limiter)
             if engine.closing:
                 raise stopping()
         except RequestError as e:

@@ -15,7 +15,7 @@ import mlx.core as mx
 from .. import distributed
 from ..generate import GenerationOptions, Prompt, stream_generate
 from ..memory import cache_budget
-from ..models.cache import PromptCache, PromptCachePool
+from ..models.cache import CacheSetting, PromptCache, PromptCachePool
 
 CACHE_SLOTS = 4  # finished requests' caches kept for reuse
 PARALLEL = 8  # requests generating at once, time-sliced; each holds its own KV cache
@@ -57,7 +57,7 @@ class Rounds:
 
     def __init__(self, model, tokenizer, cache_slots: int, cache_bytes: Optional[int], kv: tuple = (None, 0)):
         self.model, self.tokenizer = model, tokenizer
-        self.kv = kv  # the server's (kv_bits, kv_start): every cache is made so, and the pool holds only those
+        # kv: the server's default (kv_bits, kv_start); a request's Prompt says how its own cache is made
         self.pool = make_pool(model, cache_slots, cache_bytes, kv[0])
         self.active = []  # (job, its events, its cache, its Progress)
         self.lock = threading.Lock()  # over `active`'s changes: running() reads it from another thread
@@ -65,7 +65,8 @@ class Rounds:
     def start(self, job):
         """Begin `job` from the cached prompt sharing the most with it; a failure is that job's alone."""
         try:
-            cache = self.pool.take(job.prompt.ids, self.kv) or PromptCache.new(self.model, *self.kv)
+            setting = job.prompt.setting
+            cache = self.pool.take(job.prompt.ids, setting) or PromptCache.new(self.model, setting)
             progress = Progress(len(job.prompt.ids))
             steps = stream_generate(self.model, self.tokenizer, job.prompt, cache=cache, cancel=job.cancel,
                                     progress=progress)
@@ -107,7 +108,8 @@ class Engine:
     `max_active`) advances by one step of its own generator and its own KV cache, so a new request
     starts at once instead of waiting for the ones before it. Outputs never mix: each job has its
     own queue. Finished caches go back to a PromptCachePool: the newest `cache_slots` of them that fit in
-    `cache_bytes` together (default: memory.cache_budget). `kv`: (kv_bits, kv_start) of every KV cache."""
+    `cache_bytes` together (default: memory.cache_budget). `kv`: the server's default (kv_bits, kv_start)
+    (requests choose their own in their options)."""
 
     def __init__(self, model, tokenizer, cache_slots: int = CACHE_SLOTS, cache_bytes: Optional[int] = None,
                  max_active: int = PARALLEL, kv: tuple = (None, 0)):
@@ -195,7 +197,7 @@ def to_wire(prompt: Prompt) -> dict:
 def from_wire(wire: dict) -> Prompt:
     """The Prompt to_wire gave."""
     options = GenerationOptions.from_kwargs(**{k: v for group in wire["options"].values() for k, v in group.items()})
-    return Prompt(wire["ids"], wire["messages"], wire["thinking"], options)
+    return Prompt(wire["ids"], wire["messages"], wire["thinking"], options, CacheSetting(*wire["setting"]))
 
 
 def make_pool(model, slots: int, max_bytes: Optional[int], kv_bits: Optional[int] = None) -> PromptCachePool:
@@ -220,6 +222,6 @@ def position_bytes(model, kv_bits: Optional[int] = None) -> int:
     """The bytes one cached position takes on this rank (its layers, its share of the heads) at `kv_bits`
     (a kv_start's 16-bit positions are not counted), measured on one token: every rank must call it at
     once (a sharded model's forward has collectives)."""
-    cache = PromptCache.new(model, kv_bits)
+    cache = PromptCache.new(model, CacheSetting(kv_bits))
     mx.eval(model(mx.array([[0]]), cache=cache.layers), [c.state for c in cache.layers])
     return sum(c.nbytes // c.step for c in cache.layers)  # one token: one step of positions allocated

@@ -121,7 +121,7 @@ def serves(served: str, wanted: str) -> bool:
 # The request fields that are generation options under the same name; every option's type and range is
 # checked once, by the generator, whose errors name the option (mapped back to the request's field).
 OPTIONS = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty",
-           "seed", "thinking_budget")
+           "seed", "thinking_budget", "kv_bits", "kv_start")
 MAX_TEMPERATURE = 2  # OpenAI's API takes temperatures in [0, 2]; the generator takes any finite one
 
 
@@ -176,10 +176,10 @@ def parse_request(body, served: str) -> tuple:
     return messages, opts, fields, stream, include_usage
 
 
-def prepare(raw: bytes, model, tokenizer, served: str) -> tuple:
+def prepare(raw: bytes, model, tokenizer, served: str, defaults: Optional[dict] = None) -> tuple:
     """A request's body -> (Prompt, stream, include_usage), or a RequestError: everything that can be known
     before generating is checked here, the prompt rendered and tokenized included. Slow for big prompts:
-    run it off the event loop."""
+    run it off the event loop. `defaults`: the server's generation options, under the request's."""
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError) as e:  # also UnicodeDecodeError, and integers over 4,300 digits
@@ -189,7 +189,7 @@ def prepare(raw: bytes, model, tokenizer, served: str) -> tuple:
         check_json(body)
     messages, options, fields, stream, include_usage = parse_request(body, served)
     try:
-        prompt = prepare_prompt(model, tokenizer, messages, **options)
+        prompt = prepare_prompt(model, tokenizer, messages, **{**(defaults or {}), **options})
     except UserError as e:  # a bad option, a prompt too long; a template that fails on this request too
         status = 400 if e.code == "context_length_exceeded" else 422
         raise RequestError(status, str(e), fields.get(e.param, e.param), e.code or "invalid_value") from None
