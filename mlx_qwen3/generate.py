@@ -160,7 +160,9 @@ def prepare(model, tokenizer, prompt, **options) -> Prompt:
     if len(ids) >= window:
         raise UserError(f"the prompt is {len(ids)} tokens; the context window is {window}", "messages",
                         "context_length_exceeded")
-    setting = CacheSetting(*opts.cache.kv)
+    context = min(len(ids) + opts.stopping.max_tokens, window)  # what this prompt's cache is planned for
+    kv_bits, kv_start = opts.cache.kv
+    setting = CacheSetting(kv_bits, kv_start, rope_factor=1.0)
     return Prompt(ids, messages, thinking_wanted(messages, opts.prompt.enable_thinking), opts, setting)
 
 
