@@ -24,6 +24,7 @@ from .load import load, load_model
 from .memory import weight_bytes
 from .menubar import AssistantController, MenubarApp
 from .options import CacheOptions
+from .models.rope import MODES
 from .selftest import DEFAULT_SHAPES, environment, model_report, op_report, stored_choices
 from .server import create_app
 from .server.engine import CACHE_SLOTS, PARALLEL
@@ -45,6 +46,13 @@ def pipeline_option(f):
     return click.option("--pipeline", is_flag=True,
                         help="Launched on several Macs: give each a range of layers (for slow links) instead of "
                              "a share of every layer (tensor parallel, the default).")(f)
+
+
+def rope_option(f):
+    return click.option("--rope", type=click.Choice(MODES), default="auto", show_default=True,
+                        help="auto: plain RoPE while the context fits the model's original window (32,768 for "
+                             "Qwen3), else YaRN at the smallest factor that covers it (up to 131,072 tokens); "
+                             "config: as config.json says, at every length; plain: never YaRN.")(f)
 
 
 class _Commands(click.Group):
@@ -96,8 +104,9 @@ def main(command: Optional[str] = None):
 @click.option("--kv-bits", type=int, default=None, help="Quantize the KV cache to 4 or 8 bits. Default: 16-bit.")
 @click.option("--kv-start", type=int, default=0, show_default=True,
               help="With --kv-bits: keep the first N tokens' keys and values 16-bit, then quantize.")
+@rope_option
 @pipeline_option
-def generate_command(model, prompt, chat, hide_thinking, as_json, pipeline, **options):
+def generate_command(model, prompt, chat, hide_thinking, as_json, pipeline, rope, **options):
     """Generate with a Qwen3 / Qwen3-MoE / QwQ model.
 
     Launched on several Macs (mlx.launch), the model is split across them; rank 0 reads and prints."""
@@ -112,7 +121,7 @@ def generate_command(model, prompt, chat, hide_thinking, as_json, pipeline, **op
         check_text(prompt, "--prompt")
     if prompt is not None:
         to_messages(prompt)
-    model, tokenizer = load(model, parallel="pipeline" if pipeline else None)
+    model, tokenizer = load(model, parallel="pipeline" if pipeline else None, rope=rope)
     prompt = distributed.share(prompt, distributed.group_of(model))
     prepare_stdout()
     printer = Printer(as_json, hide_thinking, sys.stdout.isatty())
@@ -162,9 +171,10 @@ def _follow_rank_0():
                                                           "Default: 16-bit.")
 @click.option("--kv-start", type=int, default=0, show_default=True,
               help="With --kv-bits: keep the first N tokens' keys and values 16-bit, then quantize.")
+@rope_option
 @pipeline_option
 def serve_command(model, host, port, api_key, api_key_file, allow_origins, parallel, cache_slots, prompt_cache_gb,
-                  kv_bits, kv_start, pipeline):
+                  kv_bits, kv_start, rope, pipeline):
     """An OpenAI-compatible server for one Qwen3 / Qwen3-MoE / QwQ model.
 
     The first Ctrl-C (or SIGTERM) cancels every generation, answers its client and exits 0. Launched on
@@ -175,7 +185,7 @@ def serve_command(model, host, port, api_key, api_key_file, allow_origins, paral
     kv = CacheOptions(kv_bits, kv_start).kv  # bad values fail before the model loads
     group = _follow_rank_0()
     if group is not None and group.rank() != 0:  # no port: this rank runs rank 0's rounds until its stop
-        m, tokenizer = load(model, parallel="pipeline" if pipeline else None)
+        m, tokenizer = load(model, parallel="pipeline" if pipeline else None, rope=rope)
         return follow(m, tokenizer, cache_slots, cache_bytes, kv)
     try:
         import uvicorn  # noqa: F401
@@ -186,7 +196,7 @@ def serve_command(model, host, port, api_key, api_key_file, allow_origins, paral
         if origin != "*" and not re.fullmatch(r"https?://[^/\s]+/?", origin):
             raise UserError(f"--allow-origin {origin!r} is not an origin: give scheme://host[:port], "
                             "e.g. http://localhost:3000, or *")
-    m, tokenizer = load(model, parallel="pipeline" if pipeline else None)
+    m, tokenizer = load(model, parallel="pipeline" if pipeline else None, rope=rope)
     app = create_app(m, tokenizer, model, api_key, cache_slots=cache_slots, cache_bytes=cache_bytes,
                      parallel=parallel, host=host, allow_origins=allow_origins, kv_bits=kv[0], kv_start=kv[1])
     print(f"serving {model} on http://{host}:{port} (chat page at /, API at /v1)", flush=True)

@@ -95,6 +95,8 @@ class GenerationResult:
     generation_tps: float
     peak_memory: float  # GB
     cached_tokens: int = 0  # of prompt_tokens, those the cache given already held
+    rope_factor: float = 1.0  # the YaRN factor the context was rotated with (1: plain RoPE)
+    rescaled_from: Optional[float] = None  # the conversation outgrew its cache of this factor: processed again
     type: str = "done"
     text: str = ""
 
@@ -162,7 +164,7 @@ def prepare(model, tokenizer, prompt, **options) -> Prompt:
                         "context_length_exceeded")
     context = min(len(ids) + opts.stopping.max_tokens, window)  # what this prompt's cache is planned for
     kv_bits, kv_start = opts.cache.kv
-    setting = CacheSetting(kv_bits, kv_start, rope_factor=1.0)
+    setting = CacheSetting(kv_bits, kv_start, model.args.rope_factor(context))
     return Prompt(ids, messages, thinking_wanted(messages, opts.prompt.enable_thinking), opts, setting)
 
 
@@ -249,6 +251,7 @@ def stream_generate(model, tokenizer, prompt, cache: Optional[PromptCache] = Non
     cache = PromptCache.new(model, prompt.setting) if cache is None else cache
     todo = cache.reuse_for(prompt.ids)
     reused = len(cache.ids)
+    rescaled_from, cache.rescaled_from = cache.rescaled_from, None  # reported once
     opts = prompt.options
     max_tokens = min(opts.stopping.max_tokens, model.args.context_window - len(prompt.ids))
     params = opts.sampling.resolve(prompt.thinking, tokenizer.generation_config)
@@ -300,6 +303,8 @@ def stream_generate(model, tokenizer, prompt, cache: Optional[PromptCache] = Non
         generation_tps=(n - 1) / gen_time if n > 1 and gen_time > 0 else 0.0,
         peak_memory=mx.get_peak_memory() / 1e9,
         cached_tokens=reused,
+        rope_factor=cache.setting.rope_factor,
+        rescaled_from=rescaled_from,
     )
 
 
@@ -347,8 +352,7 @@ class ChatSession:
             check_text(message, "the message", "messages")
         turn = {"role": "user", "content": message} if isinstance(message, str) else dict(message)
         prompt = prepare(self.model, self.tokenizer, self.messages + [turn], **{**self.options, **options})
-        # a cache of another setting is not reused
-        cache = self.pool.take(prompt.ids, prompt.setting) or PromptCache.new(self.model, prompt.setting)
+        cache = self.pool.start(self.model, prompt.ids, prompt.setting)
         result = None
         try:
             for event in stream_generate(self.model, self.tokenizer, prompt, cache=cache, cancel=cancel,

@@ -13,11 +13,13 @@ from .checkpoint import json_kind, read_config, read_weights, resolve, stored_by
 from .errors import UserError, show
 from .models import MODELS
 from .models.config import QUANT_MODES
+from .models.rope import MODES
 from .models.shard import check_parallel, shard
 
 
-def model_args(config: dict):
-    """config.json checked, once, by the model's ModelArgs: -> (its module, the args)."""
+def model_args(config: dict, rope: str = "auto"):
+    """config.json checked, once, by the model's ModelArgs, with the rope mode to run it in (rope.MODES):
+    -> (its module, the args)."""
     if not isinstance(config, dict):
         raise UserError(f"config.json must hold a JSON object, not {json_kind(config)}")
     model_type = config.get("model_type")
@@ -27,15 +29,15 @@ def model_args(config: dict):
         raise UserError(f"model_type {show(model_type)} is not supported; supported: {', '.join(sorted(MODELS))}")
     module = MODELS[model_type]
     try:
-        return module, module.ModelArgs.from_dict(config)
+        return module, module.ModelArgs.from_dict({**config, "rope_mode": rope})
     except (ValueError, TypeError) as e:
         raise UserError(f"config.json for {model_type}: {e}") from None
 
 
-def build_model(config: dict, folder: Path) -> nn.Module:
+def build_model(config: dict, folder: Path, rope: str = "auto") -> nn.Module:
     """The model config.json describes, its parameters lazy, once the folder's weights are found able
     to hold it: a config claiming a million layers is refused in milliseconds instead of built."""
-    module, args = model_args(config)
+    module, args = model_args(config, rope)
     check_size(args, folder)
     try:
         return module.Model(args)
@@ -146,22 +148,25 @@ def _few(names: list, n: int = 3) -> str:
     return ", ".join(names[:n]) + more
 
 
-def load_model(path_or_id, lazy: bool = False, kernels: Optional[str] = None, parallel: Optional[str] = None):
+def load_model(path_or_id, lazy: bool = False, kernels: Optional[str] = None, parallel: Optional[str] = None,
+               rope: str = "auto"):
     """Load the model alone (this rank's share of it when launched on several). Returns (model, config dict)."""
-    model, config, _ = _load(path_or_id, lazy, kernels, parallel)
+    model, config, _ = _load(path_or_id, lazy, kernels, parallel, rope)
     return model, config
 
 
-def _load(path_or_id, lazy: bool, kernels: Optional[str], parallel: Optional[str]):
+def _load(path_or_id, lazy: bool, kernels: Optional[str], parallel: Optional[str], rope: str = "auto"):
     if kernels is not None:
         _check_kernels(kernels)  # before any loading: a bad value is one line at once
+    if rope not in MODES:
+        raise UserError(f"rope must be one of {', '.join(MODES)}, not {show(rope)}")
     group = distributed.group()
     parallel = parallel or ("tensor" if group is not None else "none")
     check_parallel(parallel)
     sharded = group is not None and parallel != "none"
     folder = distributed.check_same(path_or_id, group) if sharded else resolve(str(path_or_id))
     config = read_config(folder)
-    model = build_model(config, folder)
+    model = build_model(config, folder, rope)
     try:
         weights = model.sanitize(read_weights(folder))
     except ValueError as e:  # experts missing or of mismatched shapes
@@ -185,7 +190,8 @@ def _load(path_or_id, lazy: bool, kernels: Optional[str], parallel: Optional[str
     return model, config, folder
 
 
-def load(path_or_id, lazy: bool = False, kernels: Optional[str] = None, parallel: Optional[str] = None):
+def load(path_or_id, lazy: bool = False, kernels: Optional[str] = None, parallel: Optional[str] = None,
+         rope: str = "auto"):
     """Load a Qwen3, Qwen3-MoE or Qwen2/QwQ model and its tokenizer.
 
     Args:
@@ -195,13 +201,16 @@ def load(path_or_id, lazy: bool = False, kernels: Optional[str] = None, parallel
             process; default: MLX_QWEN3_KERNELS, else auto.
         parallel: launched on several processes (`mlx.launch`): "tensor" (the default there), "pipeline"
             or "none" (every rank holds the whole model); see distributed.py. Alone: ignored.
+        rope: "auto" (plain RoPE while a context fits the original window, else YaRN at the smallest
+            factor that covers it), "config" (as config.json says, at every length) or "plain"; see
+            models/rope.py.
 
     Returns:
         (model, tokenizer)
     """
     from .tokenizer import Tokenizer
 
-    model, _, folder = _load(path_or_id, lazy, kernels, parallel)
+    model, _, folder = _load(path_or_id, lazy, kernels, parallel, rope)
     tokenizer = Tokenizer.from_folder(folder)
     check_vocabulary(model, tokenizer)
     return model, tokenizer

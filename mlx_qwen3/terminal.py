@@ -84,6 +84,10 @@ class Printer:
         if event.type == "done":
             self._enter(None)
             print(file=out, flush=True)
+            if event.rescaled_from is not None:
+                was = "plain RoPE" if event.rescaled_from == 1 else f"YaRN x{event.rescaled_from:g}"
+                note = f"the conversation outgrew {was}: its context was processed again with YaRN x{event.rope_factor:g}"
+                print(DIM + note + RESET if _isatty(sys.stderr) else note, file=sys.stderr)
             print(_stats(event), file=sys.stderr)
             return event
         if event.type == "thinking" and self.hide_thinking:
@@ -133,7 +137,8 @@ class Printer:
 def _stats(r: GenerationResult) -> str:
     return (f"prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.1f} tok/s | "
             f"generation: {r.generation_tokens} tokens, {r.generation_tps:.1f} tok/s | "
-            f"peak memory: {r.peak_memory:.2f} GB | finish: {r.finish_reason}")
+            f"peak memory: {r.peak_memory:.2f} GB | finish: {r.finish_reason}"
+            + (f" | YaRN x{r.rope_factor:g}" if r.rope_factor != 1 else ""))
 
 
 def show_stream(events, printer: Printer, cancel) -> GenerationResult:

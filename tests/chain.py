@@ -59,7 +59,7 @@ def _embedding(seed: int):
 
 
 def build(folder, succ: dict, *, max_position_embeddings=4096, template=None, generation_config=None, seed=0,
-          heads=2, layers=1):
+          heads=2, layers=1, rope_scaling=None):
     """Write the checkpoint (with the real tokenizer) and check that greedy decoding follows `succ`.
     `heads` (query heads; one key/value head) and `layers`: to split the model across ranks."""
     rng = np.random.default_rng(seed)
@@ -93,6 +93,8 @@ def build(folder, succ: dict, *, max_position_embeddings=4096, template=None, ge
                   num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=1, head_dim=32,
                   vocab_size=VOCAB, max_position_embeddings=max_position_embeddings, rms_norm_eps=1e-6,
                   rope_theta=1000000.0, tie_word_embeddings=False)
+    if rope_scaling is not None:
+        config["rope_scaling"] = rope_scaling
     (folder / "config.json").write_text(json.dumps(config))
     copy_tokenizer(folder)
     gen = {"eos_token_id": [151645, 151643], "temperature": 0.6, "top_p": 0.95, "top_k": 20}

@@ -155,18 +155,18 @@ def test_kv_start_is_16_bit_until_then_quantized(model):
 def test_the_pool_reuses_only_a_cache_of_the_same_setting(model):
     pool = PromptCachePool(max_entries=4)
     for kv in [(None, 0), (8, 0)]:
-        cache = PromptCache.new(model, CacheSetting(*kv))
+        cache = PromptCache.new(model, CacheSetting(*kv, 1.0))
         model(mx.array([[1, 2, 3, 4]]), cache=cache.layers)
         cache.ids.extend([1, 2, 3, 4])
         pool.put(cache)
     assert len(pool) == 2  # neither covers the other: another setting
-    assert pool.take([1, 2, 3, 4, 5], CacheSetting(4)) is None
+    assert pool.take([1, 2, 3, 4, 5], CacheSetting(4, 0, 1.0)) is None
     assert pool.take([1, 2, 3, 4, 5], CacheSetting(8, 0, 2.0)) is None  # another rope factor
-    taken = pool.take([1, 2, 3, 4, 5], CacheSetting(8))
-    assert taken.setting == CacheSetting(8) and all(isinstance(c, QuantizedKVCache) for c in taken.layers)
-    assert taken.copy().setting == CacheSetting(8)
-    taken = pool.take([1, 2, 3, 4, 5])
-    assert taken.setting == CacheSetting() and all(isinstance(c, KVCache) for c in taken.layers)
+    taken = pool.take([1, 2, 3, 4, 5], CacheSetting(8, 0, 1.0))
+    assert taken.setting == CacheSetting(8, 0, 1.0) and all(isinstance(c, QuantizedKVCache) for c in taken.layers)
+    assert taken.copy().setting == CacheSetting(8, 0, 1.0)
+    taken = pool.take([1, 2, 3, 4, 5], CacheSetting(None, 0, 1.0))
+    assert taken.setting == CacheSetting(None, 0, 1.0) and all(isinstance(c, KVCache) for c in taken.layers)
 
 
 def test_generate_and_chat_session_use_the_setting(tmp_path):
@@ -182,9 +182,9 @@ def test_generate_and_chat_session_use_the_setting(tmp_path):
     chat.send("hello")
     second = chat.send("again")
     assert second.answer == plain.answer and second.cached_tokens > 0
-    assert chat.pool._entries[0].setting == CacheSetting(8)
+    assert chat.pool._entries[0].setting == CacheSetting(8, 0, 1.0)
     third = chat.send("more", kv_bits=4)  # another setting: processed again, not reused
-    assert third.cached_tokens == 0 and chat.pool._entries[0].setting == CacheSetting(4)
+    assert third.cached_tokens == 0 and chat.pool._entries[0].setting == CacheSetting(4, 0, 1.0)
 
 
 @pytest.mark.parametrize("kwargs,param,message", [

@@ -1,6 +1,5 @@
-"""Pieces every Qwen model shares: RoPE (plain and YaRN), attention, MLP."""
+"""Pieces every Qwen model shares: attention (rotary embeddings in rope.py), MLP."""
 
-import math
 from functools import partial
 from typing import Any, Optional
 
@@ -8,64 +7,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .. import kernels
-from .config import rope_type
-
-
-class RoPE(nn.Module):
-    """Rotary embedding, plain or YaRN-scaled, over the whole head (Qwen rotates every dimension)."""
-
-    def __init__(self, dims: int, base: float, scaling: Optional[dict], max_position_embeddings: int):
-        super().__init__()
-        self.dims = dims
-        self.base = base
-        self.scale = 1.0  # YaRN's attention factor, applied to q and k alike as HF applies it to cos/sin
-        self._freqs = None
-        kind = rope_type(scaling)
-        if kind == "yarn":
-            self._freqs, self.scale = _yarn(dims, base, scaling, max_position_embeddings)
-        elif kind != "default":
-            raise ValueError(f"rope type {kind!r} is not supported (supported: default, yarn)")
-
-    def __call__(self, x: mx.array, offset: int = 0) -> mx.array:
-        if self.scale != 1.0:
-            x = x * self.scale
-        base = None if self._freqs is not None else self.base
-        return mx.fast.rope(
-            x, self.dims, traditional=False, base=base, scale=1.0, offset=offset, freqs=self._freqs
-        )
-
-
-def _yarn(dims: int, base: float, cfg: dict, max_position_embeddings: int):
-    """YaRN periods and attention factor, as transformers' `_compute_yarn_parameters` computes them."""
-    factor = cfg["factor"]
-    original = cfg.get("original_max_position_embeddings") or max_position_embeddings
-    beta_fast = cfg.get("beta_fast") or 32
-    beta_slow = cfg.get("beta_slow") or 1
-
-    def mscale(scale, m=1.0):
-        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
-
-    attention_factor = cfg.get("attention_factor")
-    if attention_factor is None:
-        if cfg.get("mscale") and cfg.get("mscale_all_dim"):
-            attention_factor = mscale(factor, cfg["mscale"]) / mscale(factor, cfg["mscale_all_dim"])
-        else:
-            attention_factor = mscale(factor)
-
-    def correction_dim(rotations):
-        return dims * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
-
-    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
-    if cfg.get("truncate", True):
-        low, high = math.floor(low), math.ceil(high)
-    low, high = max(low, 0), min(high, dims - 1)
-    if low == high:
-        high += 0.001
-    ramp = mx.clip((mx.arange(dims // 2, dtype=mx.float32) - low) / (high - low), 0, 1)
-    extrapolate = 1 - ramp  # weight of the original frequency; the rest is interpolated by `factor`
-    inv_freq = 1.0 / (base ** (mx.arange(0, dims, 2, dtype=mx.float32) / dims))
-    inv_freq = inv_freq / factor * (1 - extrapolate) + inv_freq * extrapolate
-    return 1.0 / inv_freq, float(attention_factor)
+from .rope import RoPE
 
 
 class Attention(nn.Module):
@@ -86,7 +28,7 @@ class Attention(nn.Module):
         if args.qk_norm:
             self.q_norm = nn.RMSNorm(head_dim, eps=args.rms_norm_eps)
             self.k_norm = nn.RMSNorm(head_dim, eps=args.rms_norm_eps)
-        self.rope = RoPE(head_dim, args.rope_theta, args.rope_scaling, args.max_position_embeddings)
+        self.rope = RoPE(head_dim, args)
 
     def __call__(self, x: mx.array, mask: Optional[Any] = None, cache=None):
         B, L, D = x.shape
@@ -97,8 +39,9 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3)
 
-        offset = cache.offset if cache is not None else 0
-        q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
+        # a cache fixed its rope factor when it was made; a call without one covers its own L tokens
+        offset, factor = (cache.offset, cache.rope_factor) if cache is not None else (0, self.rope.factor_for(L))
+        q, k = self.rope(q, offset, factor), self.rope(k, offset, factor)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
 

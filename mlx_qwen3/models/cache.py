@@ -27,7 +27,8 @@ class CacheSetting(NamedTuple):
 
     kv_bits: Optional[int] = None  # None: 16-bit
     kv_start: int = 0  # with kv_bits: the positions kept 16-bit before the layer quantizes
-    rope_factor: float = 1.0  # the YaRN factor every position is rotated with (1: plain RoPE)
+    rope_factor: Optional[float] = None  # the YaRN factor every position is rotated with (1: plain RoPE;
+    # None: the factor of the model's whole window, which PromptCache.new puts in its place)
 
 
 def normal(setting: CacheSetting) -> CacheSetting:
@@ -187,15 +188,18 @@ def kv_group_size(head_dim: int) -> int:
                     f"unset (16-bit KV)", "kv_bits", "invalid_value")
 
 
-def make_cache(model, kv_bits: Optional[int] = None, kv_start: int = 0, rope_factor: float = 1.0) -> list:
+def make_cache(model, kv_bits: Optional[int] = None, kv_start: int = 0, rope_factor: Optional[float] = None) -> list:
     """One cache per layer: what `model(ids, cache=...)` takes; quantized to `kv_bits` (4 or 8, None:
-    16-bit) once a layer holds `kv_start` positions; its positions rotated with YaRN's `rope_factor`."""
+    16-bit) once a layer holds `kv_start` positions; its positions rotated with YaRN's `rope_factor`
+    (None: the factor of the model's whole window, which any sequence fits)."""
     if kv_bits is None:
         layers = [KVCache() for _ in model.layers]
     else:
         args = model.args
         group_size = kv_group_size(args.head_dim or args.hidden_size // args.num_attention_heads)
         layers = [QuantizedKVCache(kv_bits, group_size, kv_start) for _ in model.layers]
+    if rope_factor is None:
+        rope_factor = model.args.rope_factor(model.args.context_window)
     for c in layers:
         c.rope_factor = rope_factor
     return layers
@@ -216,16 +220,20 @@ class PromptCache:
 
     `layers` is what the model takes; whoever feeds the model records the ids it fed (`ids`), so the
     two never disagree (`consistent` checks it). `setting` is the CacheSetting its layers were made
-    with: a cache is reused only for the same setting."""
+    with: a cache is reused only for the same setting. `rescaled_from`: the rope factor of the cache this
+    one replaced when its conversation outgrew it (PromptCachePool.start), until the generator reports it."""
 
     def __init__(self, layers: list, ids=(), setting: CacheSetting = CacheSetting()):
         self.layers = layers
         self.ids = list(ids)
         self.setting = setting
+        self.rescaled_from = None
 
     @classmethod
     def new(cls, model, setting: CacheSetting = CacheSetting()) -> "PromptCache":
         setting = normal(setting)
+        if setting.rope_factor is None:
+            setting = setting._replace(rope_factor=model.args.rope_factor(model.args.context_window))
         return cls(make_cache(model, *setting), setting=setting)
 
     def reuse_for(self, ids: list) -> list:
@@ -281,6 +289,32 @@ class PromptCachePool:
             else:
                 cache = self._entries[best].copy(common)
         cache.reuse_for(ids)
+        return cache
+
+    def start(self, model, ids: list, setting: CacheSetting) -> PromptCache:
+        """The cache to generate from `ids` with: the pooled one of `setting` sharing the most with them
+        (take), else a new one. A conversation (a pooled cache of which `ids` hold at least half) keeps a
+        cache of a larger rope factor than `setting`'s (every position of it is rotated alike); one that
+        outgrew its cache's factor is processed again at `setting`'s, once: the new cache's
+        `rescaled_from` says from which factor, and the old one leaves the pool."""
+        setting = normal(setting)
+        cache = self.take(ids, setting)
+        if cache is not None:
+            return cache
+        with self._lock:
+            outgrown = [c for c in self._entries if c.setting._replace(rope_factor=setting.rope_factor) == setting
+                        and c.setting != setting and 2 * common_prefix(c.ids, ids) >= len(c.ids) > 0]
+            larger = max((c.setting for c in outgrown if c.setting.rope_factor > setting.rope_factor),
+                         key=lambda s: s.rope_factor, default=None)
+            if larger is None:
+                self._entries = [c for c in self._entries if c not in outgrown]
+        if larger is not None:
+            cache = self.take(ids, larger)
+            if cache is not None:
+                return cache
+        cache = PromptCache.new(model, setting)
+        if outgrown:
+            cache.rescaled_from = max(c.setting.rope_factor for c in outgrown)
         return cache
 
     def put(self, cache: PromptCache):

@@ -7,6 +7,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .base import MLP, Attention, Linear
+from . import rope
 from .config import BaseModelArgs, check_rope_scaling
 
 
@@ -27,9 +28,11 @@ class ModelArgs(BaseModelArgs):
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     use_sliding_window: bool = False
+    rope_mode: str = "auto"  # not a config.json key: how to rotate (rope.MODES), as load(rope=...) asks
 
     def check(self):
         super().check()
+        rope.check_mode(self.rope_mode)
         if self.use_sliding_window:
             raise ValueError("use_sliding_window=true is not supported (no official Qwen3 or QwQ model uses it)")
         check_rope_scaling(self.rope_scaling)
@@ -46,11 +49,12 @@ class ModelArgs(BaseModelArgs):
 
     @property
     def context_window(self) -> int:
-        """The most tokens (prompt and reply) the model takes: YaRN's scaled length where it is configured."""
-        scaling = self.rope_scaling or {}
-        if scaling.get("factor") and scaling.get("original_max_position_embeddings"):
-            return max(self.max_position_embeddings, int(scaling["factor"] * scaling["original_max_position_embeddings"]))
-        return self.max_position_embeddings
+        """The most tokens (prompt and reply) a sequence may hold: YaRN's scaled length where it may be used."""
+        return rope.window(self)
+
+    def rope_factor(self, context: int) -> float:
+        """The YaRN factor (1.0: plain RoPE) for a sequence of `context` tokens."""
+        return rope.factor_for(self, context)
 
     @property
     def dims_per_head(self) -> int:

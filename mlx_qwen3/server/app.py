@@ -261,6 +261,9 @@ def _usage(result: GenerationResult) -> dict:
         "total_tokens": result.prompt_tokens + result.generation_tokens,
         "prompt_tokens_details": {"cached_tokens": result.cached_tokens},
         "completion_tokens_details": {"reasoning_tokens": result.thinking_tokens},
+        # ours: the YaRN factor the context was rotated with (1: plain RoPE), and the one of a cached
+        # conversation it outgrew and processed again (null: none)
+        "rope": {"factor": result.rope_factor, "rescaled_from": result.rescaled_from},
     }
 
 

@@ -65,8 +65,7 @@ class Rounds:
     def start(self, job):
         """Begin `job` from the cached prompt sharing the most with it; a failure is that job's alone."""
         try:
-            setting = job.prompt.setting
-            cache = self.pool.take(job.prompt.ids, setting) or PromptCache.new(self.model, setting)
+            cache = self.pool.start(self.model, job.prompt.ids, job.prompt.setting)
             progress = Progress(len(job.prompt.ids))
             steps = stream_generate(self.model, self.tokenizer, job.prompt, cache=cache, cancel=job.cancel,
                                     progress=progress)
