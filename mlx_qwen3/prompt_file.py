@@ -231,3 +231,19 @@ def _check_whole(model):
     if group is not None:
         raise UserError(f"a prompt cache file needs the whole model in one process; this one is split across "
                         f"{group.size()} ranks: run without --prompt-cache-file")
+
+
+def check_file(path, kv: tuple, chat: bool = False) -> bool:
+    """Before a model loads (the CLI): whether `path` exists. One that does is checked as far as its
+    header and this run's (kv_bits, kv_start) allow; one that does not needs a folder to be written in."""
+    path = Path(path)
+    if path.exists():
+        made = read_setting(path)
+        check_setting(path, made, CacheSetting(*kv, rope_factor=made.rope_factor))
+        return True
+    if chat:
+        raise UserError(f"{path} does not exist: --chat starts from a prompt cache file made by a --prompt run "
+                        "(the same --system and document)")
+    if not path.parent.is_dir():
+        raise UserError(f"{path.parent} is not a folder: give a --prompt-cache-file in an existing folder")
+    return False

@@ -3,6 +3,7 @@
 failed save are one line and leave the file as it was; the CLI writes the prompt once and reuses it."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 from chain import build, ids_of, successors, tokenizer
 
-from mlx_qwen3 import prompt_file
+from mlx_qwen3 import load, prompt_file
 from mlx_qwen3.errors import UserError
 from mlx_qwen3.generate import process_prompt
 from mlx_qwen3.load import model_args
@@ -184,3 +185,80 @@ def test_a_sharded_model_is_refused(model, saved, tmp_path, monkeypatch):
         with pytest.raises(UserError, match="split across 2 ranks: run without --prompt-cache-file"):
             attempt()
     assert not (tmp_path / "f").exists()
+
+
+# ---- the CLI, end to end on a scripted model ----
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    tok = tokenizer()
+    tail = tok.encode(tok.apply_chat_template([{"role": "user", "content": "x"}]))[-1]
+    reply = ids_of(tok, ["<think>", "Let me think", "</think>", "\n\n", "The answer is 4.", "<|im_end|>"])
+    return build(tmp_path_factory.mktemp("filecli"), successors([tail] + reply), max_position_embeddings=512)
+
+
+def cli(*args, stdin=None):
+    cmd = [sys.executable, "-m", "mlx_qwen3.generate", "--temp", "0", *args]
+    return subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=120)
+
+
+def one_line(out, *phrases):
+    assert out.returncode == 2 and out.stdout == "", out.stderr
+    assert out.stderr.startswith("error: ") and out.stderr.count("\n") == 1, out.stderr
+    assert all(p in out.stderr for p in phrases), out.stderr
+
+
+DOCUMENT = "Read this report carefully. " * 20
+
+
+@pytest.mark.parametrize("kv", [[], ["--kv-bits", "8", "--kv-start", "40"]], ids=["16", "8-start40"])
+def test_the_first_run_saves_the_prompt_and_later_runs_start_from_it(model_dir, tmp_path, kv):
+    base = ["--model", str(model_dir), "--system", DOCUMENT, *kv]
+    plain = cli(*base, "--prompt", "What is 2+2?")
+    assert plain.returncode == 0 and "The answer is 4." in plain.stdout, plain.stderr
+    file = tmp_path / "report.cache"
+    first = cli(*base, "--prompt", "What is 2+2?", "--prompt-cache-file", str(file))
+    assert first.returncode == 0 and first.stdout == plain.stdout, first.stderr
+    n = int(re.search(r"saved the prompt's (\d+) tokens to (.*)\n", first.stderr).group(1))
+    assert f"saved the prompt's {n} tokens to {file}\n" in first.stderr
+    saved = file.read_bytes()
+    assert len(load_prompt_cache(file, load(model_dir)[0]).ids) == n
+    assert os.listdir(tmp_path) == ["report.cache"]
+
+    again = cli(*base, "--prompt", "What is 2+2?", "--prompt-cache-file", str(file))
+    assert again.returncode == 0 and again.stdout == plain.stdout, again.stderr
+    assert f"{n - 1} of the prompt's {n} tokens came from {file}\n" in again.stderr  # the last is fed for its logits
+
+    other = cli(*base, "--prompt", "And what is 3+3, please?", "--prompt-cache-file", str(file))
+    assert other.returncode == 0 and "The answer is 4." in other.stdout, other.stderr
+    reused, total = map(int, re.search(r"(\d+) of the prompt's (\d+) tokens came from", other.stderr).groups())
+    assert 100 < reused < n < total  # the system prompt came from the file, the new question did not
+    assert file.read_bytes() == saved  # a file is never rewritten
+
+
+def test_a_chat_starts_from_the_file(model_dir, tmp_path):
+    file = tmp_path / "f.cache"
+    base = ["--model", str(model_dir), "--system", DOCUMENT]
+    assert cli(*base, "--prompt", "What is 2+2?", "--prompt-cache-file", str(file)).returncode == 0
+    out = cli(*base, "--chat", "--prompt-cache-file", str(file), stdin="What is 2+2?\nAnd 3+3?\n")
+    assert out.returncode == 0 and out.stdout.count("The answer is 4.") == 2, out.stderr
+    assert "the chat starts from the " in out.stderr and f"prompt tokens in {file}\n" in out.stderr
+
+
+def test_refusals_are_one_line_and_leave_the_file(model_dir, tmp_path):
+    file = tmp_path / "f.cache"
+    base = ["--model", str(model_dir), "--prompt", "What is 2+2?", "--prompt-cache-file", str(file)]
+    assert cli(*base).returncode == 0
+    saved = file.read_bytes()
+    one_line(cli(*base, "--kv-bits", "8"), "made with 16-bit KV; this run uses 8-bit KV: run with no --kv-bits")
+    other = build(tmp_path / "other", successors([1, 2]), seed=1)
+    one_line(cli(*base[2:], "--model", str(other)), "the prompt cache file was made for another model")
+    one_line(cli("--model", str(model_dir), "--chat", "--prompt-cache-file", str(tmp_path / "none")),
+             "does not exist: --chat starts from a prompt cache file made by a --prompt run")
+    assert file.read_bytes() == saved
+    file.write_bytes(saved[:-10])
+    one_line(cli(*base), "is not a prompt cache file, or it is damaged (it is truncated")
+    assert file.read_bytes() == saved[:-10]
+    one_line(cli(*base[:-1], str(tmp_path / "no" / "f")), "is not a folder: give a --prompt-cache-file in an existing")
+    one_line(cli(*base[:-1], str(tmp_path)), "is not a file; give a prompt cache file")
+    assert sorted(os.listdir(tmp_path)) == ["f.cache", "other"]
