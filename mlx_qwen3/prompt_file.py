@@ -6,6 +6,7 @@ setting, and refuses in one line a file made for another model, KV setting or ro
     cache = load_prompt_cache("doc.cache", model, prompt.setting)  # or PromptCache.new(model, prompt.setting)
     stream_generate(model, tokenizer, prompt, cache=cache)          # the shared prefix is not computed again
     save_prompt_cache("doc.cache", cache.copy(len(prompt.ids)), model)  # the prompt, not the reply
+    chat.pool.put(load_prompt_cache("doc.cache", model))                # a ChatSession starts from it
 
 The file holds each layer's keys and values as the layer holds them (16-bit, or 4/8-bit packed with their
 scales and biases, or 16-bit still under its kv_start), the ids they hold, and in its metadata the format,
@@ -141,7 +142,7 @@ def load_prompt_cache(path, model, setting: Optional[CacheSetting] = None) -> Pr
         raise _damaged(path, "ids past the model's vocabulary or context window")
     layers = make_cache(model, *made)
     for i, layer in enumerate(layers):
-        _fill(path, layer, i, arrays, len(ids), model.args.num_key_value_heads)
+        _fill(path, layer, i, arrays, len(ids), model.args)
     if arrays:
         raise _damaged(path, f"unexpected arrays ({', '.join(sorted(arrays)[:3])})")
     return PromptCache(layers, ids, made)
@@ -200,21 +201,27 @@ def _setting(path, meta: dict) -> CacheSetting:
     return CacheSetting(None if bits == 16 else bits, start if bits != 16 else 0, rope)
 
 
-def _fill(path, layer, i: int, arrays: dict, n: int, heads: int):
-    """Put layer i's arrays from the file into a new layer cache made with the file's setting."""
+def _fill(path, layer, i: int, arrays: dict, n: int, args):
+    """Put layer i's arrays from the file into a new layer cache made with the file's setting, once their
+    shapes and dtypes are those the model's attention takes (never a crash mid-generation)."""
     quantized = f"{i}.keys.0" in arrays
-    names = ([f"{i}.{k}.{j}" for k in ("keys", "values") for j in range(3)] if quantized
-             else [f"{i}.keys", f"{i}.values"])
+    if quantized and isinstance(layer, KVCache):
+        raise _damaged(path, f"layer {i} is quantized in a 16-bit file")
+    D = args.head_dim or args.hidden_size // args.num_attention_heads
+    if quantized:
+        names = [f"{i}.{k}.{j}" for k in ("keys", "values") for j in range(3)]
+        packed, groups = (D * layer.bits // 32, mx.uint32), (D // layer.group_size, None)
+        want = [packed, groups, groups] * 2
+    else:
+        names, want = [f"{i}.keys", f"{i}.values"], [(D, None)] * 2
     held = [arrays.pop(name, None) for name in names]
     if n == 0 and all(a is None for a in held):
         return
-    if any(a is None or a.ndim != 4 or a.shape[:3] != (1, heads, n) for a in held):
-        raise _damaged(path, f"layer {i}'s arrays are missing or of the wrong shape")
-    if quantized and not held[0].dtype == held[3].dtype == mx.uint32:
-        raise _damaged(path, f"layer {i}'s packed keys and values are not uint32")
+    for a, name, (last, dtype) in zip(held, names, want):
+        dtypes = (dtype,) if dtype else (mx.float16, mx.bfloat16, mx.float32)
+        if a is None or a.shape != (1, args.num_key_value_heads, n, last) or a.dtype not in dtypes:
+            raise _damaged(path, f"{name} is missing, or not of this model's shape and kind")
     if isinstance(layer, KVCache):
-        if quantized:
-            raise _damaged(path, f"layer {i} is quantized in a 16-bit file")
         layer.keys, layer.values = held
     elif quantized:
         layer.plain, layer.keys, layer.values = None, tuple(held[:3]), tuple(held[3:])

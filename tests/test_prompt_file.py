@@ -262,3 +262,23 @@ def test_refusals_are_one_line_and_leave_the_file(model_dir, tmp_path):
     one_line(cli(*base[:-1], str(tmp_path / "no" / "f")), "is not a folder: give a --prompt-cache-file in an existing")
     one_line(cli(*base[:-1], str(tmp_path)), "is not a file; give a prompt cache file")
     assert sorted(os.listdir(tmp_path)) == ["f.cache", "other"]
+
+
+@pytest.mark.parametrize("change", ["ids", "shape", "dtype", "missing", "extra"])
+def test_arrays_that_do_not_fit_the_model_are_refused(model, saved, tmp_path, change):
+    """A file whose header is whole and whose metadata is this model's, but whose arrays are not what its
+    attention takes: refused on loading, never a crash in the middle of a generation."""
+    arrays, meta = mx.load(str(saved), format="safetensors", return_metadata=True)
+    if change == "ids":
+        arrays["ids"] = mx.full((100,), 300, mx.int32)  # past the 256-row vocabulary
+    elif change == "shape":
+        arrays["1.keys.1"] = mx.concatenate([arrays["1.keys.1"]] * 2, axis=-1)
+    elif change == "dtype":
+        arrays["0.values.0"] = arrays["0.values.0"].astype(mx.float32)
+    elif change == "missing":
+        del arrays["1.values.2"]
+    else:
+        arrays["2.keys"] = arrays["ids"]
+    file = tmp_path / "f.safetensors"
+    mx.save_safetensors(str(file), arrays, metadata=meta)
+    refused(file, model, CacheSetting(8), "is not a prompt cache file, or it is damaged")
