@@ -124,10 +124,8 @@ def generate_command(model, prompt, chat, hide_thinking, as_json, pipeline, cach
     printer = Printer(as_json, hide_thinking, sys.stdout.isatty())
     if not chat:
         prepared = prepare(model, tokenizer, prompt, **options)
-        cache = None
-        if cache_file is not None:
-            cache = (load_prompt_cache(cache_file, model, prepared.setting) if stored
-                     else PromptCache.new(model, prepared.setting))
+        cache = (None if cache_file is None else load_prompt_cache(cache_file, model, prepared.setting) if stored
+                 else PromptCache.new(model, prepared.setting))
         result = show_stream(stream_generate(model, tokenizer, prepared, cache=cache, cancel=cancel,
                                              progress=printer.bar), printer, cancel)
         if cache_file is not None:

@@ -66,7 +66,8 @@ def test_a_loaded_cache_gives_the_logits_of_the_one_saved(model, tmp_path, setti
     assert loaded.ids == cache.ids and loaded.setting == cache.setting and loaded.consistent
     assert [type(c) for c in loaded.layers] == [type(c) for c in cache.layers]
     if setting.kv_start:  # the same side of kv_start as the saved layers: plain under it, quantized past it
-        assert [c.quantized for c in loaded.layers] == [c.quantized for c in cache.layers] == [setting.kv_start < 200] * 2
+        past = setting.kv_start < 200
+        assert [c.quantized for c in loaded.layers] == [c.quantized for c in cache.layers] == [past] * 2
     # 120 more tokens cross kv_start 250 on the way: the loaded layers switch exactly as the saved ones do
     assert np.array_equal(continued(model, loaded), continued(model, cache))
     assert read_setting(file) == setting
