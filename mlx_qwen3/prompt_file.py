@@ -69,9 +69,10 @@ def save_prompt_cache(path, cache: PromptCache, model):
         arrays.update(_layer_arrays(i, layer))
     bits, start, rope = cache.setting
     meta = {"format": FORMAT, "model": model_identity(model), "kv_bits": str(bits or 16), "kv_start": str(start),
-            "rope_factor": repr(float(rope)), "layers": str(len(cache.layers))}
+            "rope_factor": repr(float(rope))}
     tmp = None
     try:
+        # readable by its owner only (mkstemp's mode), as the prompt it holds may be private
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             mx.save_safetensors(f, arrays, metadata=meta)
