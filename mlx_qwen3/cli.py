@@ -19,17 +19,19 @@ import click
 from . import distributed
 from .convert import Interrupted, convert
 from .errors import UserError, run_cli
-from .generate import ChatSession, GenerationOptions, check_text, stream_generate, to_messages
+from .generate import ChatSession, GenerationOptions, check_text, prepare, stream_generate, to_messages
 from .load import load, load_model
 from .memory import weight_bytes
 from .menubar import AssistantController, MenubarApp
+from .models.cache import PromptCache
 from .options import CacheOptions
 from .models.rope import MODES
+from .prompt_file import check_file, load_prompt_cache, save_prompt_cache
 from .selftest import DEFAULT_SHAPES, environment, model_report, op_report, stored_choices
 from .server import create_app
 from .server.engine import CACHE_SLOTS, PARALLEL
 from .server.serve import API_KEY_ENV, api_key_from, make_server
-from .terminal import Printer, prepare_stdout, read_stdin, repl, show_stream
+from .terminal import DIM, RESET, Printer, prepare_stdout, read_stdin, repl, show_stream
 
 # --model when none is given: Qwen's own MLX release of Qwen3-1.7B, 4-bit (about 1 GB; it thinks well
 # enough to show what the models do), so `python -m mlx_qwen3.generate --prompt hi` is a whole first run.
@@ -104,17 +106,21 @@ def main(command: Optional[str] = None):
 @click.option("--kv-bits", type=int, default=None, help="Quantize the KV cache to 4 or 8 bits. Default: 16-bit.")
 @click.option("--kv-start", type=int, default=0, show_default=True,
               help="With --kv-bits: keep the first N tokens' keys and values 16-bit, then quantize.")
+@click.option("--prompt-cache-file", "cache_file", default=None, metavar="F",
+              help="Reuse the prompt processed in F (by an earlier run with this model and KV setting) where this "
+                   "prompt begins the same; if F does not exist, save this prompt there. F is never rewritten.")
 @rope_option
 @pipeline_option
-def generate_command(model, prompt, chat, hide_thinking, as_json, pipeline, rope, **options):
+def generate_command(model, prompt, chat, hide_thinking, as_json, pipeline, cache_file, rope, **options):
     """Generate with a Qwen3 / Qwen3-MoE / QwQ model.
 
     Launched on several Macs (mlx.launch), the model is split across them; rank 0 reads and prints."""
     cancel = threading.Event()
     group = _follow_rank_0()
-    GenerationOptions.from_kwargs(**options)  # bad values fail before the model loads
+    kv = GenerationOptions.from_kwargs(**options).cache.kv  # bad values fail before the model loads
     if prompt is None and not chat:
         raise UserError("give --prompt TEXT (or --prompt - to read stdin), or --chat")
+    stored = cache_file is not None and check_file(cache_file, kv, chat)  # a bad file too
     if prompt == "-":
         prompt = read_stdin() if distributed.rank() == 0 else None
     elif prompt is not None:
@@ -126,11 +132,40 @@ def generate_command(model, prompt, chat, hide_thinking, as_json, pipeline, rope
     prepare_stdout()
     printer = Printer(as_json, hide_thinking, sys.stdout.isatty())
     if not chat:
-        result = show_stream(stream_generate(model, tokenizer, prompt, cancel=cancel, progress=printer.bar, **options),
-                             printer, cancel)
+        prepared = prepare(model, tokenizer, prompt, **options)
+        cache = (None if cache_file is None else load_prompt_cache(cache_file, model, prepared.setting) if stored
+                 else PromptCache.new(model, prepared.setting))
+        result = show_stream(stream_generate(model, tokenizer, prepared, cache=cache, cancel=cancel,
+                                             progress=printer.bar), printer, cancel)
+        if cache_file is not None:
+            _keep_prompt(cache_file, stored, cache, prepared.ids, result, model)
         # rank 0 says how it ended; another rank ending non-zero first would make mlx.launch stop rank 0
         return 130 if result.finish_reason == "cancelled" and distributed.rank() == 0 else 0
-    return repl(ChatSession(model, tokenizer, **options), printer, prompt, read=distributed.reader(input, group))
+    session = ChatSession(model, tokenizer, **options)
+    if cache_file is not None:
+        cache = load_prompt_cache(cache_file, model)  # its KV setting checked above; its rope factor by the pool
+        session.pool.put(cache)
+        _note(f"the chat starts from the {len(cache.ids)} prompt tokens in {cache_file}")
+    return repl(session, printer, prompt, read=distributed.reader(input, group))
+
+
+def _keep_prompt(path, stored: bool, cache, ids: list, result, model):
+    """After a run with --prompt-cache-file: say what came from the file, or save the prompt to it (a
+    file is never rewritten: the prompt it holds is the prefix its runs were meant to share)."""
+    if stored:
+        _note(f"{result.cached_tokens} of the prompt's {len(ids)} tokens came from {path}")
+    elif cache.consistent and cache.ids[: len(ids)] == ids and distributed.rank() == 0:
+        save_prompt_cache(path, cache.copy(len(ids)), model)
+        _note(f"saved the prompt's {len(ids)} tokens to {path}")
+
+
+def _note(text: str):
+    """One line on stderr, dimmed on a terminal."""
+    try:
+        tty = sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        tty = False
+    print(f"{DIM}{text}{RESET}" if tty else text, file=sys.stderr)
 
 
 def _follow_rank_0():
