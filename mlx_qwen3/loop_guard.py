@@ -6,7 +6,8 @@ Loop when that token completes one) and `reset()` when a new channel starts (aft
 thought, a first Loop is the cue to nudge, a second to close the thought. In the answer, hold back the
 last `pending` tokens (a copy in progress of the text before them, or the start of one) and release them
 as `pending` shrinks; on a "repeat" Loop, drop the held tokens from `loop.second` on: the repeated text
-is never delivered twice. Positions count the tokens fed since the last reset, from 0.
+is never delivered twice (a "recurring" Loop's text, spread out, is already out: stop there). Positions
+count the tokens fed since the last reset, from 0.
 """
 
 from dataclasses import dataclass
@@ -20,9 +21,9 @@ _ENDINGS = (".", "?", "!", "。", "？", "！")
 @dataclass(frozen=True)
 class Loop:
     """What the guard found. `kind` "repeat": a span of `period` tokens repeated back to back, its first
-    copy starting at `first`, the second at `second`. "recurring": a line or sentence seen `count` times
-    in the window, first at `first`, then at `second`; `period` is the distance between its last two
-    occurrences. `position` is the token that completed the loop."""
+    copy starting at `first`, the second at `second`. "recurring": a line or sentence seen `recurring`
+    times in the window, first at `first`, then at `second`; `period` is the distance between its last
+    two occurrences. `position` is the token that completed the loop."""
 
     kind: str
     period: int
@@ -35,8 +36,9 @@ class Loop:
 class LoopSettings:
     """repeats: copies of a span back to back that make a loop; min_tokens: tokens those copies must
     cover in all (so that runs of "=" or spaces, or short lists, do not count); max_period: the longest
-    span looked for; recurring: times a line may recur within `window` tokens; min_line: tokens a line
-    needs to count (blank lines, braces and fences recur legitimately)."""
+    span looked for; recurring: times a line recurs within `window` tokens to make a loop; min_line:
+    tokens a line needs to count (blank lines, braces and fences recur legitimately). The defaults fire
+    0 times on Python's standard library and docs (scripts/bench_loop_guard.py)."""
 
     repeats: int = 3
     min_tokens: int = 256
@@ -118,7 +120,7 @@ class LoopGuard:
         s = self.settings
         runs = self._runs
         found = None
-        for period in list(runs):
+        for period in list(runs) if runs else ():
             if ids[t - period] == token:
                 runs[period] += 1
                 if runs[period] >= max((s.repeats - 1) * period, s.min_tokens - period):
@@ -141,7 +143,8 @@ class LoopGuard:
         return found
 
     def _propose(self, period: int, t: int):
-        """A candidate period: count its run back (as far as would make a loop), and follow it."""
+        """A candidate period: count its run back and follow it. The count stops where a loop is made, so
+        that a long run found late costs no more than the loop it makes."""
         s, ids = self.settings, self.ids
         need = max((s.repeats - 1) * period, s.min_tokens - period)
         run, i = _KGRAM, t - _KGRAM
