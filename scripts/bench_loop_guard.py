@@ -25,6 +25,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from mlx_qwen3.errors import UserError
 from mlx_qwen3.loop_guard import LoopGuard, LoopSettings, ending_ids
 from mlx_qwen3.tokenizer import Tokenizer
 
@@ -85,7 +86,7 @@ def run(endings, docs, ids, settings, show=0, tokenizer=None, timing=False) -> d
             if timing and len(block) == BLOCK:
                 blocks.append((time.perf_counter() - tic) / BLOCK * 1e6)
     tokens = sum(map(len, ids))
-    out = {"fires": fires, "fires_per_million_tokens": round(fires / tokens * 1e6, 3)}
+    out = {"fires": fires, "fires_per_million_tokens": round(fires / max(tokens, 1) * 1e6, 3)}
     if show:
         out["first_fires"] = examples
     if timing:
@@ -112,7 +113,10 @@ def main():
     ap.add_argument("--limit", type=int, default=None, help="only the first N files and topics (for trying)")
     ap.add_argument("--show", type=int, default=5, help="how many fires to show per setting")
     args = ap.parse_args()
-    tokenizer = Tokenizer.from_folder(args.tokenizer)
+    try:
+        tokenizer = Tokenizer.from_folder(args.tokenizer)
+    except UserError as e:
+        raise SystemExit(f"bench_loop_guard: {e} (--tokenizer names the folder)")
     endings = ending_ids(tokenizer)
     library, tests = documents(args.limit)
     tic = time.perf_counter()
