@@ -210,11 +210,11 @@ def kv_setting(model, kv_bits, kv_start: int, prompt_tokens: int, context: int) 
                     f"{advice}", "messages", "context_length_exceeded")
 
 
-def kv_bytes(args, setting, positions: int) -> int:
-    """The planned bytes of a cache made with `setting` (a CacheSetting) holding `positions`: 16-bit until
-    its kv_start, all quantized after."""
+def kv_bytes(args, setting, positions: int, allocated: Optional[int] = None) -> int:
+    """The planned bytes of a cache made with `setting` (a CacheSetting) holding `positions` (in
+    `allocated` positions, by default as many): 16-bit until its kv_start, all quantized after."""
     quantized = setting.kv_bits is not None and positions >= setting.kv_start
-    return int(kv_bytes_per_token(args, setting.kv_bits if quantized else 16) * positions)
+    return int(kv_bytes_per_token(args, setting.kv_bits if quantized else 16) * (allocated or positions))
 
 
 def planned_bytes(args, setting, prompt_tokens: int, max_tokens: int) -> tuple:

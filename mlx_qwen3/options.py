@@ -4,7 +4,7 @@ out_of_range, invalid_value, unknown_parameter), so every entry point reports it
 
 import math
 from dataclasses import MISSING, dataclass, field, fields
-from typing import Optional
+from typing import Optional, Union
 
 from .errors import UserError, show
 
@@ -141,7 +141,7 @@ class CacheOptions:
     """How the KV cache is held: "auto" (the least quantization that fits the planned context), 16-bit,
     or quantized to 8 or 4 bits from `kv_start` tokens on."""
 
-    kv_bits: object = "auto"  # one of KV_BITS; None: "auto"
+    kv_bits: Union[str, int] = "auto"  # one of KV_BITS; None: "auto"
     kv_start: int = 0
 
     def __post_init__(self):

@@ -275,7 +275,7 @@ def make_pool(model, slots: int, max_bytes: Optional[int]) -> Pool:
     limit = min(distributed.gather(int(max_bytes / scale), group))
     step = KVCache.step  # a cache holds its positions in steps: count them so
     return Pool(distributed.share(slots, group), limit,
-                size=lambda c: memory.kv_bytes(args, c.setting, -(-len(c.ids) // step) * step))
+                size=lambda c: memory.kv_bytes(args, c.setting, len(c.ids), -(-len(c.ids) // step) * step))
 
 
 def kv_choices(model) -> list:
