@@ -221,7 +221,9 @@ def planned_bytes(args, setting, prompt_tokens: int, max_tokens: int) -> tuple:
     """(KV bytes, working bytes) a prompt's generation plans at most: its cache made with `setting` (a
     CacheSetting) filled to the planned context (its 16-bit start counted too), and a step's working memory."""
     context = planned_context(args, prompt_tokens, max_tokens)
-    kv = max(kv_bytes(args, setting, context), kv_bytes(args, setting, min(context, setting.kv_start - 1)))
+    kv = kv_bytes(args, setting, context)
+    if setting.kv_start:  # before the switch, its 16-bit positions may take more
+        kv = max(kv, kv_bytes(args, setting, min(context, setting.kv_start - 1)))
     return kv, working_bytes(args, context, setting.kv_bits or 16)
 
 

@@ -90,6 +90,17 @@ def test_when_nothing_fits_the_line_says_the_longest_at_each_setting():
     assert message.endswith("at 4-bit KV: lower max_tokens or shorten the prompt") and "\n" not in message
 
 
+def test_a_request_plans_its_cache_at_its_setting_and_its_16_bit_start():
+    _, args = model_args(QWQ)
+    full, q8 = memory.kv_bytes_per_token(args, 16), memory.kv_bytes_per_token(args, 8)
+    assert memory.planned_bytes(args, CacheSetting(), 100, 1000)[0] == 1100 * full
+    assert memory.planned_bytes(args, CacheSetting(8), 100, 1000)[0] == 1100 * q8
+    assert memory.planned_bytes(args, CacheSetting(8, 900), 100, 1000)[0] == 899 * full  # before its switch
+    assert memory.planned_bytes(args, CacheSetting(8, 2000), 100, 1000)[0] == 1100 * full  # never switches
+    assert memory.planned_bytes(args, CacheSetting(), 100, 10**6)[0] == args.context_window * full  # the window
+    assert memory.kv_bytes(args, CacheSetting(8, 300), 280, 512) == 512 * full  # 16-bit yet, 512 allocated
+
+
 # ---- a tiny model, with MLX_QWEN3_MEMORY_GB ----
 
 def limit_for(model, tokens: int) -> float:
