@@ -18,8 +18,8 @@ KV_BITS = ("auto", 16, 8, 4)  # auto: the least quantization the memory plan fit
 RESERVED_TEMPLATE_ARGS = frozenset({"messages", "tools", "add_generation_prompt", "bos_token", "eos_token", "self"})
 
 _INT, _NUM, _BITS = (int,), (int, float), (str, int)
-_KIND_NAMES = {_INT: "an integer", _NUM: "a number", _BITS: '"auto" or a number of bits', (bool,): "a boolean", (str,): "a string",
-               (tuple, list): "a list of strings", (list,): "a list", (dict,): "a dict"}
+_KIND_NAMES = {_INT: "an integer", _NUM: "a number", _BITS: '"auto" or a number of bits', (bool,): "a boolean",
+               (str,): "a string", (tuple, list): "a list of strings", (list,): "a list", (dict,): "a dict"}
 # option: (types, check, the range it checks)
 _CHECKS = {
     "max_tokens": (_INT, lambda v: v >= 1, "at least 1"),

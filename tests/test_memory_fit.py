@@ -285,7 +285,8 @@ from mlx_qwen3.generate import generate, prepare
 model, tok = load(sys.argv[1])
 rank, args = distributed.rank(), model.args
 # rank 1 keeps room for 100 tokens of 16-bit KV beside its weights, rank 0 for 200
-room = memory.weight_bytes(model) + memory.working_bytes(args, 0) + memory.kv_bytes_per_token(args, 16) * (100 + 100 * (rank == 0))
+tokens = 200 if rank == 0 else 100
+room = memory.weight_bytes(model) + memory.working_bytes(args, 0) + memory.kv_bytes_per_token(args, 16) * tokens
 os.environ["MLX_QWEN3_MEMORY_GB"] = repr(room / 2**30)
 model.resident = memory.agree_resident(model, distributed.group())
 out = {"resident": [model.resident.weights, model.resident.limit],
