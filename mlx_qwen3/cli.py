@@ -44,6 +44,11 @@ def model_option(f):
                         help="Model folder or Hugging Face Hub id.")(f)
 
 
+# --kv-bits auto|16|8|4: a number goes on as an int
+KV_BITS = dict(type=click.Choice(["auto", "16", "8", "4"]), default="auto", show_default=True,
+               callback=lambda ctx, param, value: value if value == "auto" else int(value))
+
+
 def pipeline_option(f):
     return click.option("--pipeline", is_flag=True,
                         help="Launched on several Macs: give each a range of layers (for slow links) instead of "
@@ -103,7 +108,8 @@ def main(command: Optional[str] = None):
 @click.option("--hide-thinking", is_flag=True, help="Do not print the thinking.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per event and line.")
 @click.option("--chat", is_flag=True, help="An interactive chat (/think, /no_think, /budget N, /reset, /exit).")
-@click.option("--kv-bits", type=int, default=None, help="Quantize the KV cache to 4 or 8 bits. Default: 16-bit.")
+@click.option("--kv-bits", **KV_BITS, help="KV cache bits: auto (16, else the least quantization that fits this "
+                                           "Mac's memory for the prompt and --max-tokens), 16, 8 or 4.")
 @click.option("--kv-start", type=int, default=0, show_default=True,
               help="With --kv-bits: keep the first N tokens' keys and values 16-bit, then quantize.")
 @click.option("--prompt-cache-file", "cache_file", default=None, metavar="F",
@@ -117,10 +123,13 @@ def generate_command(model, prompt, chat, hide_thinking, as_json, pipeline, cach
     Launched on several Macs (mlx.launch), the model is split across them; rank 0 reads and prints."""
     cancel = threading.Event()
     group = _follow_rank_0()
-    kv = GenerationOptions.from_kwargs(**options).cache.kv  # bad values fail before the model loads
+    kv = GenerationOptions.from_kwargs(**options).cache  # bad values fail before the model loads
     if prompt is None and not chat:
         raise UserError("give --prompt TEXT (or --prompt - to read stdin), or --chat")
-    stored = cache_file is not None and check_file(cache_file, kv, chat)  # a bad file too
+    made = None if cache_file is None else check_file(cache_file, kv.kv_bits, kv.kv_start, chat)  # a bad file too
+    stored = made is not None
+    if stored and kv.kv_bits == "auto":  # the file's KV setting (the plan still checks that it fits)
+        options.update(kv_bits=made.kv_bits or 16, kv_start=made.kv_start)
     if prompt == "-":
         prompt = read_stdin() if distributed.rank() == 0 else None
     elif prompt is not None:
@@ -202,8 +211,8 @@ def _follow_rank_0():
               help="Finished prompts whose KV cache is kept for reuse.")
 @click.option("--prompt-cache-gb", type=click.FloatRange(0), default=None,
               help="At most this many GiB for them (default: a quarter of the memory the weights leave free).")
-@click.option("--kv-bits", type=int, default=None, help="Quantize every request's KV cache to 4 or 8 bits. "
-                                                          "Default: 16-bit.")
+@click.option("--kv-bits", **KV_BITS, help="Each request's KV cache bits unless it says: auto (16, else the least "
+                                           "quantization that fits), 16, 8 or 4.")
 @click.option("--kv-start", type=int, default=0, show_default=True,
               help="With --kv-bits: keep the first N tokens' keys and values 16-bit, then quantize.")
 @rope_option
@@ -217,11 +226,11 @@ def serve_command(model, host, port, api_key, api_key_file, allow_origins, paral
     from .server.follow import follow
 
     cache_bytes = None if prompt_cache_gb is None else int(prompt_cache_gb * 2**30)
-    kv = CacheOptions(kv_bits, kv_start).kv  # bad values fail before the model loads
+    CacheOptions(kv_bits, kv_start)  # bad values fail before the model loads
     group = _follow_rank_0()
     if group is not None and group.rank() != 0:  # no port: this rank runs rank 0's rounds until its stop
         m, tokenizer = load(model, parallel="pipeline" if pipeline else None, rope=rope)
-        return follow(m, tokenizer, cache_slots, cache_bytes, kv)
+        return follow(m, tokenizer, cache_slots, cache_bytes)
     try:
         import uvicorn  # noqa: F401
     except ImportError:
@@ -233,7 +242,7 @@ def serve_command(model, host, port, api_key, api_key_file, allow_origins, paral
                             "e.g. http://localhost:3000, or *")
     m, tokenizer = load(model, parallel="pipeline" if pipeline else None, rope=rope)
     app = create_app(m, tokenizer, model, api_key, cache_slots=cache_slots, cache_bytes=cache_bytes,
-                     parallel=parallel, host=host, allow_origins=allow_origins, kv_bits=kv[0], kv_start=kv[1])
+                     parallel=parallel, host=host, allow_origins=allow_origins, kv_bits=kv_bits, kv_start=kv_start)
     print(f"serving {model} on http://{host}:{port} (chat page at /, API at /v1)", flush=True)
     make_server(app, host, port).run()
     if not app.state.engine.stop(timeout=2):  # a step that would not end (a long prefill): do not wait for it

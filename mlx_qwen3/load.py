@@ -8,7 +8,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from . import distributed
+from . import distributed, memory
 from .checkpoint import json_kind, read_config, read_weights, resolve, stored_bytes
 from .errors import UserError, show
 from .models import MODELS
@@ -148,6 +148,26 @@ def _few(names: list, n: int = 3) -> str:
     return ", ".join(names[:n]) + more
 
 
+def check_memory(args, folder: Path, group):
+    """Refuse, before reading any weights, a model that does not fit what this Mac keeps resident. On
+    several ranks (`group`), each checks its part: about 1/N of the weights whichever the split (tensor
+    parallel keeps the embedding whole on each rank; pipeline balances the layers by bytes), and every rank
+    refuses if one does, rank 0 saying why."""
+    ranks = 1 if group is None else group.size()
+    try:
+        memory.check_loadable(args, stored_bytes(folder) // ranks, memory.usable_memory(), ranks)
+        problem = None
+    except UserError as e:
+        problem = str(e)
+    if group is not None:
+        every = distributed.gather(problem, group)
+        problem = next((f"rank {r}: {p}" for r, p in enumerate(every) if p), None)
+        if problem and group.rank() != 0:
+            raise SystemExit(2)  # rank 0 says it
+    if problem:
+        raise UserError(problem)
+
+
 def load_model(path_or_id, lazy: bool = False, kernels: Optional[str] = None, parallel: Optional[str] = None,
                rope: str = "auto"):
     """Load the model alone (this rank's share of it when launched on several). Returns (model, config dict)."""
@@ -155,7 +175,8 @@ def load_model(path_or_id, lazy: bool = False, kernels: Optional[str] = None, pa
     return model, config
 
 
-def _load(path_or_id, lazy: bool, kernels: Optional[str], parallel: Optional[str], rope: str = "auto"):
+def _load(path_or_id, lazy: bool, kernels: Optional[str], parallel: Optional[str], rope: str = "auto",
+          fits: bool = False):
     if kernels is not None:
         _check_kernels(kernels)  # before any loading: a bad value is one line at once
     if rope not in MODES:
@@ -167,6 +188,8 @@ def _load(path_or_id, lazy: bool, kernels: Optional[str], parallel: Optional[str
     folder = distributed.check_same(path_or_id, group) if sharded else resolve(str(path_or_id))
     config = read_config(folder)
     model = build_model(config, folder, rope)
+    if fits:
+        check_memory(model.args, folder, group if sharded else None)
     try:
         weights = model.sanitize(read_weights(folder))
     except ValueError as e:  # experts missing or of mismatched shapes
@@ -185,8 +208,9 @@ def _load(path_or_id, lazy: bool, kernels: Optional[str], parallel: Optional[str
     if not lazy:
         for _, p in tree_flatten(model.parameters()):  # one at a time: a shard's whole tensor is freed at once
             mx.eval(p)
-    if sharded:  # the ranks leave loading together: the waits the watchdog times start from here
-        distributed.barrier(group)
+    if sharded:
+        model.resident = memory.agree_resident(model, group)  # every rank plans a prompt alike (memory.kv_setting)
+        distributed.barrier(group)  # the ranks leave loading together: the waits the watchdog times start here
     return model, config, folder
 
 
@@ -205,12 +229,15 @@ def load(path_or_id, lazy: bool = False, kernels: Optional[str] = None, parallel
             factor that covers it), "config" (as config.json says, at every length) or "plain"; see
             models/rope.py.
 
+    A model whose weights (this rank's part of them) and a prompt's working memory do not fit what this
+    Mac keeps resident (memory.usable_memory) is refused before its weights are read.
+
     Returns:
         (model, tokenizer)
     """
     from .tokenizer import Tokenizer
 
-    model, _, folder = _load(path_or_id, lazy, kernels, parallel, rope)
+    model, _, folder = _load(path_or_id, lazy, kernels, parallel, rope, fits=True)
     tokenizer = Tokenizer.from_folder(folder)
     check_vocabulary(model, tokenizer)
     return model, tokenizer

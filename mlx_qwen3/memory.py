@@ -6,6 +6,7 @@ import logging
 import os
 import threading
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Optional
 
 import mlx.core as mx
@@ -126,6 +127,115 @@ def plan(args, weights: int, context: int, limit: int) -> list:
         rows.append({"kv_bits": bits, "kv_bytes": kv, "total_bytes": total, "fits": total <= limit,
                      "longest_context": longest})
     return rows
+
+
+def planned_context(args, prompt_tokens: int, max_tokens: int) -> int:
+    """The tokens a prompt's cache is planned for: the prompt and max_tokens, within the window."""
+    return min(prompt_tokens + max_tokens, args.context_window)
+
+
+# ---- what the plan compares with, and one generation's KV setting ----
+
+AUTO = "auto"  # kv_bits: the least quantization that fits
+
+
+@dataclass(frozen=True)
+class Resident:
+    """The weights' bytes and the memory they and the caches may take (`limit`). `where` names it in
+    messages ("this Mac's 21.3 GB")."""
+
+    weights: int
+    limit: int
+    where: str
+
+
+def resident(model) -> Resident:
+    """What a plan for `model` compares with: on a sharded model the figures every rank agreed on at load
+    (agree_resident); otherwise this process's, now."""
+    agreed = getattr(model, "resident", None)
+    if agreed is not None:
+        return agreed
+    limit = usable_memory()
+    return Resident(weight_bytes(model), limit, f"this Mac's {limit / 2**30:.1f} GB")
+
+
+def kv_share(model) -> float:
+    """The part of the whole model's KV cache this rank's share holds (its layers, its key/value heads)."""
+    args = model.args
+    # a tensor-parallel block is wrapped (shard.Summed): its attention is its `block`
+    heads = sum(getattr(layer.self_attn, "block", layer.self_attn).n_kv_heads for layer in model.layers)
+    return heads / (args.num_hidden_layers * args.num_key_value_heads)
+
+
+def agree_resident(model, group) -> Resident:
+    """On a model sharded over `group` (every rank calls it at once): rank r, holding its weights w_r and
+    kv_share s_r of the cache, fits KV + working memory K when w_r + s_r * K <= limit_r, that is when
+    K <= (limit_r - w_r) / s_r. The ranks agree on the smallest such headroom (the working memory scaled
+    by the share too: an approximation), so every rank plans a prompt alike: another KV setting on one
+    rank would be another cache there, and a deadlock."""
+    from . import distributed
+
+    mine = {"weights": weight_bytes(model), "headroom": (usable_memory() - weight_bytes(model)) / kv_share(model)}
+    every = distributed.gather(mine, group)
+    weights = sum(r["weights"] for r in every)
+    headroom = min(r["headroom"] for r in every)
+    limit = weights + max(0, int(headroom))
+    return Resident(weights, limit, f"{len(every)} ranks' memory (as one model: {limit / 2**30:.1f} GB)")
+
+
+def kv_setting(model, kv_bits, kv_start: int, prompt_tokens: int, context: int) -> tuple:
+    """The (kv_bits, kv_start) a cache planned for `context` tokens is made with (CacheSetting's: kv_bits
+    None is 16-bit): `kv_bits` "auto" (or None) picks the least quantization that fits (16, else 8, else 4);
+    16, 8 or 4 is taken if it fits. A kv_start keeps the first positions 16-bit: those must fit too.
+    Otherwise a UserError (code context_length_exceeded) saying the longest context each setting fits.
+    """
+    at = resident(model)
+    args = model.args
+    rows = plan(args, at.weights, context, at.limit)
+    wanted = KV_SETTINGS if kv_bits in (None, AUTO) else (kv_bits,)
+    for row in rows:
+        bits = row["kv_bits"]
+        if bits not in wanted or not row["fits"]:
+            continue
+        if bits == 16:
+            return None, 0
+        if not kv_start or plan(args, at.weights, min(context, kv_start), at.limit)[0]["fits"]:
+            return bits, kv_start
+    longest = ", ".join(f"{r['longest_context']:,} at {r['kv_bits']}-bit" for r in rows)
+    chosen = "" if len(wanted) > 1 else f" with {kv_bits}-bit KV" + (f" from token {kv_start:,}" if kv_start else "")
+    advice = ("lower max_tokens or shorten the prompt" if len(wanted) > 1 else
+              "lower max_tokens, shorten the prompt, or set kv_bits (--kv-bits) to auto or fewer bits")
+    raise UserError(f"this request plans {context:,} tokens (prompt {prompt_tokens:,} + max_tokens "
+                    f"{context - prompt_tokens:,}){chosen}; with {at.where} the longest that fits is {longest} KV: "
+                    f"{advice}", "messages", "context_length_exceeded")
+
+
+def kv_bytes(args, setting, positions: int, allocated: Optional[int] = None) -> int:
+    """The planned bytes of a cache made with `setting` (a CacheSetting) holding `positions` (in
+    `allocated` positions, by default as many): 16-bit until its kv_start, all quantized after."""
+    quantized = setting.kv_bits is not None and positions >= setting.kv_start
+    return int(kv_bytes_per_token(args, setting.kv_bits if quantized else 16) * (allocated or positions))
+
+
+def planned_bytes(args, setting, prompt_tokens: int, max_tokens: int) -> tuple:
+    """(KV bytes, working bytes) a prompt's generation plans at most: its cache made with `setting` (a
+    CacheSetting) filled to the planned context (its 16-bit start counted too), and a step's working memory."""
+    context = planned_context(args, prompt_tokens, max_tokens)
+    kv = kv_bytes(args, setting, context)
+    if setting.kv_start:  # before the switch, its 16-bit positions may take more
+        kv = max(kv, kv_bytes(args, setting, min(context, setting.kv_start - 1)))
+    return kv, working_bytes(args, context, setting.kv_bits or 16)
+
+
+def check_loadable(args, weights: int, limit: int, ranks: int = 1):
+    """Refuse (UserError), before reading them, `weights` bytes that with the working memory of one prompt
+    chunk do not fit `limit`. `ranks`: the model is shared by so many (`weights` is this rank's part)."""
+    need = weights + working_bytes(args, CHUNK)
+    if need > limit:
+        part = f"this rank's part of the weights (1/{ranks})" if ranks > 1 else "the weights"
+        raise UserError(f"{part} and a prompt's working memory take {need / 2**30:.1f} GB, more than the "
+                        f"{limit / 2**30:.1f} GB this Mac keeps resident: use a smaller or more quantized model"
+                        + (", or more Macs" if ranks > 1 else ""))
 
 
 if __name__ == "__main__":  # python -m mlx_qwen3.memory is `mlx-qwen3 plan`

@@ -4,7 +4,7 @@ out_of_range, invalid_value, unknown_parameter), so every entry point reports it
 
 import math
 from dataclasses import MISSING, dataclass, field, fields
-from typing import Optional
+from typing import Optional, Union
 
 from .errors import UserError, show
 
@@ -14,11 +14,12 @@ NON_THINKING_DEFAULTS = dict(temperature=0.7, top_p=0.8, top_k=20, min_p=0.0)
 WRAP_UP = "\n\nConsidering the limited time, I have to give the solution based on the thinking directly now.\n"
 # The arguments the chat template gets from the request itself; chat_template_kwargs may not override them.
 # ("self" too: apply_chat_template is a method.)
+KV_BITS = ("auto", 16, 8, 4)  # auto: the least quantization the memory plan fits (memory.kv_setting)
 RESERVED_TEMPLATE_ARGS = frozenset({"messages", "tools", "add_generation_prompt", "bos_token", "eos_token", "self"})
 
-_INT, _NUM = (int,), (int, float)
-_KIND_NAMES = {_INT: "an integer", _NUM: "a number", (bool,): "a boolean", (str,): "a string",
-               (tuple, list): "a list of strings", (list,): "a list", (dict,): "a dict"}
+_INT, _NUM, _BITS = (int,), (int, float), (str, int)
+_KIND_NAMES = {_INT: "an integer", _NUM: "a number", _BITS: '"auto" or a number of bits', (bool,): "a boolean",
+               (str,): "a string", (tuple, list): "a list of strings", (list,): "a list", (dict,): "a dict"}
 # option: (types, check, the range it checks)
 _CHECKS = {
     "max_tokens": (_INT, lambda v: v >= 1, "at least 1"),
@@ -38,7 +39,7 @@ _CHECKS = {
     "system": ((str,), None, ""),
     "tools": ((list,), None, ""),
     "chat_template_kwargs": ((dict,), None, ""),
-    "kv_bits": (_INT, lambda v: v in (4, 8), "4 or 8 (None: 16-bit)"),
+    "kv_bits": (_BITS, lambda v: v in KV_BITS, '"auto", 16, 8 or 4'),
     "kv_start": (_INT, lambda v: v >= 0, ">= 0"),
 }
 
@@ -137,18 +138,14 @@ class PromptOptions:
 
 @dataclass(frozen=True)
 class CacheOptions:
-    """How the KV cache is held: quantized to `kv_bits` (None: 16-bit) from `kv_start` tokens on."""
+    """How the KV cache is held: "auto" (the least quantization that fits the planned context), 16-bit,
+    or quantized to 8 or 4 bits from `kv_start` tokens on."""
 
-    kv_bits: Optional[int] = None
+    kv_bits: Union[str, int] = "auto"  # one of KV_BITS; None: "auto"
     kv_start: int = 0
 
     def __post_init__(self):
         _check(self)
-
-    @property
-    def kv(self) -> tuple:
-        """(kv_bits, kv_start) as PromptCache.new takes them and PromptCache.kv records them."""
-        return (self.kv_bits, self.kv_start if self.kv_bits is not None else 0)
 
 
 _GROUPS = {"sampling": Sampling, "stopping": Stopping, "prompt": PromptOptions, "cache": CacheOptions}

@@ -243,14 +243,17 @@ def _check_whole(model):
                         f"{group.size()} ranks: run without --prompt-cache-file")
 
 
-def check_file(path, kv: tuple, chat: bool = False) -> bool:
-    """Before a model loads (the CLI): whether `path` exists. One that does is checked as far as its
-    header and this run's (kv_bits, kv_start) allow; one that does not needs a folder to be written in."""
+def check_file(path, kv_bits="auto", kv_start: int = 0, chat: bool = False) -> Optional[CacheSetting]:
+    """Before a model loads (the CLI): the setting `path` was made with, or None if it does not exist. One
+    that exists is checked as far as its header and this run's kv_bits ("auto": the file's), kv_start
+    allow; one that does not needs a folder to be written in."""
     path = Path(path)
     if path.exists():
         made = read_setting(path)
-        check_setting(path, made, CacheSetting(*kv, rope_factor=made.rope_factor))
-        return True
+        if kv_bits != "auto":
+            run = CacheSetting(None if kv_bits == 16 else kv_bits, kv_start, made.rope_factor)
+            check_setting(path, made, run)
+        return made
     if chat:
         raise UserError(f"{path} does not exist: --chat starts from a prompt cache file made by a --prompt run "
                         "(the same --system and document)")

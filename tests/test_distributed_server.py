@@ -256,7 +256,8 @@ for n in (300, 10, 600, 20, 300, 5):
     rounds.start(Unheard(prepare(model, tok, "go " * n, enable_thinking=False, max_tokens=5)))
     while rounds.active:
         rounds.step()
-    kept.append([len(rounds.pool), rounds.pool.nbytes // per_position])
+    # the pool's own measure (the same on every rank), and what its entries hold on this rank, in positions
+    kept.append([len(rounds.pool), rounds.pool.nbytes, sum(c.nbytes for c in rounds.pool._entries) // per_position])
 with open(f"rank{rank}.json", "w") as f:
     json.dump({"kept": kept, "per_position": per_position, "layers": len(model.layers)}, f)
 """
@@ -277,6 +278,6 @@ def test_under_pipeline_parallel_the_pools_decide_alike_on_other_bytes(folder, t
         assert proc.returncode == 0, log.read_text()
     rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert rank0["layers"] + rank1["layers"] == 3 and rank0["per_position"] != rank1["per_position"]
-    assert rank0["kept"] == rank1["kept"]
-    assert max(positions for _, positions in rank0["kept"]) <= 1100
-    assert [n for n, _ in rank0["kept"]] != list(range(1, 7))  # some were dropped for room
+    assert [k[:2] for k in rank0["kept"]] == [k[:2] for k in rank1["kept"]]
+    assert max(positions for *_, positions in rank0["kept"]) <= 1100
+    assert [n for n, *_ in rank0["kept"]] != list(range(1, 7))  # some were dropped for room

@@ -188,9 +188,11 @@ def test_generate_and_chat_session_use_the_setting(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs,param,message", [
-    (dict(kv_bits=5), "kv_bits", "kv_bits must be 4 or 8 (None: 16-bit), not 5"),
-    (dict(kv_bits=16), "kv_bits", "kv_bits must be 4 or 8"),
-    (dict(kv_bits="8"), "kv_bits", "kv_bits must be an integer"),
+    (dict(kv_bits=5), "kv_bits", 'kv_bits must be "auto", 16, 8 or 4, not 5'),
+    (dict(kv_bits=32), "kv_bits", 'kv_bits must be "auto", 16, 8 or 4'),
+    (dict(kv_bits="8"), "kv_bits", 'kv_bits must be "auto", 16, 8 or 4'),
+    (dict(kv_bits=8.0), "kv_bits", 'kv_bits must be "auto" or a number of bits'),
+    (dict(kv_bits=True), "kv_bits", 'kv_bits must be "auto" or a number of bits'),
     (dict(kv_bits=8, kv_start=-1), "kv_start", "kv_start must be >= 0, not -1"),
     (dict(kv_start=1.5), "kv_start", "kv_start must be an integer"),
 ])
@@ -232,9 +234,9 @@ def test_the_cli_flags_give_the_same_greedy_text(model_dir):
         assert out.returncode == 0 and out.stdout == plain.stdout, out.stderr
 
 
-@pytest.mark.parametrize("args,message", [(["--kv-bits", "3"], "kv_bits must be 4 or 8"),
+@pytest.mark.parametrize("args,message", [(["--kv-bits", "3"], "'3' is not one of 'auto', '16', '8', '4'"),
                                           (["--kv-bits", "8", "--kv-start", "-2"], "kv_start must be >= 0"),
-                                          (["--kv-bits", "eight"], "'eight' is not a valid integer")])
+                                          (["--kv-bits", "eight"], "'eight' is not one of 'auto', '16', '8', '4'")])
 def test_bad_flags_are_one_line_before_the_model_loads(tmp_path, args, message):
     out = cli("--model", str(tmp_path / "nope"), "--prompt", "hi", *args)
     assert out.returncode == 2, out.stderr
@@ -266,4 +268,4 @@ def test_a_server_with_8_bit_kv_answers_the_same_and_reuses_its_quantized_caches
 def test_the_server_refuses_a_bad_kv_setting_in_one_line(tmp_path):
     out = subprocess.run([sys.executable, "-m", "mlx_qwen3.server", "--model", str(tmp_path / "none"),
                           "--kv-bits", "2"], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "kv_bits must be 4 or 8" in out.stderr, out.stderr
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "'2' is not one of 'auto'" in out.stderr, out.stderr

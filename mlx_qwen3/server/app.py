@@ -25,10 +25,11 @@ PAGE = Path(__file__).with_name("chat.html")
 
 def create_app(model, tokenizer, model_name: str, api_key: Optional[str] = None, max_body: int = MAX_BODY,
                cache_slots: int = CACHE_SLOTS, cache_bytes: Optional[int] = None, parallel: int = PARALLEL,
-               host: str = "127.0.0.1", allow_origins=(), kv_bits: Optional[int] = None, kv_start: int = 0):
+               host: str = "127.0.0.1", allow_origins=(), kv_bits=None, kv_start: int = 0):
     """The ASGI app. `host` is the address the server is bound to (Host headers are checked against it);
-    `allow_origins`: web origins (scheme://host[:port], or "*") whose pages may call the API; `kv_bits`,
-    `kv_start`: how a request's KV cache is held unless the request says (options.CacheOptions)."""
+    `allow_origins`: web origins (scheme://host[:port], or "*") whose pages may call the API; `kv_bits`
+    ("auto", the default, 16, 8 or 4), `kv_start`: how a request's KV cache is held unless the request says
+    (options.CacheOptions)."""
     import anyio
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
@@ -37,9 +38,9 @@ def create_app(model, tokenizer, model_name: str, api_key: Optional[str] = None,
     from starlette.responses import HTMLResponse, JSONResponse, StreamingResponse
     from starlette.routing import Route
 
-    kv = CacheOptions(kv_bits, kv_start).kv  # checked before the engine starts
+    CacheOptions(kv_bits, kv_start)  # checked before the engine starts
     defaults = {"kv_bits": kv_bits, "kv_start": kv_start}  # a request's own kv_bits, kv_start come first
-    engine = Engine(model, tokenizer, cache_slots, cache_bytes, parallel, kv)
+    engine = Engine(model, tokenizer, cache_slots, cache_bytes, parallel)
     created = int(time.time())
 
     @lru_cache(maxsize=1)

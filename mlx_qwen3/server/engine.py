@@ -12,10 +12,9 @@ from typing import Optional
 
 import mlx.core as mx
 
-from .. import distributed
+from .. import distributed, memory
 from ..generate import GenerationOptions, Prompt, stream_generate
-from ..memory import cache_budget
-from ..models.cache import CacheSetting, PromptCache, PromptCachePool
+from ..models.cache import CacheSetting, KVCache, PromptCache, PromptCachePool
 
 CACHE_SLOTS = 4  # finished requests' caches kept for reuse
 PARALLEL = 8  # requests generating at once, time-sliced; each holds its own KV cache
@@ -55,10 +54,9 @@ class Rounds:
     rank of a sharded model runs alike (the same starts and steps, in the same order, make the same model
     calls and the same pool decisions on every rank)."""
 
-    def __init__(self, model, tokenizer, cache_slots: int, cache_bytes: Optional[int], kv: tuple = (None, 0)):
+    def __init__(self, model, tokenizer, cache_slots: int, cache_bytes: Optional[int]):
         self.model, self.tokenizer = model, tokenizer
-        # kv: the server's default (kv_bits, kv_start); a request's Prompt says how its own cache is made
-        self.pool = make_pool(model, cache_slots, cache_bytes, kv[0])
+        self.pool = make_pool(model, cache_slots, cache_bytes)
         self.active = []  # (job, its events, its cache, its Progress)
         self.lock = threading.Lock()  # over `active`'s changes: running() reads it from another thread
 
@@ -75,6 +73,11 @@ class Rounds:
             return
         with self.lock:
             self.active.append((job, steps, cache, progress))
+
+    def drop(self, n: int):
+        """Drop the `n` oldest cached prompts (to make room for the jobs starting)."""
+        for _ in range(n):
+            self.pool.drop_oldest()
 
     def running(self) -> list:
         """Each active job's prompt processing, as {"prompt_tokens", "processed"}; from any thread."""
@@ -107,15 +110,20 @@ class Engine:
     `max_active`) advances by one step of its own generator and its own KV cache, so a new request
     starts at once instead of waiting for the ones before it. Outputs never mix: each job has its
     own queue. Finished caches go back to a PromptCachePool: the newest `cache_slots` of them that fit in
-    `cache_bytes` together (default: memory.cache_budget). `kv`: the server's default (kv_bits, kv_start)
-    (requests choose their own in their options)."""
+    `cache_bytes` together (default: memory.cache_budget).
+
+    A queued job starts when its planned KV cache (its setting, its prompt and max_tokens) fits beside the
+    running jobs' and the weights in the memory plan's limit, cached prompts dropped (oldest first) to make
+    room; otherwise it waits for one to end, and the jobs behind it wait behind it."""
 
     def __init__(self, model, tokenizer, cache_slots: int = CACHE_SLOTS, cache_bytes: Optional[int] = None,
-                 max_active: int = PARALLEL, kv: tuple = (None, 0)):
+                 max_active: int = PARALLEL):
         self.group = distributed.group_of(model)
         self.jobs = queue.Queue()
-        self.rounds = Rounds(model, tokenizer, cache_slots, cache_bytes, kv)
+        self.held = None  # the first queued job, waiting for memory
+        self.rounds = Rounds(model, tokenizer, cache_slots, cache_bytes)
         self.pool = self.rounds.pool
+        self.args, self.resident = model.args, memory.resident(model)
         self.max_active = max_active
         self.live = set()  # jobs whose client waits for them; touched on the event loop only
         self.closing = False
@@ -149,38 +157,62 @@ class Engine:
 
     @property
     def waiting(self) -> int:
-        return self.jobs.qsize() + len(self.rounds.active)
+        return self.jobs.qsize() + len(self.rounds.active) + (self.held is not None)
 
     def running(self) -> list:
         """Per running request, its prompt's tokens and how many are processed; safe from the event loop."""
         return self.rounds.running()
 
-    def _admit(self) -> list:
-        """The queued jobs there is room for; block only when there is nothing else to do (sharded: for
-        at most HEARTBEAT seconds, so that the round, empty, still reaches the other ranks)."""
-        new = []
+    def _admit(self) -> tuple:
+        """The queued jobs there is room for, in order, and how many cached prompts (oldest first) to drop
+        for them; block only when there is nothing else to do (sharded: for at most HEARTBEAT seconds, so
+        that the round, empty, still reaches the other ranks)."""
+        new, drop = [], 0
         while len(self.rounds.active) + len(new) < self.max_active:
-            idle = not self.rounds.active and not new and not self.closing
-            try:
-                job = self.jobs.get(block=idle, timeout=HEARTBEAT if idle and self.group is not None else None)
-            except queue.Empty:
-                break
+            job, self.held = self.held, None
+            if job is None:
+                idle = not self.rounds.active and not new and not self.closing
+                try:
+                    job = self.jobs.get(block=idle, timeout=HEARTBEAT if idle and self.group is not None else None)
+                except queue.Empty:
+                    break
             if job is None:  # close() woke us
                 continue
             if job.cancel.is_set():  # the client left while it waited, or the server is stopping
                 job.put(None)
                 continue
+            room = self._room([entry[0] for entry in self.rounds.active] + new + [job], drop)
+            if room is None:
+                self.held = job  # until a running job ends; none behind it starts first
+                break
             new.append(job)
-        return new
+            drop = room
+        return new, drop
+
+    def _room(self, jobs: list, drop: int) -> Optional[int]:
+        """How many cached prompts (oldest first; `drop` already) to drop for `jobs` to fit together, or
+        None: they do not. One job alone always starts (prepare refused one that cannot fit alone)."""
+        planned = [memory.planned_bytes(self.args, job.prompt.setting, len(job.prompt.ids),
+                                        job.prompt.options.stopping.max_tokens) for job in jobs]
+        # the KV caches all at once; the working memory of one step at a time
+        need = self.resident.weights + sum(kv for kv, _ in planned) + max(work for _, work in planned)
+        sizes = self.pool.sizes()
+        held = sum(sizes[drop:])
+        while need + held > self.resident.limit and drop < len(sizes):
+            held -= sizes[drop]
+            drop += 1
+        return drop if need + held <= self.resident.limit or len(jobs) == 1 else None
 
     def _work(self):
         while True:
-            new = self._admit()
+            new, drop = self._admit()
             done = self.closing and not new and not self.rounds.active and self.jobs.empty()
             if self.group is not None:
-                distributed.share({"start": [to_wire(job.prompt) for job in new], "stop": done}, self.group)
+                distributed.share({"start": [to_wire(job.prompt) for job in new], "drop": drop, "stop": done},
+                                  self.group)
             if done:
                 return
+            self.rounds.drop(drop)
             for job in new:
                 self.rounds.start(job)
             self.rounds.step()
@@ -199,28 +231,62 @@ def from_wire(wire: dict) -> Prompt:
     return Prompt(wire["ids"], wire["messages"], wire["thinking"], options, CacheSetting(*wire["setting"]))
 
 
-def make_pool(model, slots: int, max_bytes: Optional[int], kv_bits: Optional[int] = None) -> PromptCachePool:
+class Pool(PromptCachePool):
+    """The engine's cached prompts: measured by `size` (None: their real bytes), the oldest droppable."""
+
+    def __init__(self, max_entries: int, max_bytes: Optional[int], size=None):
+        super().__init__(max_entries, max_bytes)
+        self.size = size
+
+    def _nbytes(self) -> int:
+        return sum(self._sizes())
+
+    def _sizes(self) -> list:
+        return [c.nbytes if self.size is None else self.size(c) for c in self._entries]
+
+    def sizes(self) -> list:
+        """Each entry's size, oldest first."""
+        with self._lock:
+            return self._sizes()
+
+    def drop_oldest(self):
+        with self._lock:
+            if self._entries:
+                self._entries.pop(0)
+
+
+def make_pool(model, slots: int, max_bytes: Optional[int]) -> Pool:
     """The pool of `slots` cached prompts in `max_bytes` (default: memory.cache_budget). On a sharded
     model, agreed across the ranks: call it on every rank at once."""
-    max_bytes = cache_budget(model) if max_bytes is None else max_bytes
+    max_bytes = memory.cache_budget(model) if max_bytes is None else max_bytes
     group = distributed.group_of(model)
     if group is None:
-        return PromptCachePool(slots, max_bytes)
+        return Pool(slots, max_bytes)
     # Every take and put must decide alike on every rank (another reuse is another number of model calls:
-    # a deadlock). Takes go by ids and the slot count (rank 0's). Puts go by bytes, which differ by rank
-    # (pipeline: other layers; other Macs: other budgets): so the ranks agree on a limit in positions, the
-    # fewest any can hold, and each holds that many of its own: "over the limit" reads alike everywhere.
+    # a deadlock). Takes go by ids and the slot count (rank 0's). Puts go by sizes, and real bytes differ by
+    # rank (pipeline: other layers; other Macs: other budgets): so an entry is measured by its planned size
+    # for the whole model (memory.kv_bytes: its ids, its setting, the config), the same on every rank, and
+    # the ranks agree on a limit in that unit: the least any rank's budget holds, each scaled by the most
+    # real bytes its share takes per planned byte over the KV settings.
+    args = model.args
     with distributed.watchdog.waiting(group, timed=False):  # the ranks start serving when they start
-        per_position = position_bytes(model, kv_bits)
-        mine = mx.array([min(max_bytes // per_position, 2**31 - 1)], dtype=mx.int32)
-        positions = mx.distributed.all_min(mine, group=group).item()
-    return PromptCachePool(distributed.share(slots, group), positions * per_position)
+        scale = max(position_bytes(model, bits) / memory.kv_bytes_per_token(args, bits) for bits in kv_choices(model))
+    limit = min(distributed.gather(int(max_bytes / scale), group))
+    step = KVCache.step  # a cache holds its positions in steps: count them so
+    return Pool(distributed.share(slots, group), limit,
+                size=lambda c: memory.kv_bytes(args, c.setting, len(c.ids), -(-len(c.ids) // step) * step))
 
 
-def position_bytes(model, kv_bits: Optional[int] = None) -> int:
-    """The bytes one cached position takes on this rank (its layers, its share of the heads) at `kv_bits`
-    (a kv_start's 16-bit positions are not counted), measured on one token: every rank must call it at
-    once (a sharded model's forward has collectives)."""
-    cache = PromptCache.new(model, CacheSetting(kv_bits))
+def kv_choices(model) -> list:
+    """The KV bits this model's cache can be made with (a head_dim no group size divides: 16 alone)."""
+    args = model.args
+    head_dim = args.head_dim or args.hidden_size // args.num_attention_heads
+    return [bits for bits in memory.KV_SETTINGS if bits == 16 or head_dim % 32 == 0]
+
+
+def position_bytes(model, kv_bits: int = 16) -> int:
+    """The bytes one cached position takes on this rank (its layers, its share of the heads) at `kv_bits`,
+    measured on one token: every rank must call it at once (a sharded model's forward has collectives)."""
+    cache = PromptCache.new(model, CacheSetting(None if kv_bits == 16 else kv_bits))
     mx.eval(model(mx.array([[0]]), cache=cache.layers), [c.state for c in cache.layers])
     return sum(c.nbytes // c.step for c in cache.layers)  # one token: one step of positions allocated

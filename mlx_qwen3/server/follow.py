@@ -20,21 +20,20 @@ class Unheard:
         pass
 
 
-def follow(model, tokenizer, cache_slots: int = CACHE_SLOTS, cache_bytes: Optional[int] = None,
-           kv: tuple = (None, 0)):
+def follow(model, tokenizer, cache_slots: int = CACHE_SLOTS, cache_bytes: Optional[int] = None):
     """Run rank 0's server rounds on this rank until rank 0's engine stops.
 
     Args:
         model: this rank's share of the model rank 0 serves (`load` in the same launch).
         cache_slots, cache_bytes: as given to rank 0's server; the ranks agree on one pool limit.
-        kv: (kv_bits, kv_start), as given to rank 0's server.
     """
     group = distributed.group_of(model)
-    rounds = Rounds(model, tokenizer, cache_slots, cache_bytes, kv)
+    rounds = Rounds(model, tokenizer, cache_slots, cache_bytes)
     while True:
         message = distributed.share(None, group)
         if message["stop"]:
             return
+        rounds.drop(message["drop"])  # what rank 0 dropped to make room for these starts
         for wire in message["start"]:
             rounds.start(Unheard(from_wire(wire)))
         rounds.step()
