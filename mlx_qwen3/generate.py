@@ -162,7 +162,7 @@ def prepare(model, tokenizer, prompt, **options) -> Prompt:
     if len(ids) >= window:
         raise UserError(f"the prompt is {len(ids)} tokens; the context window is {window}", "messages",
                         "context_length_exceeded")
-    context = min(len(ids) + opts.stopping.max_tokens, window)  # what this prompt's cache is planned for
+    context = memory.planned_context(model.args, len(ids), opts.stopping.max_tokens)
     kv_bits, kv_start = memory.kv_setting(model, opts.cache.kv_bits, opts.cache.kv_start, len(ids), context)
     setting = CacheSetting(kv_bits, kv_start, model.args.rope_factor(context))
     return Prompt(ids, messages, thinking_wanted(messages, opts.prompt.enable_thinking), opts, setting)

@@ -259,4 +259,4 @@ def check_file(path, kv_bits="auto", kv_start: int = 0, chat: bool = False) -> O
                         "(the same --system and document)")
     if not path.parent.is_dir():
         raise UserError(f"{path.parent} is not a folder: give a --prompt-cache-file in an existing folder")
-    return False
+    return None

@@ -114,7 +114,7 @@ def test_prepare_resolves_auto_and_refuses_a_plan_that_cannot_fit(looping, monke
     model, tok = looping
     n = len(prepare(model, tok, "hi", enable_thinking=False, max_tokens=1).ids)
     monkeypatch.setenv("MLX_QWEN3_MEMORY_GB", repr(limit_for(model, n + 100)))
-    assert prepare(model, tok, "hi", enable_thinking=False, max_tokens=100).setting == CacheSetting()
+    assert prepare(model, tok, "hi", enable_thinking=False, max_tokens=100).setting == CacheSetting(rope_factor=1.0)
     for options in (dict(max_tokens=101), dict(max_tokens=101, kv_bits=16)):
         with pytest.raises(UserError) as e:
             prepare(model, tok, "hi", enable_thinking=False, **options)
