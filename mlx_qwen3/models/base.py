@@ -58,14 +58,14 @@ def quantized_attention(q: mx.array, k: tuple, v: tuple, scale: float, group_siz
     biases) of (B, n_kv_heads, S, ...): two quantized matmuls, the cache is never dequantized whole."""
     B, n_heads, L, D = q.shape
     n_kv, S = k[0].shape[1], k[0].shape[2]
-    # GQA: each kv head serves `repeats` query heads; a broadcast axis instead of repeating the cache
-    q = (q * scale).reshape(B, n_kv, n_heads // n_kv, L, D)
-    k, v = (tuple(a[:, :, None] for a in t) for t in (k, v))
+    # GQA: each kv head's query heads fold into its rows (repeats * L); a broadcast kv axis would make
+    # MLX's CPU quantized matmul copy the cache per step (twice as slow at 8 bits)
+    q = (q * scale).reshape(B, n_kv, n_heads // n_kv * L, D)
     scores = mx.quantized_matmul(q, *k, transpose=True, group_size=group_size, bits=bits)
     scores = scores.astype(mx.float32)
-    if L > 1:  # the queries are the last L positions
+    if L > 1:  # the queries are the last L positions, each kv head's rows are (repeats, L)
         causal = mx.arange(S - L, S)[:, None] >= mx.arange(S)[None]
-        scores = mx.where(causal, scores, -mx.inf)
+        scores = mx.where(causal, scores.reshape(B, n_kv, -1, L, S), -mx.inf).reshape(B, n_kv, -1, S)
     probs = mx.softmax(scores, axis=-1).astype(q.dtype)
     out = mx.quantized_matmul(probs, *v, transpose=False, group_size=group_size, bits=bits)
     return out.reshape(B, n_heads, L, D)
