@@ -42,6 +42,15 @@ def answering(tmp_path_factory):
     return load(build_scripted(tmp_path_factory.mktemp("answering"), successors(think, plain), max_position_embeddings=256))
 
 
+@pytest.fixture(scope="session")
+def thinking_dir(tmp_path_factory):
+    """A model folder that thinks "Let me think", then answers "The answer is 4." after a blank line."""
+    tok = tokenizer()
+    reply = ids_of(tok, ["<think>", "Let me think", "</think>", "\n\n", "The answer is 4.", "<|im_end|>"])
+    return build_scripted(tmp_path_factory.mktemp("thinking"), successors([_tail(tok)] + reply),
+                          max_position_embeddings=512)
+
+
 @pytest.fixture(scope="module")
 def server(answering):
     with serving(*answering) as url:

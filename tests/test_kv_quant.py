@@ -212,21 +212,13 @@ def test_a_head_dim_that_cannot_be_grouped_is_one_line():
 
 # ---- the CLI, end to end on a scripted model ----
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    tok = tokenizer()
-    tail = tok.encode(tok.apply_chat_template([{"role": "user", "content": "x"}]))[-1]
-    reply = ids_of(tok, ["<think>", "Let me think", "</think>", "\n\n", "The answer is 4.", "<|im_end|>"])
-    return build(tmp_path_factory.mktemp("kvcli"), successors([tail] + reply), max_position_embeddings=256)
-
-
 def cli(*args):
     cmd = [sys.executable, "-m", "mlx_qwen3.generate", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
 
-def test_the_cli_flags_give_the_same_greedy_text(model_dir):
-    base = ["--model", str(model_dir), "--prompt", "What is 2+2?", "--temp", "0"]
+def test_the_cli_flags_give_the_same_greedy_text(thinking_dir):
+    base = ["--model", str(thinking_dir), "--prompt", "What is 2+2?", "--temp", "0"]
     plain = cli(*base)
     assert plain.returncode == 0 and "The answer is 4." in plain.stdout, plain.stderr
     for extra in (["--kv-bits", "8"], ["--kv-bits", "4"], ["--kv-bits", "4", "--kv-start", "5"]):

@@ -10,7 +10,7 @@ import sys
 import mlx.core as mx
 import numpy as np
 import pytest
-from chain import build, ids_of, successors, tokenizer
+from chain import build, successors
 
 from mlx_qwen3 import load, prompt_file
 from mlx_qwen3.errors import UserError
@@ -199,14 +199,6 @@ def test_a_sharded_model_is_refused(model, saved, tmp_path, monkeypatch):
 
 # ---- the CLI, end to end on a scripted model ----
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    tok = tokenizer()
-    tail = tok.encode(tok.apply_chat_template([{"role": "user", "content": "x"}]))[-1]
-    reply = ids_of(tok, ["<think>", "Let me think", "</think>", "\n\n", "The answer is 4.", "<|im_end|>"])
-    return build(tmp_path_factory.mktemp("filecli"), successors([tail] + reply), max_position_embeddings=512)
-
-
 def cli(*args, stdin=None):
     cmd = [sys.executable, "-m", "mlx_qwen3.generate", "--temp", "0", *args]
     return subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=120)
@@ -222,8 +214,8 @@ DOCUMENT = "Read this report carefully. " * 20
 
 
 @pytest.mark.parametrize("kv", [[], ["--kv-bits", "8", "--kv-start", "40"]], ids=["16", "8-start40"])
-def test_the_first_run_saves_the_prompt_and_later_runs_start_from_it(model_dir, tmp_path, kv):
-    base = ["--model", str(model_dir), "--system", DOCUMENT, *kv]
+def test_the_first_run_saves_the_prompt_and_later_runs_start_from_it(thinking_dir, tmp_path, kv):
+    base = ["--model", str(thinking_dir), "--system", DOCUMENT, *kv]
     plain = cli(*base, "--prompt", "What is 2+2?")
     assert plain.returncode == 0 and "The answer is 4." in plain.stdout, plain.stderr
     file = tmp_path / "report.cache"
@@ -232,7 +224,7 @@ def test_the_first_run_saves_the_prompt_and_later_runs_start_from_it(model_dir, 
     n = int(re.search(r"saved the prompt's (\d+) tokens to (.*)\n", first.stderr).group(1))
     assert f"saved the prompt's {n} tokens to {file}\n" in first.stderr
     saved = file.read_bytes()
-    assert len(load_prompt_cache(file, load(model_dir)[0]).ids) == n
+    assert len(load_prompt_cache(file, load(thinking_dir)[0]).ids) == n
     assert os.listdir(tmp_path) == ["report.cache"]
 
     again = cli(*base, "--prompt", "What is 2+2?", "--prompt-cache-file", str(file))
@@ -246,24 +238,24 @@ def test_the_first_run_saves_the_prompt_and_later_runs_start_from_it(model_dir, 
     assert file.read_bytes() == saved  # a file is never rewritten
 
 
-def test_a_chat_starts_from_the_file(model_dir, tmp_path):
+def test_a_chat_starts_from_the_file(thinking_dir, tmp_path):
     file = tmp_path / "f.cache"
-    base = ["--model", str(model_dir), "--system", DOCUMENT]
+    base = ["--model", str(thinking_dir), "--system", DOCUMENT]
     assert cli(*base, "--prompt", "What is 2+2?", "--prompt-cache-file", str(file)).returncode == 0
     out = cli(*base, "--chat", "--prompt-cache-file", str(file), stdin="What is 2+2?\nAnd 3+3?\n")
     assert out.returncode == 0 and out.stdout.count("The answer is 4.") == 2, out.stderr
     assert "the chat starts from the " in out.stderr and f"prompt tokens in {file}\n" in out.stderr
 
 
-def test_refusals_are_one_line_and_leave_the_file(model_dir, tmp_path):
+def test_refusals_are_one_line_and_leave_the_file(thinking_dir, tmp_path):
     file = tmp_path / "f.cache"
-    base = ["--model", str(model_dir), "--prompt", "What is 2+2?", "--prompt-cache-file", str(file)]
+    base = ["--model", str(thinking_dir), "--prompt", "What is 2+2?", "--prompt-cache-file", str(file)]
     assert cli(*base).returncode == 0
     saved = file.read_bytes()
     one_line(cli(*base, "--kv-bits", "8"), "made with 16-bit KV; this run uses 8-bit KV: run with no --kv-bits")
     other = build(tmp_path / "other", successors([1, 2]), seed=1)
     one_line(cli(*base[2:], "--model", str(other)), "the prompt cache file was made for another model")
-    one_line(cli("--model", str(model_dir), "--chat", "--prompt-cache-file", str(tmp_path / "none")),
+    one_line(cli("--model", str(thinking_dir), "--chat", "--prompt-cache-file", str(tmp_path / "none")),
              "does not exist: --chat starts from a prompt cache file made by a --prompt run")
     assert file.read_bytes() == saved
     file.write_bytes(saved[:-10])
