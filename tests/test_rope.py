@@ -18,7 +18,7 @@ from mlx_qwen3 import ChatSession, load, load_model
 from mlx_qwen3.errors import UserError
 from mlx_qwen3.generate import generate, prepare, process_prompt
 from mlx_qwen3.models import qwen3
-from mlx_qwen3.models.cache import CacheSetting, PromptCache, PromptCachePool, make_cache
+from mlx_qwen3.models.cache import CacheSetting, PromptCachePool, make_cache
 
 TOL = 1e-4  # fp32, relative to the largest logit
 ORIGINAL = 32  # the test checkpoints' YaRN: original window 32, factor up to 4 (tests/checkpoints.py)
