@@ -343,11 +343,11 @@ def stream_generate(model, tokenizer, prompt, cache: Optional[PromptCache] = Non
     processors = make_processors(opts.sampling.presence_penalty, opts.sampling.repetition_penalty,
                                  opts.sampling.frequency_penalty)
     router = ThinkingRouter(tokenizer, thinking=starts_in_thinking(prompt.ids, tokenizer))
-    settings = opts.loops.settings
-    guard = (lambda: LoopGuard(ending_ids(tokenizer), settings)) if settings is not None else lambda: None
-    budget = ThinkingBudget(tokenizer, opts.stopping, max_tokens, guard())
+    settings = opts.loops.settings  # None: the loop guard is off
+    guards = [None, None] if settings is None else [LoopGuard(ending_ids(tokenizer), settings) for _ in range(2)]
+    budget = ThinkingBudget(tokenizer, opts.stopping, max_tokens, guards[0])  # one guard per channel
     check_ids(model, budget.ending + budget.nudge)
-    answer = AnswerLoops(guard())
+    answer = AnswerLoops(guards[1])
     special = set(router.ids.values())  # they change the channel: what is held goes out before them
     stops = StopStrings(opts.stopping.stop)
     eos = tokenizer.eos_token_ids

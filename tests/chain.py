@@ -6,6 +6,7 @@ chain: within one script a token may have only one successor).
 """
 
 import json
+import re
 from functools import lru_cache
 
 import mlx.core as mx
@@ -41,6 +42,14 @@ def ids_of(tok, pieces) -> list:
     return out
 
 
+def endless(tok) -> list:
+    """A reply that starts "a ba b" and goes on without end (until max_tokens or a cancel): a cycle of 1,100
+    different words, longer than any period the loop guard looks for, with no line or sentence ending."""
+    start = ids_of(tok, ["a", " ", "ba", " b"])
+    words = [i for i in range(1000, 60000) if re.fullmatch(r" [a-z]{3,}", tok.decode([i]))][:1100]
+    return start + words + start[:1]
+
+
 def successors(*scripts) -> dict:
     """Each script is a token-id sequence; returns token -> next token, refusing a second successor."""
     succ = {}
@@ -71,8 +80,10 @@ def build(folder, succ: dict, *, max_position_embeddings=4096, template=None, ge
         r = emb[a, 1:]
         head[b, 1:] += r / np.linalg.norm(r)
     head *= SHARPNESS
-    for a, b in succ.items():
-        assert int(np.argmax(head @ normed[a])) == b, "the random embedding broke the chain; change the seed"
+    pairs = np.array(list(succ.items()), dtype=np.int64).reshape(-1, 2)
+    for i in range(0, len(pairs), 64):  # in blocks: the head is read once per block, not once per token
+        a, b = pairs[i : i + 64].T
+        assert (np.argmax(normed[a] @ head.T, axis=1) == b).all(), "the random embedding broke the chain; change the seed"
 
     small = lambda *shape: mx.array(rng.standard_normal(shape).astype(np.float32) * 0.1)
     weights = {"model.embed_tokens.weight": mx.array(emb), "lm_head.weight": mx.array(head),
