@@ -107,7 +107,8 @@ def main(command: Optional[str] = None):
 @click.option("--thinking-budget", type=int, default=None, help="End the thought after N tokens.")
 @click.option("--loop-guard/--no-loop-guard", default=True, show_default=True,
               help="Notice a reply that loops: a thought is nudged, then closed; an answer stops before it repeats.")
-@click.option("--loop-repeats", type=int, default=None, help="Copies of a span back to back that make a loop. Default: 3.")
+@click.option("--loop-repeats", type=int, default=None,
+              help="Copies of a span back to back that make a loop. Default: 3.")
 @click.option("--loop-min-tokens", type=int, default=None, help="Tokens those copies must cover. Default: 256.")
 @click.option("--loop-recurring", type=int, default=None,
               help="Times a line must recur within --loop-window tokens to make a loop. Default: 32.")

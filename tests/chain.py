@@ -83,7 +83,8 @@ def build(folder, succ: dict, *, max_position_embeddings=4096, template=None, ge
     pairs = np.array(list(succ.items()), dtype=np.int64).reshape(-1, 2)
     for i in range(0, len(pairs), 64):  # in blocks: the head is read once per block, not once per token
         a, b = pairs[i : i + 64].T
-        assert (np.argmax(normed[a] @ head.T, axis=1) == b).all(), "the random embedding broke the chain; change the seed"
+        ok = (np.argmax(normed[a] @ head.T, axis=1) == b).all()
+        assert ok, "the random embedding broke the chain; change the seed"
 
     small = lambda *shape: mx.array(rng.standard_normal(shape).astype(np.float32) * 0.1)
     weights = {"model.embed_tokens.weight": mx.array(emb), "lm_head.weight": mx.array(head),
