@@ -222,6 +222,19 @@ def test_cli_recurring_and_a_quiet_long_thought(folders):
     assert quiet.stdout.rstrip("\n").endswith(ANSWER)
 
 
+def test_on_a_terminal_the_line_is_dimmed(monkeypatch, capsys):
+    from mlx_qwen3 import terminal
+    from mlx_qwen3.generate import GenerationResult
+
+    loops = [{"channel": "answer", "kind": "recurring", "period": 40, "position": 900, "action": "stopped"}]
+    result = GenerationResult("", "x", [], "stop", 5, 901, 0, 1.0, 1.0, 0.1, loops=loops)
+    monkeypatch.setattr(terminal, "_isatty", lambda stream: True)
+    terminal.Printer(False, False, True).show(result)
+    line = capsys.readouterr().err.splitlines()[0]
+    assert line == (f"{terminal.DIM}loop guard: stopped the answer at token 900 (a line recurring every 40 tokens)"
+                    f"{terminal.RESET}")
+
+
 def test_cli_bad_loop_settings_are_one_line(folders):
     out = cli(folders["counting"], "--loop-window", "100")
     assert out.returncode == 2 and out.stderr.startswith("error: loop_window must be at least 384")
