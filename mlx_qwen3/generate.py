@@ -11,7 +11,7 @@ import mlx.core as mx
 from . import distributed, memory
 from .errors import UserError
 from .models.cache import CacheSetting, PromptCache, PromptCachePool
-from .loop_guard import REPEAT, Loop, LoopGuard, ending_ids
+from .loop_guard import REPEAT, Endings, Loop, LoopGuard
 from .options import NUDGE, GenerationOptions, PromptOptions, Stopping, check_text
 from .sample import make_processors, make_sampler
 from .thinking import ANSWER, THINKING, Event, ThinkingRouter, starts_in_thinking, thinking_wanted
@@ -234,38 +234,43 @@ class ThinkingBudget:
 
 
 class AnswerLoops:
-    """Holds back the answer's latest tokens while they may be a copy in progress of the text before them
-    (LoopGuard.pending), and ends the answer at the start of a second copy: the repeated text is never
-    given out twice. The router gets the tokens this lets go of, in order."""
+    """What goes out of the answer channel. Holds back the events of the answer's latest tokens while those
+    may be a copy in progress of the text before them (LoopGuard.pending), and ends the answer at the start
+    of a second copy: the repeated text is never given out twice. `text`: the answer that went out."""
 
     def __init__(self, guard: Optional[LoopGuard]):
         self.guard = guard
-        self.held = deque()  # (the guard's position, token)
-        self.loops = []
+        self.held = deque()  # (the guard's position of a token, the events it made)
+        self.loops, self.text = [], ""
 
-    def feed(self, token: int, position: int) -> tuple:
-        """An answer token (the `position`th generated) -> (tokens to give out, whether the answer ends)."""
+    def feed(self, token: int, events: list, position: int) -> tuple:
+        """An answer token (the `position`th generated) and its events -> (events to give out, whether the
+        answer ends)."""
         if self.guard is None:
-            return [token], False
-        self.held.append((len(self.guard.ids), token))
+            return self._out(events), False
+        self.held.append((len(self.guard.ids), events))
         loop = self.guard.feed(token)
         if loop is None:
             keep = self.guard.pending
-            return [self.held.popleft()[1] for _ in range(len(self.held) - keep)], False
+            return self._out([e for _ in range(len(self.held) - keep) for e in self.held.popleft()[1]]), False
         self.loops.append(_report(ANSWER, loop, position, "stopped"))
         # a repeat: what is held from its second copy on is dropped; a recurring line is out already: stop there
-        out = [t for p, t in self.held if loop.kind != REPEAT or p < loop.second]
+        out = [e for p, events in self.held if loop.kind != REPEAT or p < loop.second for e in events]
         self.held.clear()
-        return out, True
+        return self._out(out), True
 
-    def release(self) -> list:
-        """Everything held, in order (the answer ends, or a tool call or a thought comes); the next answer
-        tokens are watched afresh."""
-        out = [t for _, t in self.held]
+    def release(self, events: list = ()) -> list:
+        """Everything held, then `events` (the answer ends, or a tool call, a thought or a stop string comes);
+        the next answer tokens are watched afresh."""
+        out = [e for _, held in self.held for e in held] + list(events)
         self.held.clear()
         if self.guard is not None and self.guard.ids:
             self.guard.reset()
-        return out
+        return self._out(out)
+
+    def _out(self, events: list) -> list:
+        self.text += "".join(e.text for e in events if e.type == ANSWER)
+        return events
 
 
 def _report(channel: str, loop: Loop, position: int, action: str) -> dict:
@@ -277,7 +282,7 @@ class StopStrings:
 
     def __init__(self, stops):
         self.stops = [s for s in stops if s]
-        self.held, self.hit, self.answer = "", False, ""
+        self.held, self.hit = "", False
 
     def cut(self, events: list, last: bool = False) -> list:
         """The router's events with the answer cut (`last`: let go of what was held)."""
@@ -286,7 +291,6 @@ class StopStrings:
             if event.type == "answer":
                 text = "" if last and self.hit else self._feed(event.text) + (self._flush() if last else "")
                 event = Event("answer", text)
-                self.answer += text
             if event.text or event.tool_call:
                 out.append(event)
         return out
@@ -344,11 +348,11 @@ def stream_generate(model, tokenizer, prompt, cache: Optional[PromptCache] = Non
                                  opts.sampling.frequency_penalty)
     router = ThinkingRouter(tokenizer, thinking=starts_in_thinking(prompt.ids, tokenizer))
     settings = opts.loops.settings  # None: the loop guard is off
-    guards = [None, None] if settings is None else [LoopGuard(ending_ids(tokenizer), settings) for _ in range(2)]
+    guards = [None, None] if settings is None else [LoopGuard(Endings.of(tokenizer), settings) for _ in range(2)]
     budget = ThinkingBudget(tokenizer, opts.stopping, max_tokens, guards[0])  # one guard per channel
     check_ids(model, budget.ending + budget.nudge)
     answer = AnswerLoops(guards[1])
-    special = set(router.ids.values())  # they change the channel: what is held goes out before them
+    special = set(router.ids.values())  # they change the channel: what is held goes out before their events
     stops = StopStrings(opts.stopping.stop)
     eos = tokenizer.eos_token_ids
 
@@ -367,14 +371,12 @@ def stream_generate(model, tokenizer, prompt, cache: Optional[PromptCache] = Non
                 break
             n += 1
             before = router.state
-            if before == ANSWER and token not in special:
-                ready, looped = answer.feed(token, n - 1)
+            events = stops.cut(router.feed(token))
+            if before == ANSWER and token not in special and not stops.hit:
+                events, looped = answer.feed(token, events, n - 1)
             else:
-                ready, looped = answer.release() + [token], False
-            for t in ready:
-                yield from stops.cut(router.feed(t))
-                if stops.hit:
-                    break
+                events, looped = answer.release(events), False
+            yield from events
             thinking_tokens += before == THINKING or router.state == THINKING
             budget.step(before, router.state, token, n - 1)
             if stops.hit or looped:
@@ -384,15 +386,12 @@ def stream_generate(model, tokenizer, prompt, cache: Optional[PromptCache] = Non
                 break
         else:  # the steps end only when cancelled
             finish = "cancelled"
-    for t in [] if stops.hit else answer.release():  # nothing held is lost
-        yield from stops.cut(router.feed(t))
-        if stops.hit:
-            break
-    yield from stops.cut(router.finish() + [Event("answer", "")], last=True)
+    rest = router.finish() + [Event("answer", "")]  # after a loop: the dropped copy's, never to be given out
+    yield from answer.release([] if answer.loops else stops.cut(rest, last=True))  # nothing held is lost
     gen_time = time.perf_counter() - tic
     yield GenerationResult(
         thinking=router.texts[THINKING],
-        answer=stops.answer,
+        answer=answer.text,
         tool_calls=router.tool_calls,
         finish_reason=finish,
         prompt_tokens=len(prompt.ids),
