@@ -42,11 +42,18 @@ def ids_of(tok, pieces) -> list:
     return out
 
 
+# Tokens of a's, b's and spaces, each one token: the start of `endless`'s reply, after "a", " ", "ba", " b".
+_AB = [" ab", "ab", " a", "aa", "bb", "aba", "abb", " bb", " bab", "aaaa", " aa", " abb", "aaa", "bab", "bbb",
+       " aba", " aaa", "bbbb", "aab", "b"]
+
+
 def endless(tok) -> list:
-    """A reply that starts "a ba b" and goes on without end (until max_tokens or a cancel): a cycle of 1,100
-    different words, longer than any period the loop guard looks for, with no line or sentence ending."""
-    start = ids_of(tok, ["a", " ", "ba", " b"])
-    words = [i for i in range(1000, 60000) if re.fullmatch(r" [a-z]{3,}", tok.decode([i]))][:1100]
+    """A reply that starts "a ba b" and goes on without end (until max_tokens or a cancel): its first 70
+    characters are a's, b's and spaces, then come 1,100 different words; a cycle longer than any period
+    the loop guard looks for, with no line or sentence ending in it."""
+    start = ids_of(tok, ["a", " ", "ba", " b"] + _AB)
+    assert len(start) == 4 + len(_AB), "each piece must be one token"
+    words = [i for i in range(1000, 60000) if re.fullmatch(r" [a-z]{3,}", tok.decode([i])) and i not in start][:1100]
     return start + words + start[:1]
 
 

@@ -1,6 +1,6 @@
 """The server on 2 ranks (mlx.launch, ring backend, this machine's CPU): rank 0 serves, rank 1 follows its
 rounds. One scripted model: thinking, it thinks "Let me think" and answers "The answer is 4."; not
-thinking, it answers "a ba b..." without end."""
+thinking, it answers "a ba ba b..." without end."""
 
 import json
 import os
@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import mlx.core as mx
 import pytest
-from chain import build, endless, ids_of, successors, tokenizer
+from chain import build, ids_of, successors, tokenizer
 from conftest import _tail, free_ports, wait_for_health
 
 from mlx_qwen3 import load
@@ -33,7 +33,7 @@ NO_THINK = {"chat_template_kwargs": {"enable_thinking": False}}
 def folder(tmp_path_factory):
     tok = tokenizer()
     think = [_tail(tok)] + ids_of(tok, ["<think>", "Let me think", "</think>", "The answer is 4.", "<|im_end|>"])
-    loop = [_tail(tok, enable_thinking=False)] + endless(tok)
+    loop = [_tail(tok, enable_thinking=False)] + ids_of(tok, ["a b", "a"])
     return build(tmp_path_factory.mktemp("models") / NAME, successors(think, loop), max_position_embeddings=100000)
 
 
