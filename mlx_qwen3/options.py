@@ -172,9 +172,9 @@ class LoopOptions:
         _check(self)
         least = LoopSettings.min_line * self.loop_recurring
         if self.loop_window < least:
-            raise UserError(f"loop_window must be at least {least} ({self.loop_recurring} lines of "
-                            f"{LoopSettings.min_line} tokens, loop_recurring's), not {self.loop_window}",
-                            "loop_window", "out_of_range")
+            raise UserError(f"loop_window must be at least {least}, to hold loop_recurring ({self.loop_recurring}) "
+                            f"lines of {LoopSettings.min_line} tokens; not {self.loop_window}", "loop_window",
+                            "out_of_range")
 
     @property
     def settings(self) -> Optional[LoopSettings]:
