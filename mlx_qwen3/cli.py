@@ -105,6 +105,14 @@ def main(command: Optional[str] = None):
 @click.option("--seed", type=int, default=None)
 @click.option("--think/--no-think", "enable_thinking", default=None, help="Default: the model's (thinking on).")
 @click.option("--thinking-budget", type=int, default=None, help="End the thought after N tokens.")
+@click.option("--loop-guard/--no-loop-guard", default=True, show_default=True,
+              help="Notice a reply that loops: a thought is nudged, then closed; an answer stops before it repeats.")
+@click.option("--loop-repeats", type=int, default=None,
+              help="Copies of a span back to back that make a loop. Default: 3.")
+@click.option("--loop-min-tokens", type=int, default=None, help="Tokens those copies must cover. Default: 256.")
+@click.option("--loop-recurring", type=int, default=None,
+              help="Times a line must recur within --loop-window tokens to make a loop. Default: 32.")
+@click.option("--loop-window", type=int, default=None, help="Default: 4096.")
 @click.option("--hide-thinking", is_flag=True, help="Do not print the thinking.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per event and line.")
 @click.option("--chat", is_flag=True, help="An interactive chat (/think, /no_think, /budget N, /reset, /exit).")

@@ -3,7 +3,7 @@
 import time
 from collections import deque
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 import mlx.core as mx
@@ -11,9 +11,10 @@ import mlx.core as mx
 from . import distributed, memory
 from .errors import UserError
 from .models.cache import CacheSetting, PromptCache, PromptCachePool
-from .options import GenerationOptions, PromptOptions, Stopping, check_text
+from .loop_guard import REPEAT, Endings, Loop, LoopGuard
+from .options import NUDGE, GenerationOptions, PromptOptions, Stopping, check_text
 from .sample import make_processors, make_sampler
-from .thinking import THINKING, Event, ThinkingRouter, starts_in_thinking, thinking_wanted
+from .thinking import ANSWER, THINKING, Event, ThinkingRouter, starts_in_thinking, thinking_wanted
 
 
 PREFILL_CHUNK = 512  # prompt tokens per model call: bounds the working memory of a long prompt
@@ -97,6 +98,9 @@ class GenerationResult:
     cached_tokens: int = 0  # of prompt_tokens, those the cache given already held
     rope_factor: float = 1.0  # the YaRN factor the context was rotated with (1: plain RoPE)
     rescaled_from: Optional[float] = None  # the conversation outgrew its cache of this factor: processed again
+    # what the loop guard did: {"channel": thinking | answer, "kind": repeat | recurring, "period" (tokens),
+    # "position" (of the generated token that completed the loop, from 0), "action": nudged | closed | stopped}
+    loops: list = field(default_factory=list)
     type: str = "done"
     text: str = ""
 
@@ -169,24 +173,108 @@ def prepare(model, tokenizer, prompt, **options) -> Prompt:
 
 
 class ThinkingBudget:
-    """Ends a thought that reaches its budget by feeding a wrap-up sentence, </think> and a blank line
-    (`forced`, which generate_step feeds instead of sampled tokens)."""
+    """Ends a thought by feeding a wrap-up sentence, </think> and a blank line (`forced`, which generate_step
+    feeds instead of sampled tokens): when it reaches its budget, or when the loop guard finds it looping a
+    second time. The first loop gets a nudge (NUDGE), and from then on the thought keeps room for the answer
+    as a budget does. `loops`: what the guard did, as GenerationResult reports it."""
 
-    def __init__(self, tokenizer, stopping: Stopping, max_tokens: int):
+    def __init__(self, tokenizer, stopping: Stopping, max_tokens: int, guard: Optional[LoopGuard] = None):
         self.forced = deque()
-        self.ending, self.budget, self.thought = [], None, 0
+        self.ending, self.nudge, self.budget, self.thought = [], [], None, 0
+        self.guard, self.loops = None, []
+        self.forcing = 0  # of the next tokens, those that are ours (not the model's: never fed to the guard)
         end = tokenizer.token_id("</think>")
-        if stopping.thinking_budget is not None and end is not None:
-            self.ending = tokenizer.encode(stopping.wrap_up) + [end] + tokenizer.encode("\n\n")
-            reserve = max(1, min(512, max_tokens // 4))  # room kept for the answer
-            self.budget = max(0, min(stopping.thinking_budget, max_tokens - len(self.ending) - reserve))
+        if end is None or (stopping.thinking_budget is None and guard is None):
+            return
+        self.ending = tokenizer.encode(stopping.wrap_up) + [end] + tokenizer.encode("\n\n")
+        reserve = max(1, min(512, max_tokens // 4))  # room kept for the answer
+        self.limit = max(0, max_tokens - len(self.ending) - reserve)
+        if stopping.thinking_budget is not None:
+            self.budget = min(stopping.thinking_budget, self.limit)
+        if guard is not None:
+            self.guard, self.nudge = guard, tokenizer.encode(NUDGE)
 
-    def step(self, before: str, after: str):
-        """After a token that took the router from state `before` to `after`."""
-        self.thought += before == THINKING and after == THINKING
+    def step(self, before: str, after: str, token: Optional[int] = None, position: int = 0):
+        """After `token` (the `position`th generated) took the router from state `before` to `after`."""
+        ours = token is not None and self.forcing > 0
+        self.forcing -= ours
+        in_thought = before == THINKING and after == THINKING
+        self.thought += in_thought
+        if self.guard is not None and token is not None and not ours:
+            if in_thought:
+                loop = self.guard.feed(token)
+                if loop is not None:
+                    self._loop(loop, position)
+            elif after == THINKING:  # a thought starts
+                self.guard.reset()
         if self.budget is not None and after == THINKING and self.thought >= self.budget:
-            self.forced.extend(self.ending)
-            self.budget = None
+            self._close()
+
+    def _loop(self, loop: Loop, position: int):
+        room = self.limit if self.budget is None else self.budget
+        if self.nudged or self.thought + len(self.nudge) >= room:  # again, or too late to try
+            self.loops.append(_report(THINKING, loop, position, "closed"))
+            self._close()
+            return
+        self.loops.append(_report(THINKING, loop, position, "nudged"))
+        self._force(self.nudge)
+        self.budget = room  # a thought that has looped keeps room for the answer, as a budget does
+
+    @property
+    def nudged(self) -> bool:
+        return any(r["action"] == "nudged" for r in self.loops)
+
+    def _close(self):
+        self._force(self.ending)
+        self.budget, self.guard = None, None  # the thought ends: nothing more to watch
+
+    def _force(self, ids: list):
+        self.forced.extend(ids)
+        self.forcing += len(ids)
+
+
+class AnswerLoops:
+    """What goes out of the answer channel. Holds back the events of the answer's latest tokens while those
+    may be a copy in progress of the text before them (LoopGuard.pending), and ends the answer at the start
+    of a second copy: the repeated text is never given out twice. `text`: the answer that went out."""
+
+    def __init__(self, guard: Optional[LoopGuard]):
+        self.guard = guard
+        self.held = deque()  # (the guard's position of a token, the events it made)
+        self.loops, self.text = [], ""
+
+    def feed(self, token: int, events: list, position: int) -> tuple:
+        """An answer token (the `position`th generated) and its events -> (events to give out, whether the
+        answer ends)."""
+        if self.guard is None:
+            return self._out(events), False
+        self.held.append((len(self.guard.ids), events))
+        loop = self.guard.feed(token)
+        if loop is None:
+            keep = self.guard.pending
+            return self._out([e for _ in range(len(self.held) - keep) for e in self.held.popleft()[1]]), False
+        self.loops.append(_report(ANSWER, loop, position, "stopped"))
+        # a repeat: what is held from its second copy on is dropped; a recurring line is out already: stop there
+        out = [e for p, events in self.held if loop.kind != REPEAT or p < loop.second for e in events]
+        self.held.clear()
+        return self._out(out), True
+
+    def release(self, events: list = ()) -> list:
+        """Everything held, then `events` (the answer ends, or a tool call, a thought or a stop string comes);
+        the next answer tokens are watched afresh."""
+        out = [e for _, held in self.held for e in held] + list(events)
+        self.held.clear()
+        if self.guard is not None and self.guard.ids:
+            self.guard.reset()
+        return self._out(out)
+
+    def _out(self, events: list) -> list:
+        self.text += "".join(e.text for e in events if e.type == ANSWER)
+        return events
+
+
+def _report(channel: str, loop: Loop, position: int, action: str) -> dict:
+    return {"channel": channel, "kind": loop.kind, "period": loop.period, "position": position, "action": action}
 
 
 class StopStrings:
@@ -194,7 +282,7 @@ class StopStrings:
 
     def __init__(self, stops):
         self.stops = [s for s in stops if s]
-        self.held, self.hit, self.answer = "", False, ""
+        self.held, self.hit = "", False
 
     def cut(self, events: list, last: bool = False) -> list:
         """The router's events with the answer cut (`last`: let go of what was held)."""
@@ -203,7 +291,6 @@ class StopStrings:
             if event.type == "answer":
                 text = "" if last and self.hit else self._feed(event.text) + (self._flush() if last else "")
                 event = Event("answer", text)
-                self.answer += text
             if event.text or event.tool_call:
                 out.append(event)
         return out
@@ -237,8 +324,9 @@ def stream_generate(model, tokenizer, prompt, cache: Optional[PromptCache] = Non
             when only the last token is left to feed. On several ranks, called on each.
         options: see options.py (max_tokens, temperature, top_p, top_k, min_p, presence_penalty,
             frequency_penalty, repetition_penalty, seed, stop, enable_thinking, thinking_budget,
-            wrap_up, system, tools, chat_template_kwargs, kv_bits, kv_start); with a Prompt, give them
-            to prepare(). kv_bits/kv_start apply to the cache made here (not to one given).
+            wrap_up, system, tools, chat_template_kwargs, kv_bits, kv_start, loop_guard, loop_repeats,
+            loop_min_tokens, loop_recurring, loop_window); with a Prompt, give them to prepare().
+            kv_bits/kv_start apply to the cache made here (not to one given).
 
     Returns:
         An iterator of Events (.type thinking | answer | tool_call, .text), then a
@@ -259,8 +347,12 @@ def stream_generate(model, tokenizer, prompt, cache: Optional[PromptCache] = Non
     processors = make_processors(opts.sampling.presence_penalty, opts.sampling.repetition_penalty,
                                  opts.sampling.frequency_penalty)
     router = ThinkingRouter(tokenizer, thinking=starts_in_thinking(prompt.ids, tokenizer))
-    budget = ThinkingBudget(tokenizer, opts.stopping, max_tokens)
-    check_ids(model, budget.ending)
+    settings = opts.loops.settings  # None: the loop guard is off
+    guards = [None, None] if settings is None else [LoopGuard(Endings.of(tokenizer), settings) for _ in range(2)]
+    budget = ThinkingBudget(tokenizer, opts.stopping, max_tokens, guards[0])  # one guard per channel
+    check_ids(model, budget.ending + budget.nudge)
+    answer = AnswerLoops(guards[1])
+    special = set(router.ids.values())  # they change the channel: what is held goes out before their events
     stops = StopStrings(opts.stopping.stop)
     eos = tokenizer.eos_token_ids
 
@@ -279,21 +371,27 @@ def stream_generate(model, tokenizer, prompt, cache: Optional[PromptCache] = Non
                 break
             n += 1
             before = router.state
-            yield from stops.cut(router.feed(token))
+            events = stops.cut(router.feed(token))
+            if before == ANSWER and token not in special and not stops.hit:
+                events, looped = answer.feed(token, events, n - 1)
+            else:
+                events, looped = answer.release(events), False
+            yield from events
             thinking_tokens += before == THINKING or router.state == THINKING
-            budget.step(before, router.state)
-            if stops.hit:
+            budget.step(before, router.state, token, n - 1)
+            if stops.hit or looped:
                 finish = "stop"
                 break
             if n >= max_tokens:
                 break
         else:  # the steps end only when cancelled
             finish = "cancelled"
-    yield from stops.cut(router.finish() + [Event("answer", "")], last=True)
+    rest = router.finish() + [Event("answer", "")]  # after a loop: the dropped copy's, never to be given out
+    yield from answer.release([] if answer.loops else stops.cut(rest, last=True))  # nothing held is lost
     gen_time = time.perf_counter() - tic
     yield GenerationResult(
         thinking=router.texts[THINKING],
-        answer=stops.answer,
+        answer=answer.text,
         tool_calls=router.tool_calls,
         finish_reason=finish,
         prompt_tokens=len(prompt.ids),
@@ -305,6 +403,7 @@ def stream_generate(model, tokenizer, prompt, cache: Optional[PromptCache] = Non
         cached_tokens=reused,
         rope_factor=cache.setting.rope_factor,
         rescaled_from=rescaled_from,
+        loops=budget.loops + answer.loops,
     )
 
 

@@ -69,12 +69,32 @@ def ending_ids(tokenizer) -> frozenset:
     Returns:
         A frozenset of token ids, to give LoopGuard.
     """
-    ends = set()
-    for i in range(tokenizer.max_id + 1):
-        text = tokenizer.token_bytes(i).decode("utf-8", errors="ignore").rstrip(" ")
-        if "\n" in text or text.endswith(_ENDINGS):
-            ends.add(i)
-    return frozenset(ends)
+    return frozenset(i for i in range(tokenizer.max_id + 1) if _ends(tokenizer.token_bytes(i)))
+
+
+class Endings:
+    """ending_ids(tokenizer) decided for each id the first time it is asked: deciding a whole vocabulary
+    up front takes a second, which a first generation should not wait for. A container of ids for
+    LoopGuard, one per tokenizer (`Endings.of`)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.known = tokenizer, {}
+
+    @staticmethod
+    @lru_cache(maxsize=4)
+    def of(tokenizer) -> "Endings":
+        return Endings(tokenizer)
+
+    def __contains__(self, token: int) -> bool:
+        found = self.known.get(token)
+        if found is None:
+            found = self.known[token] = _ends(self.tokenizer.token_bytes(token))
+        return found
+
+
+def _ends(piece: bytes) -> bool:
+    text = piece.decode("utf-8", errors="ignore").rstrip(" ")
+    return "\n" in text or text.endswith(_ENDINGS)
 
 
 class LoopGuard:
@@ -82,7 +102,7 @@ class LoopGuard:
     next one needs copies made after it (a thought nudged once that loops again is found again).
 
     Args:
-        endings: ids that end a line or sentence (`ending_ids(tokenizer)`).
+        endings: ids that end a line or sentence (`ending_ids(tokenizer)`, or `Endings.of(tokenizer)`).
         settings: a LoopSettings, or its fields as keywords.
     """
 
@@ -90,7 +110,7 @@ class LoopGuard:
         if settings is not None and fields:
             raise ValueError("loop guard: give a LoopSettings or its fields, not both")
         self.settings = settings if settings is not None else LoopSettings(**fields)
-        self.endings = frozenset(endings)
+        self.endings = endings if isinstance(endings, Endings) else frozenset(endings)
         self.reset()
 
     def reset(self):

@@ -7,11 +7,14 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import Optional, Union
 
 from .errors import UserError, show
+from .loop_guard import LoopSettings
 
 # Qwen's recommended sampling per mode; generation_config.json overrides, then the caller.
 THINKING_DEFAULTS = dict(temperature=0.6, top_p=0.95, top_k=20, min_p=0.0)
 NON_THINKING_DEFAULTS = dict(temperature=0.7, top_p=0.8, top_k=20, min_p=0.0)
 WRAP_UP = "\n\nConsidering the limited time, I have to give the solution based on the thinking directly now.\n"
+# What a thought that loops is told the first time (loop_guard.py); the second time it is closed with WRAP_UP.
+NUDGE = "\n\nWait, I am repeating myself. Let me step back and finish the reasoning.\n\n"
 # The arguments the chat template gets from the request itself; chat_template_kwargs may not override them.
 # ("self" too: apply_chat_template is a method.)
 KV_BITS = ("auto", 16, 8, 4)  # auto: the least quantization the memory plan fits (memory.kv_setting)
@@ -41,6 +44,11 @@ _CHECKS = {
     "chat_template_kwargs": ((dict,), None, ""),
     "kv_bits": (_BITS, lambda v: v in KV_BITS, '"auto", 16, 8 or 4'),
     "kv_start": (_INT, lambda v: v >= 0, ">= 0"),
+    "loop_guard": ((bool,), None, ""),
+    "loop_repeats": (_INT, lambda v: v >= 2, "at least 2"),
+    "loop_min_tokens": (_INT, lambda v: v >= 1, "at least 1"),
+    "loop_recurring": (_INT, lambda v: v >= 2, "at least 2"),
+    "loop_window": (_INT, lambda v: v >= 1, "at least 1"),
 }
 
 
@@ -148,7 +156,37 @@ class CacheOptions:
         _check(self)
 
 
-_GROUPS = {"sampling": Sampling, "stopping": Stopping, "prompt": PromptOptions, "cache": CacheOptions}
+@dataclass(frozen=True)
+class LoopOptions:
+    """The loop guard (loop_guard.py), on unless loop_guard=False: a span repeated loop_repeats times back to
+    back over at least loop_min_tokens tokens, or a line recurring loop_recurring times within loop_window
+    tokens, is a loop."""
+
+    loop_guard: bool = True
+    loop_repeats: int = LoopSettings.repeats
+    loop_min_tokens: int = LoopSettings.min_tokens
+    loop_recurring: int = LoopSettings.recurring
+    loop_window: int = LoopSettings.window
+
+    def __post_init__(self):
+        _check(self)
+        least = LoopSettings.min_line * self.loop_recurring
+        if self.loop_window < least:
+            raise UserError(f"loop_window must be at least {least}, to hold loop_recurring ({self.loop_recurring}) "
+                            f"lines of {LoopSettings.min_line} tokens; not {self.loop_window}", "loop_window",
+                            "out_of_range")
+
+    @property
+    def settings(self) -> Optional[LoopSettings]:
+        """The guard's settings; None when it is off."""
+        if not self.loop_guard:
+            return None
+        return LoopSettings(repeats=self.loop_repeats, min_tokens=self.loop_min_tokens,
+                            recurring=self.loop_recurring, window=self.loop_window)
+
+
+_GROUPS = {"sampling": Sampling, "stopping": Stopping, "prompt": PromptOptions, "cache": CacheOptions,
+           "loops": LoopOptions}
 _GROUP_OF = {f.name: group for group, cls in _GROUPS.items() for f in fields(cls)}
 
 
@@ -160,6 +198,7 @@ class GenerationOptions:
     stopping: Stopping = field(default_factory=Stopping)
     prompt: PromptOptions = field(default_factory=PromptOptions)
     cache: CacheOptions = field(default_factory=CacheOptions)
+    loops: LoopOptions = field(default_factory=LoopOptions)
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "GenerationOptions":

@@ -88,6 +88,9 @@ class Printer:
                 was = "plain RoPE" if event.rescaled_from == 1 else f"YaRN x{event.rescaled_from:g}"
                 note = f"the conversation outgrew {was}: its context was processed again with YaRN x{event.rope_factor:g}"
                 print(DIM + note + RESET if _isatty(sys.stderr) else note, file=sys.stderr)
+            if event.loops:
+                note = _loops(event.loops)
+                print(DIM + note + RESET if _isatty(sys.stderr) else note, file=sys.stderr)
             print(_stats(event), file=sys.stderr)
             return event
         if event.type == "thinking" and self.hide_thinking:
@@ -132,6 +135,19 @@ class Printer:
         if channel == "thinking":
             out.write(DIM + "Thinking:\n" if self.tty else "<think>\n")
         self.channel = channel
+
+
+_ACTIONS = {"nudged": "nudged the thought", "closed": "closed the thought", "stopped": "stopped the answer"}
+
+
+def _loops(loops: list) -> str:
+    """What the loop guard did, in one line."""
+    said = []
+    for r in loops:
+        what = (f"a {r['period']}-token span repeated" if r["kind"] == "repeat"
+                else f"a line recurring every {r['period']} tokens")
+        said.append(f"{_ACTIONS[r['action']]} at token {r['position']} ({what})")
+    return "loop guard: " + "; ".join(said)
 
 
 def _stats(r: GenerationResult) -> str:

@@ -6,6 +6,7 @@ chain: within one script a token may have only one successor).
 """
 
 import json
+import re
 from functools import lru_cache
 
 import mlx.core as mx
@@ -41,6 +42,21 @@ def ids_of(tok, pieces) -> list:
     return out
 
 
+# Tokens of a's, b's and spaces, each one token: the start of `endless`'s reply, after "a", " ", "ba", " b".
+_AB = [" ab", "ab", " a", "aa", "bb", "aba", "abb", " bb", " bab", "aaaa", " aa", " abb", "aaa", "bab", "bbb",
+       " aba", " aaa", "bbbb", "aab", "b"]
+
+
+def endless(tok) -> list:
+    """A reply that starts "a ba b" and goes on without end (until max_tokens or a cancel): its first 70
+    characters are a's, b's and spaces, then come 1,100 different words; a cycle longer than any period
+    the loop guard looks for, with no line or sentence ending in it."""
+    start = ids_of(tok, ["a", " ", "ba", " b"] + _AB)
+    assert len(start) == 4 + len(_AB), "each piece must be one token"
+    words = [i for i in range(1000, 60000) if re.fullmatch(r" [a-z]{3,}", tok.decode([i])) and i not in start][:1100]
+    return start + words + start[:1]
+
+
 def successors(*scripts) -> dict:
     """Each script is a token-id sequence; returns token -> next token, refusing a second successor."""
     succ = {}
@@ -71,8 +87,11 @@ def build(folder, succ: dict, *, max_position_embeddings=4096, template=None, ge
         r = emb[a, 1:]
         head[b, 1:] += r / np.linalg.norm(r)
     head *= SHARPNESS
-    for a, b in succ.items():
-        assert int(np.argmax(head @ normed[a])) == b, "the random embedding broke the chain; change the seed"
+    pairs = np.array(list(succ.items()), dtype=np.int64).reshape(-1, 2)
+    for i in range(0, len(pairs), 64):  # in blocks: the head is read once per block, not once per token
+        a, b = pairs[i : i + 64].T
+        ok = (np.argmax(normed[a] @ head.T, axis=1) == b).all()
+        assert ok, "the random embedding broke the chain; change the seed"
 
     small = lambda *shape: mx.array(rng.standard_normal(shape).astype(np.float32) * 0.1)
     weights = {"model.embed_tokens.weight": mx.array(emb), "lm_head.weight": mx.array(head),

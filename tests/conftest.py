@@ -5,7 +5,7 @@ from contextlib import contextmanager
 
 import pytest
 from chain import build as build_scripted
-from chain import ids_of, successors, tokenizer
+from chain import endless, ids_of, successors, tokenizer
 from checkpoints import build
 
 from mlx_qwen3 import load
@@ -67,9 +67,9 @@ def tool_model(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def looping_dir(tmp_path_factory):
-    """A model folder that answers "a ba ba b..." without end (max_tokens or a disconnect stop it)."""
+    """A model folder that answers "a ba b..." without end (max_tokens or a disconnect stop it)."""
     tok = tokenizer()
-    script = [_tail(tok, enable_thinking=False)] + ids_of(tok, ["a b", "a"])
+    script = [_tail(tok, enable_thinking=False)] + endless(tok)
     return build_scripted(tmp_path_factory.mktemp("loop"), successors(script), max_position_embeddings=100000)
 
 

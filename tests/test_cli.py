@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from chain import build, ids_of, successors, tokenizer
+from chain import build, endless, ids_of, successors, tokenizer
 
 
 def thinking_model(folder, thought: str, answer: str):
@@ -29,7 +29,7 @@ def model_dir(tmp_path_factory):
 def looping_dir(tmp_path_factory):
     tok = tokenizer()
     tail = tok.encode(tok.apply_chat_template([{"role": "user", "content": "x"}], enable_thinking=False))[-1]
-    return build(tmp_path_factory.mktemp("loop"), successors([tail] + ids_of(tok, ["a b", "a"])), max_position_embeddings=100000)
+    return build(tmp_path_factory.mktemp("loop"), successors([tail] + endless(tok)), max_position_embeddings=100000)
 
 
 def cli(*args, stdin=None):

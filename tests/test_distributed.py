@@ -14,7 +14,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from chain import build as build_scripted
-from chain import ids_of, successors, tokenizer
+from chain import endless, ids_of, successors, tokenizer
 from checkpoints import build, copy_tokenizer, rel_err
 from conftest import _tail, free_ports
 
@@ -303,9 +303,9 @@ def _rank_pid(folder, rank: int, deadline: float):
 
 
 def _endless(tmp_path, env=None):
-    """The generate CLI on 2 ranks with a model that answers "a ba ba b..." without end."""
+    """The generate CLI on 2 ranks with a model that answers "a ba b..." without end."""
     tok = tokenizer()
-    script = [_tail(tok, enable_thinking=False)] + ids_of(tok, ["a b", "a"])
+    script = [_tail(tok, enable_thinking=False)] + endless(tok)
     folder = build_scripted(tmp_path / "loop", successors(script), max_position_embeddings=100000)
     p = subprocess.Popen([LAUNCHER, "--backend", "ring", "-n", "2", "--starting-port", str(free_ports(2)),
                           sys.executable, "-m", "mlx_qwen3.generate", "--model", str(folder), "--prompt", "go",

@@ -192,7 +192,8 @@ from mlx_qwen3.generate import prepare, stream_generate
 
 model, tok = load(sys.argv[1])
 rank = distributed.rank()
-prompt = prepare(model, tok, "go", enable_thinking=False, max_tokens=100000, temperature=1.0, top_k=0)
+# loop_guard off: the loop guard would hold back the repeated "a b" (no events to count) and stop it
+prompt = prepare(model, tok, "go", enable_thinking=False, max_tokens=100000, temperature=1.0, top_k=0, loop_guard=False)
 cancel = threading.Event() if rank == 0 else None
 events = []
 for i, event in enumerate(stream_generate(model, tok, prompt, cancel=cancel)):

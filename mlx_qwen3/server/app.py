@@ -42,6 +42,7 @@ def create_app(model, tokenizer, model_name: str, api_key: Optional[str] = None,
     defaults = {"kv_bits": kv_bits, "kv_start": kv_start}  # a request's own kv_bits, kv_start come first
     engine = Engine(model, tokenizer, cache_slots, cache_bytes, parallel)
     created = int(time.time())
+    guarded = {"nudged": 0, "closed": 0, "stopped": 0}  # what the loop guard did, over every reply (/health)
 
     @lru_cache(maxsize=1)
     def big_prompts():  # made on the event loop, where anyio wants it
@@ -84,7 +85,7 @@ def create_app(model, tokenizer, model_name: str, api_key: Optional[str] = None,
             return JSONResponse({"status": "ok"})
         return JSONResponse({"status": "ok", "model": model_name, "waiting": engine.waiting,
                              "requests": engine.running(), "cached_prompts": len(engine.pool),
-                             "cached_bytes": engine.pool.nbytes})
+                             "cached_bytes": engine.pool.nbytes, "loop_guard": guarded})
 
     async def models(request):
         if not authorized(request):
@@ -123,9 +124,9 @@ def create_app(model, tokenizer, model_name: str, api_key: Optional[str] = None,
         engine.submit(job)
         cid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if stream:
-            return _Stream(_sse(job, cid, now, model_name, include_usage), lambda: engine.release(job))
+            return _Stream(_sse(job, cid, now, model_name, include_usage, guarded), lambda: engine.release(job))
         try:
-            return JSONResponse(await _complete(request, job, cid, now, model_name))
+            return JSONResponse(await _complete(request, job, cid, now, model_name, guarded))
         except RequestError as e:
             return error(e)
         finally:
@@ -169,7 +170,7 @@ def create_app(model, tokenizer, model_name: str, api_key: Optional[str] = None,
     return app
 
 
-async def _complete(request, job: Job, cid, now, model_name) -> dict:
+async def _complete(request, job: Job, cid, now, model_name, guarded: dict) -> dict:
     """A whole reply as one chat.completion object; a client that leaves cancels it at once."""
 
     async def watch():  # the body has been read: what `receive` says next is that the client left
@@ -194,6 +195,7 @@ async def _complete(request, job: Job, cid, now, model_name) -> dict:
                 failure = item
             elif item.type == "done":
                 result = item
+                _count(guarded, item)
     finally:
         watcher.cancel()
     if failure is not None or result is None:
@@ -212,15 +214,18 @@ async def _complete(request, job: Job, cid, now, model_name) -> dict:
         "id": cid, "object": "chat.completion", "created": now, "model": model_name,
         "choices": [{"index": 0, "message": message, "finish_reason": _finish(result)}],
         "usage": _usage(result),
+        "loop_guard": _loop_guard(result),
     }
 
 
-async def _sse(job: Job, cid, now, model_name, include_usage):
-    def chunk(delta=None, finish=None, usage=None):
+async def _sse(job: Job, cid, now, model_name, include_usage, guarded: dict):
+    def chunk(delta=None, finish=None, usage=None, loops=None):
         body = {"id": cid, "object": "chat.completion.chunk", "created": now, "model": model_name,
                 "choices": [] if usage else [{"index": 0, "delta": delta or {}, "finish_reason": finish}]}
         if usage:
             body["usage"] = usage
+        if loops is not None:
+            body["loop_guard"] = loops
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
     def failed(status, message, code):
@@ -249,7 +254,8 @@ async def _sse(job: Job, cid, now, model_name, include_usage):
             else:
                 yield chunk({"content": f"\n[tool call error: {item.tool_call['error']}]"})
         elif item.type == "done":
-            yield chunk(finish=_finish(item))
+            _count(guarded, item)
+            yield chunk(finish=_finish(item), loops=_loop_guard(item))
             if include_usage:
                 yield chunk(usage=_usage(item))
     yield "data: [DONE]\n\n"
@@ -266,6 +272,16 @@ def _usage(result: GenerationResult) -> dict:
         # conversation it outgrew and processed again (null: none)
         "rope": {"factor": result.rope_factor, "rescaled_from": result.rescaled_from},
     }
+
+
+def _loop_guard(result: GenerationResult) -> dict:
+    """Ours, beside `usage`: what the loop guard did (GenerationResult.loops; empty when it did nothing)."""
+    return {"loops": result.loops}
+
+
+def _count(guarded: dict, result: GenerationResult):
+    for loop in result.loops:
+        guarded[loop["action"]] += 1
 
 
 def _tool_call(call: dict, index: int) -> dict:

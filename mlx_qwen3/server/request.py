@@ -121,7 +121,8 @@ def serves(served: str, wanted: str) -> bool:
 # The request fields that are generation options under the same name; every option's type and range is
 # checked once, by the generator, whose errors name the option (mapped back to the request's field).
 OPTIONS = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty",
-           "seed", "thinking_budget", "kv_bits", "kv_start")
+           "seed", "thinking_budget", "kv_bits", "kv_start", "loop_guard", "loop_repeats", "loop_min_tokens",
+           "loop_recurring", "loop_window")
 MAX_TEMPERATURE = 2  # OpenAI's API takes temperatures in [0, 2]; the generator takes any finite one
 
 
