@@ -31,7 +31,7 @@ from .selftest import DEFAULT_SHAPES, environment, model_report, op_report, stor
 from .server import create_app
 from .server.engine import CACHE_SLOTS, PARALLEL
 from .server.serve import API_KEY_ENV, api_key_from, make_server
-from .terminal import DIM, RESET, Printer, prepare_stdout, read_stdin, repl, show_stream
+from .terminal import Printer, note, prepare_stdout, read_stdin, repl, show_stream
 
 # --model when none is given: Qwen's own MLX release of Qwen3-1.7B, 4-bit (about 1 GB; it thinks well
 # enough to show what the models do), so `python -m mlx_qwen3.generate --prompt hi` is a whole first run.
@@ -162,7 +162,7 @@ def generate_command(model, prompt, chat, hide_thinking, as_json, pipeline, cach
     if cache_file is not None:
         cache = load_prompt_cache(cache_file, model)  # its KV setting checked above; its rope factor by the pool
         session.pool.put(cache)
-        _note(f"the chat starts from the {len(cache.ids)} prompt tokens in {cache_file}")
+        note(f"the chat starts from the {len(cache.ids)} prompt tokens in {cache_file}")
     return repl(session, printer, prompt, read=distributed.reader(input, group))
 
 
@@ -170,19 +170,10 @@ def _keep_prompt(path, stored: bool, cache, ids: list, result, model):
     """After a run with --prompt-cache-file: say what came from the file, or save the prompt to it (a
     file is never rewritten: the prompt it holds is the prefix its runs were meant to share)."""
     if stored:
-        _note(f"{result.cached_tokens} of the prompt's {len(ids)} tokens came from {path}")
+        note(f"{result.cached_tokens} of the prompt's {len(ids)} tokens came from {path}")
     elif cache.consistent and cache.ids[: len(ids)] == ids and distributed.rank() == 0:
         save_prompt_cache(path, cache.copy(len(ids)), model)
-        _note(f"saved the prompt's {len(ids)} tokens to {path}")
-
-
-def _note(text: str):
-    """One line on stderr, dimmed on a terminal."""
-    try:
-        tty = sys.stderr.isatty()
-    except (AttributeError, ValueError):
-        tty = False
-    print(f"{DIM}{text}{RESET}" if tty else text, file=sys.stderr)
+        note(f"saved the prompt's {len(ids)} tokens to {path}")
 
 
 def _follow_rank_0():

@@ -86,11 +86,9 @@ class Printer:
             print(file=out, flush=True)
             if event.rescaled_from is not None:
                 was = "plain RoPE" if event.rescaled_from == 1 else f"YaRN x{event.rescaled_from:g}"
-                note = f"the conversation outgrew {was}: its context was processed again with YaRN x{event.rope_factor:g}"
-                print(DIM + note + RESET if _isatty(sys.stderr) else note, file=sys.stderr)
+                note(f"the conversation outgrew {was}: its context was processed again with YaRN x{event.rope_factor:g}")
             if event.loops:
-                note = _loops(event.loops)
-                print(DIM + note + RESET if _isatty(sys.stderr) else note, file=sys.stderr)
+                note(_loops(event.loops))
             print(_stats(event), file=sys.stderr)
             return event
         if event.type == "thinking" and self.hide_thinking:
@@ -179,6 +177,11 @@ def show_stream(events, printer: Printer, cancel) -> GenerationResult:
         signal.signal(signal.SIGINT, previous)
         if hasattr(events, "close"):
             events.close()  # now, not when the garbage collector gets to it
+
+
+def note(text: str):
+    """One line on stderr, dimmed on a terminal."""
+    print(DIM + text + RESET if _isatty(sys.stderr) else text, file=sys.stderr)
 
 
 def _isatty(stream) -> bool:
