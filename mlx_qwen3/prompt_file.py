@@ -210,7 +210,7 @@ def _fill(path, layer, i: int, arrays: dict, n: int, args):
     quantized = f"{i}.keys.0" in arrays
     if quantized and isinstance(layer, KVCache):
         raise _damaged(path, f"layer {i} is quantized in a 16-bit file")
-    D = args.head_dim or args.hidden_size // args.num_attention_heads
+    D = args.dims_per_head
     if quantized:
         names = [f"{i}.{k}.{j}" for k in ("keys", "values") for j in range(3)]
         packed, groups = (D * layer.bits // 32, mx.uint32), (D // layer.group_size, None)

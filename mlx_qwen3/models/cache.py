@@ -179,13 +179,16 @@ class QuantizedKVCache:
         return sum(a.nbytes for a in self.state)
 
 
+KV_GROUP_SIZES = (64, 32)  # 64 for Qwen's head_dim of 128; 32 where 64 does not divide the head (tiny test models)
+
+
 def kv_group_size(head_dim: int) -> int:
-    """64 (Qwen's head_dim is 128); 32 where 64 does not divide the head (tiny test models)."""
-    for gs in (64, 32):
+    """The group size a quantized KV cache of heads of `head_dim` takes (KV_GROUP_SIZES, the first that divides)."""
+    for gs in KV_GROUP_SIZES:
         if head_dim % gs == 0:
             return gs
-    raise UserError(f"this model's head_dim {head_dim} cannot be quantized in groups of 32 or 64: leave kv_bits "
-                    f"unset (16-bit KV)", "kv_bits", "invalid_value")
+    raise UserError(f"this model's head_dim {head_dim} cannot be quantized in groups of 32 or 64: give kv_bits 16 "
+                    f"(--kv-bits 16)", "kv_bits", "invalid_value")
 
 
 def make_cache(model, kv_bits: Optional[int] = None, kv_start: int = 0, rope_factor: Optional[float] = None) -> list:
@@ -196,7 +199,7 @@ def make_cache(model, kv_bits: Optional[int] = None, kv_start: int = 0, rope_fac
         layers = [KVCache() for _ in model.layers]
     else:
         args = model.args
-        group_size = kv_group_size(args.head_dim or args.hidden_size // args.num_attention_heads)
+        group_size = kv_group_size(args.dims_per_head)
         layers = [QuantizedKVCache(kv_bits, group_size, kv_start) for _ in model.layers]
     if rope_factor is None:
         rope_factor = model.args.rope_factor(model.args.context_window)
@@ -264,8 +267,9 @@ class PromptCachePool:
     """Finished prompts' caches, kept to start new requests from: the newest `max_entries` that fit in
     `max_bytes` together (None: no byte limit). Safe to use from several threads."""
 
-    def __init__(self, max_entries: int, max_bytes: Optional[int] = None):
+    def __init__(self, max_entries: int, max_bytes: Optional[int] = None, size=None):
         self.max_entries, self.max_bytes = max_entries, max_bytes
+        self.size = size  # what an entry counts against max_bytes: size(cache), or None: its real bytes
         self._entries = []  # most recent last
         self._lock = threading.Lock()
 
@@ -338,7 +342,20 @@ class PromptCachePool:
         return len(self._entries)
 
     def _nbytes(self) -> int:
-        return sum(c.nbytes for c in self._entries)
+        return sum(self._sizes())
+
+    def _sizes(self) -> list:
+        return [c.nbytes if self.size is None else self.size(c) for c in self._entries]
+
+    def sizes(self) -> list:
+        """Each entry's size, oldest first."""
+        with self._lock:
+            return self._sizes()
+
+    def drop_oldest(self):
+        with self._lock:
+            if self._entries:
+                self._entries.pop(0)
 
     @property
     def nbytes(self) -> int:

@@ -14,7 +14,7 @@ import mlx.core as mx
 
 from .. import distributed, memory
 from ..generate import GenerationOptions, Prompt, stream_generate
-from ..models.cache import CacheSetting, KVCache, PromptCache, PromptCachePool
+from ..models.cache import KV_GROUP_SIZES, CacheSetting, KVCache, PromptCache, PromptCachePool
 
 CACHE_SLOTS = 4  # finished requests' caches kept for reuse
 PARALLEL = 8  # requests generating at once, time-sliced; each holds its own KV cache
@@ -231,37 +231,13 @@ def from_wire(wire: dict) -> Prompt:
     return Prompt(wire["ids"], wire["messages"], wire["thinking"], options, CacheSetting(*wire["setting"]))
 
 
-class Pool(PromptCachePool):
-    """The engine's cached prompts: measured by `size` (None: their real bytes), the oldest droppable."""
-
-    def __init__(self, max_entries: int, max_bytes: Optional[int], size=None):
-        super().__init__(max_entries, max_bytes)
-        self.size = size
-
-    def _nbytes(self) -> int:
-        return sum(self._sizes())
-
-    def _sizes(self) -> list:
-        return [c.nbytes if self.size is None else self.size(c) for c in self._entries]
-
-    def sizes(self) -> list:
-        """Each entry's size, oldest first."""
-        with self._lock:
-            return self._sizes()
-
-    def drop_oldest(self):
-        with self._lock:
-            if self._entries:
-                self._entries.pop(0)
-
-
-def make_pool(model, slots: int, max_bytes: Optional[int]) -> Pool:
+def make_pool(model, slots: int, max_bytes: Optional[int]) -> PromptCachePool:
     """The pool of `slots` cached prompts in `max_bytes` (default: memory.cache_budget). On a sharded
     model, agreed across the ranks: call it on every rank at once."""
     max_bytes = memory.cache_budget(model) if max_bytes is None else max_bytes
     group = distributed.group_of(model)
     if group is None:
-        return Pool(slots, max_bytes)
+        return PromptCachePool(slots, max_bytes)
     # Every take and put must decide alike on every rank (another reuse is another number of model calls:
     # a deadlock). Takes go by ids and the slot count (rank 0's). Puts go by sizes, and real bytes differ by
     # rank (pipeline: other layers; other Macs: other budgets): so an entry is measured by its planned size
@@ -273,15 +249,14 @@ def make_pool(model, slots: int, max_bytes: Optional[int]) -> Pool:
         scale = max(position_bytes(model, bits) / memory.kv_bytes_per_token(args, bits) for bits in kv_choices(model))
     limit = min(distributed.gather(int(max_bytes / scale), group))
     step = KVCache.step  # a cache holds its positions in steps: count them so
-    return Pool(distributed.share(slots, group), limit,
+    return PromptCachePool(distributed.share(slots, group), limit,
                 size=lambda c: memory.kv_bytes(args, c.setting, len(c.ids), -(-len(c.ids) // step) * step))
 
 
 def kv_choices(model) -> list:
     """The KV bits this model's cache can be made with (a head_dim no group size divides: 16 alone)."""
-    args = model.args
-    head_dim = args.head_dim or args.hidden_size // args.num_attention_heads
-    return [bits for bits in memory.KV_SETTINGS if bits == 16 or head_dim % 32 == 0]
+    head_dim = model.args.dims_per_head
+    return [bits for bits in memory.KV_SETTINGS if bits == 16 or any(head_dim % g == 0 for g in KV_GROUP_SIZES)]
 
 
 def position_bytes(model, kv_bits: int = 16) -> int:
