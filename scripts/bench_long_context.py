@@ -50,7 +50,7 @@ def load_both(folder: Path, dtype):
 
     from mlx_qwen3.load import load_model
 
-    ours, _ = load_model(folder)
+    ours, _ = load_model(folder, rope="config")  # mlx-lm's YaRN is static: the same rotation at every length
     peer, _ = peer_load(folder)
     for m in (ours, peer):
         m.set_dtype(dtype)
@@ -133,8 +133,8 @@ def main():
     dtype = getattr(mx, args.dtype)
     repeats = lambda n: args.repeat if n <= 8192 else args.repeat_long  # noqa: E731
 
-    folder = checkpoint(Path(tempfile.mkdtemp(prefix="bench_long_context_")) / "model", args.layers)
-    ours, peer = load_both(folder, dtype)
+    with tempfile.TemporaryDirectory(prefix="bench_long_context_") as tmp:  # the weights are in memory after
+        ours, peer = load_both(checkpoint(Path(tmp) / "model", args.layers), dtype)
     models = {"ours": ours, "mlx_lm": peer}
     c = ours.args
     head_dim, kv_heads = c.head_dim, c.num_key_value_heads
