@@ -105,7 +105,8 @@ def verify(sampler: Sampler, logits: mx.array, drafts: list, draft_probs: Option
     """
     k = len(drafts)
     if logits.ndim != 2 or logits.shape[0] != k + 1:
-        raise ValueError(f"verify needs logits of shape (k + 1, V) = ({k + 1}, V) for {k} drafts, not {tuple(logits.shape)}")
+        raise ValueError(f"verify needs logits of shape (k + 1, V) = ({k + 1}, V) for {k} drafts, "
+                         f"not {tuple(logits.shape)}")
     if draft_probs is not None and tuple(draft_probs.shape) != (k, logits.shape[1]):
         raise ValueError(f"verify needs draft_probs of shape ({k}, {logits.shape[1]}), not {tuple(draft_probs.shape)}")
     if sampler.greedy:
