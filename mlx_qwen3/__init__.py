@@ -39,6 +39,6 @@ warnings.filterwarnings("ignore", category=RuntimeWarning,
 
 from .errors import UserError  # noqa: E402
 from .generate import ChatSession, GenerationResult, stream_generate  # noqa: E402
-from .load import load, load_model  # noqa: E402
+from .load import load, load_draft, load_model  # noqa: E402
 
-__all__ = ["ChatSession", "GenerationResult", "UserError", "load", "load_model", "stream_generate"]
+__all__ = ["ChatSession", "GenerationResult", "UserError", "load", "load_draft", "load_model", "stream_generate"]

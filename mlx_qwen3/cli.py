@@ -20,11 +20,11 @@ from . import distributed
 from .convert import Interrupted, convert
 from .errors import UserError, run_cli
 from .generate import ChatSession, GenerationOptions, check_text, prepare, stream_generate, to_messages
-from .load import load, load_model
+from .load import load, load_draft, load_model
 from .memory import weight_bytes
 from .menubar import AssistantController, MenubarApp
 from .models.cache import PromptCache
-from .options import CacheOptions
+from .options import MAX_DRAFT, CacheOptions, Drafting
 from .models.rope import MODES
 from .prompt_file import check_file, load_prompt_cache, save_prompt_cache
 from .selftest import DEFAULT_SHAPES, environment, model_report, op_report, stored_choices
@@ -53,6 +53,28 @@ def pipeline_option(f):
     return click.option("--pipeline", is_flag=True,
                         help="Launched on several Macs: give each a range of layers (for slow links) instead of "
                              "a share of every layer (tensor parallel, the default).")(f)
+
+
+def drafting_options(f):
+    f = click.option("--num-draft", default="auto", show_default=True, metavar="N|auto",
+                     help=f"Drafts checked per pass (1 to {MAX_DRAFT}); auto adapts to how many are accepted.")(f)
+    f = click.option("--prompt-lookup", is_flag=True,
+                     help="Draft the continuation of n-grams already in the prompt or the reply (no second model: "
+                          "pays on edits, quotes, RAG). With --draft-model, tried first.")(f)
+    return click.option("--draft-model", default=None, metavar="M",
+                        help="Speculative decoding with M, a smaller model of the same vocabulary (Qwen3-0.6B for "
+                             "any Qwen3): it drafts, the model checks several tokens per pass. Greedy output is "
+                             "unchanged; sampled output keeps its distribution.")(f)
+
+
+def num_draft(value: str):
+    """--num-draft's value as Drafting takes it (an integer, or "auto"); Drafting checks its range."""
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise UserError(f'--num-draft must be "auto" or an integer from 1 to {MAX_DRAFT}, not {value!r}') from None
 
 
 def rope_option(f):
@@ -123,14 +145,16 @@ def main(command: Optional[str] = None):
 @click.option("--prompt-cache-file", "cache_file", default=None, metavar="F",
               help="Reuse the prompt processed in F (by an earlier run with this model and KV setting) where this "
                    "prompt begins the same; if F does not exist, save this prompt there. F is never rewritten.")
+@drafting_options
 @rope_option
 @pipeline_option
-def generate_command(model, prompt, chat, hide_thinking, as_json, pipeline, cache_file, rope, **options):
+def generate_command(model, prompt, chat, hide_thinking, as_json, pipeline, cache_file, rope, draft_model, **options):
     """Generate with a Qwen3 / Qwen3-MoE / QwQ model.
 
     Launched on several Macs (mlx.launch), the model is split across them; rank 0 reads and prints."""
     cancel = threading.Event()
     group = _follow_rank_0()
+    options["num_draft"] = num_draft(options["num_draft"])
     kv = GenerationOptions.from_kwargs(**options).cache  # bad values fail before the model loads
     if prompt is None and not chat:
         raise UserError("give --prompt TEXT (or --prompt - to read stdin), or --chat")
@@ -145,6 +169,7 @@ def generate_command(model, prompt, chat, hide_thinking, as_json, pipeline, cach
     if prompt is not None:
         to_messages(prompt)
     model, tokenizer = load(model, parallel="pipeline" if pipeline else None, rope=rope)
+    draft = None if draft_model is None else load_draft(draft_model, model, tokenizer, rope)
     prompt = distributed.share(prompt, distributed.group_of(model))
     prepare_stdout()
     printer = Printer(as_json, hide_thinking, sys.stdout.isatty())
@@ -153,12 +178,12 @@ def generate_command(model, prompt, chat, hide_thinking, as_json, pipeline, cach
         cache = (None if cache_file is None else load_prompt_cache(cache_file, model, prepared.setting) if stored
                  else PromptCache.new(model, prepared.setting))
         result = show_stream(stream_generate(model, tokenizer, prepared, cache=cache, cancel=cancel,
-                                             progress=printer.bar), printer, cancel)
+                                             progress=printer.bar, draft_model=draft), printer, cancel)
         if cache_file is not None:
             _keep_prompt(cache_file, stored, cache, prepared.ids, result, model)
         # rank 0 says how it ended; another rank ending non-zero first would make mlx.launch stop rank 0
         return 130 if result.finish_reason == "cancelled" and distributed.rank() == 0 else 0
-    session = ChatSession(model, tokenizer, **options)
+    session = ChatSession(model, tokenizer, draft_model=draft, **options)
     if cache_file is not None:
         cache = load_prompt_cache(cache_file, model)  # its KV setting checked above; its rope factor by the pool
         session.pool.put(cache)
@@ -204,8 +229,8 @@ def _follow_rank_0():
               help="Let web pages from ORIGIN (e.g. http://localhost:3000, or *) call the API, with CORS "
                    "answers. Repeatable. Other pages are refused (403); the chat page at / always works.")
 @click.option("--parallel", type=click.IntRange(1), default=PARALLEL, show_default=True,
-              help="Requests generating at once (time-sliced); more wait in a queue. Lower it for big models "
-                   "and long contexts: each holds its own KV cache.")
+              help="Requests decoded together, one forward pass for all (the batch width); more wait in a "
+                   "queue. Each holds its own KV cache: the memory plan admits only what fits.")
 @click.option("--prompt-cache", "cache_slots", type=click.IntRange(0), default=CACHE_SLOTS, show_default=True,
               help="Finished prompts whose KV cache is kept for reuse.")
 @click.option("--prompt-cache-gb", type=click.FloatRange(0), default=None,
@@ -214,10 +239,11 @@ def _follow_rank_0():
                                            "quantization that fits), 16, 8 or 4.")
 @click.option("--kv-start", type=int, default=0, show_default=True,
               help="With --kv-bits: keep the first N tokens' keys and values 16-bit, then quantize.")
+@drafting_options
 @rope_option
 @pipeline_option
 def serve_command(model, host, port, api_key, api_key_file, allow_origins, parallel, cache_slots, prompt_cache_gb,
-                  kv_bits, kv_start, rope, pipeline):
+                  kv_bits, kv_start, rope, pipeline, draft_model, prompt_lookup, num_draft):
     """An OpenAI-compatible server for one Qwen3 / Qwen3-MoE / QwQ model.
 
     The first Ctrl-C (or SIGTERM) cancels every generation, answers its client and exits 0. Launched on
@@ -225,11 +251,13 @@ def serve_command(model, host, port, api_key, api_key_file, allow_origins, paral
     from .server.follow import follow
 
     cache_bytes = None if prompt_cache_gb is None else int(prompt_cache_gb * 2**30)
-    CacheOptions(kv_bits, kv_start)  # bad values fail before the model loads
+    drafting = Drafting(prompt_lookup, num_draft(num_draft))  # bad values fail before the model loads
+    CacheOptions(kv_bits, kv_start)
     group = _follow_rank_0()
     if group is not None and group.rank() != 0:  # no port: this rank runs rank 0's rounds until its stop
         m, tokenizer = load(model, parallel="pipeline" if pipeline else None, rope=rope)
-        return follow(m, tokenizer, cache_slots, cache_bytes)
+        draft = None if draft_model is None else load_draft(draft_model, m, tokenizer, rope)
+        return follow(m, tokenizer, cache_slots, cache_bytes, draft)
     try:
         import uvicorn  # noqa: F401
     except ImportError:
@@ -240,8 +268,10 @@ def serve_command(model, host, port, api_key, api_key_file, allow_origins, paral
             raise UserError(f"--allow-origin {origin!r} is not an origin: give scheme://host[:port], "
                             "e.g. http://localhost:3000, or *")
     m, tokenizer = load(model, parallel="pipeline" if pipeline else None, rope=rope)
+    draft = None if draft_model is None else load_draft(draft_model, m, tokenizer, rope)
     app = create_app(m, tokenizer, model, api_key, cache_slots=cache_slots, cache_bytes=cache_bytes,
-                     parallel=parallel, host=host, allow_origins=allow_origins, kv_bits=kv_bits, kv_start=kv_start)
+                     parallel=parallel, host=host, allow_origins=allow_origins, kv_bits=kv_bits, kv_start=kv_start,
+                     draft_model=draft, prompt_lookup=drafting.prompt_lookup, num_draft=drafting.num_draft)
     print(f"serving {model} on http://{host}:{port} (chat page at /, API at /v1)", flush=True)
     make_server(app, host, port).run()
     if not app.state.engine.stop(timeout=2):  # a step that would not end (a long prefill): do not wait for it

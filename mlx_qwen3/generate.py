@@ -1,109 +1,19 @@
-"""prepare (prompt -> ids) -> generate_step (ids) -> stream_generate (events) -> generate; ChatSession."""
+"""prepare (prompt -> ids) -> Generation (a Decoder row and its Reply) -> stream_generate (events) -> generate;
+ChatSession."""
 
-import time
-from collections import deque
-from contextlib import closing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import mlx.core as mx
 
-from . import distributed, memory
+from . import memory
+from .decode import Decoder
 from .errors import UserError
 from .models.cache import CacheSetting, PromptCache, PromptCachePool
-from .loop_guard import Endings, LoopGuard
 from .options import GenerationOptions, PromptOptions, check_text
+from .reply import GenerationResult, Reply
 from .sample import make_processors, make_sampler
-from .stopping import AnswerLoops, StopStrings, ThinkingBudget
-from .thinking import ANSWER, THINKING, Event, ThinkingRouter, starts_in_thinking, thinking_wanted
-
-
-PREFILL_CHUNK = 512  # prompt tokens per model call: bounds the working memory of a long prompt
-
-
-def process_prompt(model, ids: mx.array, layers: list, chunk_size: Optional[int] = None, progress=None) -> mx.array:
-    """Feed `ids` (B, L) through the model in chunks, filling the per-layer caches; returns the last
-    position's logits. All but the last token only fill the cache: their logits are never computed.
-    `progress(done, L)` is called after each chunk, the last one included, when L > 1."""
-    L = ids.shape[1]
-    start = 0
-    while start < L - 1:
-        n = min(chunk_size or PREFILL_CHUNK, L - 1 - start)
-        model(ids[:, start : start + n], cache=layers)
-        mx.eval([c.state for c in layers])
-        distributed.watchdog.beat()  # on several ranks, each chunk is an answer from the others
-        start += n
-        if progress is not None:
-            progress(start, L)
-    logits = model(ids[:, start:], cache=layers)[:, -1, :]
-    if progress is not None and L > 1:
-        mx.eval(logits)  # counted once done, as the other chunks
-        progress(L, L)
-    return logits
-
-
-def generate_step(model, prompt: mx.array, cache: PromptCache, sampler, processors=(),
-                  forced: Optional[deque] = None, cancel=None, progress=None):
-    """Yield token ids until `cancel` (a threading.Event) is set: the prompt goes through `cache` first,
-    then one token at a time; `cache.ids` records every id the model was fed.
-
-    Ids put in `forced` are fed instead of sampled ones (how a thinking budget ends a thought).
-    The next step is computed while the caller looks at this token (mx.async_eval).
-    On a model sharded over several ranks, rank 0's token and its cancel flag are every rank's, so all
-    ranks feed the same ids and stop after the same token. `progress`: see process_prompt.
-    """
-    forced = forced if forced is not None else deque()
-    history = mx.zeros((0,), dtype=mx.uint32)
-    group = distributed.group_of(model)
-
-    def sample(logits):  # -> [token, stop]
-        for p in processors:
-            logits = p(history, logits)
-        stop = mx.array([cancel is not None and cancel.is_set()], dtype=mx.uint32)
-        return distributed.agree(mx.concatenate([sampler(logits).astype(mx.uint32), stop]), group)
-
-    with distributed.watchdog.waiting(group):  # on several ranks: a lost one ends the wait, not a hang
-        y = sample(process_prompt(model, prompt[None], cache.layers, progress=progress))
-        mx.async_eval(y)
-    cache.ids.extend(prompt.tolist())
-    while True:
-        if forced:
-            y = mx.concatenate([mx.array([forced.popleft()], dtype=mx.uint32), y[1:]])
-        if processors:
-            history = mx.concatenate([history, y[:1]])
-        with distributed.watchdog.waiting(group):
-            next_y = sample(model(y[None, :1], cache=cache.layers)[:, -1, :])
-            mx.async_eval(next_y)
-            token, stop = y.tolist()
-        cache.ids.append(token)
-        yield token
-        if stop or (group is None and cancel is not None and cancel.is_set()):
-            return
-        y = next_y
-
-
-@dataclass
-class GenerationResult:
-    """What a generation produced; also the last event of a stream, with type "done"."""
-
-    thinking: str
-    answer: str
-    tool_calls: list
-    finish_reason: str  # stop | length | cancelled
-    prompt_tokens: int
-    generation_tokens: int
-    thinking_tokens: int  # of generation_tokens, those spent thinking (the tags included)
-    prompt_tps: float
-    generation_tps: float
-    peak_memory: float  # GB
-    cached_tokens: int = 0  # of prompt_tokens, those the cache given already held
-    rope_factor: float = 1.0  # the YaRN factor the context was rotated with (1: plain RoPE)
-    rescaled_from: Optional[float] = None  # the conversation outgrew its cache of this factor: processed again
-    # what the loop guard did: {"channel": thinking | answer, "kind": repeat | recurring, "period" (tokens),
-    # "position" (of the generated token that completed the loop, from 0), "action": nudged | closed | stopped}
-    loops: list = field(default_factory=list)
-    type: str = "done"
-    text: str = ""
+from .thinking import thinking_wanted
 
 
 @dataclass(frozen=True)
@@ -173,8 +83,50 @@ def prepare(model, tokenizer, prompt, **options) -> Prompt:
     return Prompt(ids, messages, thinking_wanted(messages, opts.prompt.enable_thinking), opts, setting)
 
 
+class Generation:
+    """One reply decoded in a Decoder (with the others it holds): its row and its Reply. After each
+    `decoder.step()`, `drain()` gives its new events; once `done`, `result()`."""
+
+    def __init__(self, decoder: Decoder, tokenizer, prompt: Prompt, cache: Optional[PromptCache] = None,
+                 cancel=None, progress=None):
+        model = decoder.model
+        self.prompt = prompt
+        self.cache = cache = PromptCache.new(model, prompt.setting) if cache is None else cache
+        todo = cache.reuse_for(prompt.ids)
+        self.reused = len(cache.ids)
+        self.rescaled_from, cache.rescaled_from = cache.rescaled_from, None  # reported once
+        opts = prompt.options
+        max_tokens = min(opts.stopping.max_tokens, model.args.context_window - len(prompt.ids))
+        params = opts.sampling.resolve(prompt.thinking, tokenizer.generation_config)
+        draw = (params["temperature"], params["top_p"], params["top_k"], params["min_p"])
+        seed = opts.sampling.seed
+        processors = make_processors(opts.sampling.presence_penalty, opts.sampling.repetition_penalty,
+                                     opts.sampling.frequency_penalty)
+        self.reply = Reply(tokenizer, prompt, max_tokens)
+        check_ids(model, self.reply.budget.ending + self.reply.budget.nudge)
+        # the draft model draws with the same parameters from its own random stream
+        draft_sampler = None if decoder.draft_model is None else make_sampler(*draw, None if seed is None else seed + 1)
+        self.row = decoder.add(todo, cache, make_sampler(*draw, seed), processors, self.reply, cancel, progress,
+                               opts.drafting, draft_sampler)
+
+    @property
+    def done(self) -> bool:
+        return self.row.done
+
+    def drain(self) -> list:
+        return self.reply.drain()
+
+    def result(self) -> GenerationResult:
+        drafter = self.row.drafter
+        return self.reply.result(
+            len(self.prompt.ids), self.reused, rope_factor=self.cache.setting.rope_factor,
+            rescaled_from=self.rescaled_from, forward_passes=self.row.passes,
+            drafted_tokens=0 if drafter is None else drafter.drafted,
+            accepted_tokens=0 if drafter is None else drafter.accepted)
+
+
 def stream_generate(model, tokenizer, prompt, cache: Optional[PromptCache] = None, cancel=None,
-                    progress=None, **options) -> Iterator:
+                    progress=None, draft_model=None, **options) -> Iterator:
     """Stream a reply to a prompt (a string), a conversation (a list of messages) or a prepared Prompt.
 
     Args:
@@ -185,11 +137,13 @@ def stream_generate(model, tokenizer, prompt, cache: Optional[PromptCache] = Non
         progress: called as progress(done, total) after each chunk of the prompt's processing, where
             total counts the tokens not reused from `cache`; the last call has done == total. Not called
             when only the last token is left to feed. On several ranks, called on each.
+        draft_model: a smaller model of the same vocabulary (Qwen3-0.6B for any Qwen3) whose drafts the
+            model checks several at a time (speculative decoding; num_draft, prompt_lookup in options).
         options: see options.py (max_tokens, temperature, top_p, top_k, min_p, presence_penalty,
             frequency_penalty, repetition_penalty, seed, stop, enable_thinking, thinking_budget,
             wrap_up, system, tools, chat_template_kwargs, kv_bits, kv_start, loop_guard, loop_repeats,
-            loop_min_tokens, loop_recurring, loop_window); with a Prompt, give them to prepare().
-            kv_bits/kv_start apply to the cache made here (not to one given).
+            loop_min_tokens, loop_recurring, loop_window, prompt_lookup, num_draft); with a Prompt, give
+            them to prepare(). kv_bits/kv_start apply to the cache made here (not to one given).
 
     Returns:
         An iterator of Events (.type thinking | answer | tool_call, .text), then a
@@ -199,75 +153,14 @@ def stream_generate(model, tokenizer, prompt, cache: Optional[PromptCache] = Non
         prompt = prepare(model, tokenizer, prompt, **options)
     elif options:
         raise UserError(f"a prepared prompt carries its options: give {sorted(options)[0]!r} to prepare()")
-    cache = PromptCache.new(model, prompt.setting) if cache is None else cache
-    todo = cache.reuse_for(prompt.ids)
-    reused = len(cache.ids)
-    rescaled_from, cache.rescaled_from = cache.rescaled_from, None  # reported once
-    opts = prompt.options
-    max_tokens = min(opts.stopping.max_tokens, model.args.context_window - len(prompt.ids))
-    params = opts.sampling.resolve(prompt.thinking, tokenizer.generation_config)
-    sampler = make_sampler(params["temperature"], params["top_p"], params["top_k"], params["min_p"], opts.sampling.seed)
-    processors = make_processors(opts.sampling.presence_penalty, opts.sampling.repetition_penalty,
-                                 opts.sampling.frequency_penalty)
-    router = ThinkingRouter(tokenizer, thinking=starts_in_thinking(prompt.ids, tokenizer))
-    settings = opts.loops.settings  # None: the loop guard is off
-    guards = [None, None] if settings is None else [LoopGuard(Endings.of(tokenizer), settings) for _ in range(2)]
-    budget = ThinkingBudget(tokenizer, opts.stopping, max_tokens, guards[0])  # one guard per channel
-    check_ids(model, budget.ending + budget.nudge)
-    answer = AnswerLoops(guards[1])
-    special = set(router.ids.values())  # they change the channel: what is held goes out before their events
-    stops = StopStrings(opts.stopping.stop)
-    eos = tokenizer.eos_token_ids
-
+    decoder = Decoder(model, draft_model)
+    generation = Generation(decoder, tokenizer, prompt, cache, cancel, progress)
     mx.reset_peak_memory()
-    tic = time.perf_counter()
-    prompt_time, n, thinking_tokens, finish = None, 0, 0, "length"
-    steps = generate_step(model, mx.array(todo, dtype=mx.uint32), cache, sampler, processors, budget.forced, cancel,
-                          progress=progress)
-    budget.step(router.state, router.state)  # a budget of 0 ends a thought the prompt opened at once
-    with memory.wired.hold(model), closing(steps):
-        for token in steps:
-            if prompt_time is None:
-                prompt_time, tic = time.perf_counter() - tic, time.perf_counter()
-            if token in eos:
-                finish = "stop"
-                break
-            n += 1
-            before = router.state
-            events = stops.cut(router.feed(token))
-            if before == ANSWER and token not in special and not stops.hit:
-                events, looped = answer.feed(token, events, n - 1)
-            else:
-                events, looped = answer.release(events), False
-            yield from events
-            thinking_tokens += before == THINKING or router.state == THINKING
-            budget.step(before, router.state, token, n - 1)
-            if stops.hit or looped:
-                finish = "stop"
-                break
-            if n >= max_tokens:
-                break
-        else:  # the steps end only when cancelled
-            finish = "cancelled"
-    rest = router.finish() + [Event("answer", "")]  # after a loop: the dropped copy's, never to be given out
-    yield from answer.release([] if answer.loops else stops.cut(rest, last=True))  # nothing held is lost
-    gen_time = time.perf_counter() - tic
-    yield GenerationResult(
-        thinking=router.texts[THINKING],
-        answer=answer.text,
-        tool_calls=router.tool_calls,
-        finish_reason=finish,
-        prompt_tokens=len(prompt.ids),
-        generation_tokens=n,
-        thinking_tokens=thinking_tokens,
-        prompt_tps=(len(prompt.ids) - reused) / prompt_time if prompt_time else 0.0,
-        generation_tps=(n - 1) / gen_time if n > 1 and gen_time > 0 else 0.0,
-        peak_memory=mx.get_peak_memory() / 1e9,
-        cached_tokens=reused,
-        rope_factor=cache.setting.rope_factor,
-        rescaled_from=rescaled_from,
-        loops=budget.loops + answer.loops,
-    )
+    with memory.wired.hold(model):
+        while not generation.done:
+            decoder.step()
+            yield from generation.drain()
+    yield generation.result()
 
 
 def generate(model, tokenizer, prompt, **kwargs) -> GenerationResult:
@@ -284,8 +177,8 @@ class ChatSession:
     prefix it shares with the new prompt before going on.
     """
 
-    def __init__(self, model, tokenizer, system: Optional[str] = None, **options):
-        self.model, self.tokenizer = model, tokenizer
+    def __init__(self, model, tokenizer, system: Optional[str] = None, draft_model=None, **options):
+        self.model, self.tokenizer, self.draft_model = model, tokenizer, draft_model
         self.options = options
         self.messages = [] if system is None else [{"role": "system", "content": system}]
         self.pool = PromptCachePool(max_entries=1)  # this conversation's cache, between turns
@@ -318,7 +211,7 @@ class ChatSession:
         result = None
         try:
             for event in stream_generate(self.model, self.tokenizer, prompt, cache=cache, cancel=cancel,
-                                         progress=progress):
+                                         progress=progress, draft_model=self.draft_model):
                 result = event
                 yield event
         finally:

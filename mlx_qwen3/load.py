@@ -243,6 +243,18 @@ def load(path_or_id, lazy: bool = False, kernels: Optional[str] = None, parallel
     return model, tokenizer
 
 
+def load_draft(path_or_id, model, tokenizer, rope: str = "auto"):
+    """A draft model for speculative decoding (a smaller Qwen3: Qwen3-0.6B drafts for every Qwen3), whole
+    on every rank when launched on several (it is small), refused unless its tokenizer's vocabulary is
+    `tokenizer`'s: a draft's ids must mean the tokens the model checks."""
+    draft, draft_tokenizer = load(path_or_id, parallel="none", rope=rope)
+    if draft_tokenizer.vocabulary() != tokenizer.vocabulary():
+        raise UserError(f"the draft model {path_or_id} has another vocabulary than the model's: give a smaller "
+                        "model of the same family (Qwen3-0.6B or 1.7B for a Qwen3)")
+    check_vocabulary(draft, tokenizer)
+    return draft
+
+
 def check_vocabulary(model, tokenizer):
     """Every id the tokenizer can produce must have a row in the embedding (MLX does not bound-check:
     a larger id reads whatever memory follows the table)."""

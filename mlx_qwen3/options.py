@@ -17,11 +17,13 @@ WRAP_UP = "\n\nConsidering the limited time, I have to give the solution based o
 NUDGE = "\n\nWait, I am repeating myself. Let me step back and finish the reasoning.\n\n"
 # The arguments the chat template gets from the request itself; chat_template_kwargs may not override them.
 # ("self" too: apply_chat_template is a method.)
-KV_BITS = ("auto", 16, 8, 4)  # auto: the least quantization the memory plan fits (memory.kv_setting)
+KV_BITS = ("auto", 16, 8, 4)
+MAX_DRAFT = 16  # the most tokens a draft proposes at once (num_draft's ceiling; "auto" adapts below it)  # auto: the least quantization the memory plan fits (memory.kv_setting)
 RESERVED_TEMPLATE_ARGS = frozenset({"messages", "tools", "add_generation_prompt", "bos_token", "eos_token", "self"})
 
-_INT, _NUM, _BITS = (int,), (int, float), (str, int)
-_KIND_NAMES = {_INT: "an integer", _NUM: "a number", _BITS: '"auto" or a number of bits', (bool,): "a boolean",
+_INT, _NUM, _BITS, _AUTO = (int,), (int, float), (str, int), (int, str)  # _BITS, _AUTO: one kind, two names
+_KIND_NAMES = {_INT: "an integer", _NUM: "a number", _BITS: '"auto" or a number of bits', _AUTO: '"auto" or an integer',
+               (bool,): "a boolean",
                (str,): "a string", (tuple, list): "a list of strings", (list,): "a list", (dict,): "a dict"}
 # option: (types, check, the range it checks)
 _CHECKS = {
@@ -49,6 +51,9 @@ _CHECKS = {
     "loop_min_tokens": (_INT, lambda v: v >= 1, "at least 1"),
     "loop_recurring": (_INT, lambda v: v >= 2, "at least 2"),
     "loop_window": (_INT, lambda v: v >= 1, "at least 1"),
+    "prompt_lookup": ((bool,), None, ""),
+    "num_draft": (_AUTO, lambda v: v == "auto" or isinstance(v, int) and 1 <= v <= MAX_DRAFT,
+                  f'"auto" or 1 to {MAX_DRAFT}'),
 }
 
 
@@ -185,8 +190,21 @@ class LoopOptions:
                             recurring=self.loop_recurring, window=self.loop_window)
 
 
+@dataclass(frozen=True)
+class Drafting:
+    """Speculative decoding: drafts proposed from the context's own n-grams (prompt_lookup) and/or by a draft
+    model (given to the generator or the server, not here), num_draft tokens at a time ("auto": adapted to
+    how many the model accepts), checked by the model in one pass."""
+
+    prompt_lookup: bool = False
+    num_draft: Union[str, int] = "auto"
+
+    def __post_init__(self):
+        _check(self)
+
+
 _GROUPS = {"sampling": Sampling, "stopping": Stopping, "prompt": PromptOptions, "cache": CacheOptions,
-           "loops": LoopOptions}
+           "loops": LoopOptions, "drafting": Drafting}
 _GROUP_OF = {f.name: group for group, cls in _GROUPS.items() for f in fields(cls)}
 
 
@@ -199,6 +217,7 @@ class GenerationOptions:
     prompt: PromptOptions = field(default_factory=PromptOptions)
     cache: CacheOptions = field(default_factory=CacheOptions)
     loops: LoopOptions = field(default_factory=LoopOptions)
+    drafting: Drafting = field(default_factory=Drafting)
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "GenerationOptions":

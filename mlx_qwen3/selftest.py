@@ -94,7 +94,7 @@ def op_report(shapes: dict, dtype=mx.bfloat16, bits=4, group_size=64, iters=20) 
 def model_report(path: str, tokens: int = 64) -> dict:
     """Whole-model decode tok/s on a loaded model with MLX's built-ins and with `auto` (the kernels
     where the dispatcher chose them; its first steps measure, so they are not timed)."""
-    from .generate import generate_step
+    from .decode import generate_step
     from .load import load_model
     from .models.cache import PromptCache
 

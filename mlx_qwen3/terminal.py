@@ -152,7 +152,9 @@ def _stats(r: GenerationResult) -> str:
     return (f"prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.1f} tok/s | "
             f"generation: {r.generation_tokens} tokens, {r.generation_tps:.1f} tok/s | "
             f"peak memory: {r.peak_memory:.2f} GB | finish: {r.finish_reason}"
-            + (f" | YaRN x{r.rope_factor:g}" if r.rope_factor != 1 else ""))
+            + (f" | YaRN x{r.rope_factor:g}" if r.rope_factor != 1 else "")
+            + (f" | drafts: {r.accepted_tokens} of {r.drafted_tokens} accepted, "
+               f"{r.generation_tokens / max(1, r.forward_passes - 1):.2f} tokens per pass" if r.drafted_tokens else ""))
 
 
 def show_stream(events, printer: Printer, cancel) -> GenerationResult:

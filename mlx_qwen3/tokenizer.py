@@ -84,6 +84,10 @@ class Tokenizer:
             top = max(self._tok.get_vocab(with_added_tokens=True).values(), default=-1)
         return top
 
+    def vocabulary(self) -> dict:
+        """token -> id, special tokens included."""
+        return self._tok.get_vocab(with_added_tokens=True)
+
     def token_id(self, token: str) -> Optional[int]:
         """The id of a token in the vocabulary (special tokens included), or None."""
         return self._tok.token_to_id(token)

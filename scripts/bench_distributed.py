@@ -96,7 +96,7 @@ def counting():
 
 
 def ours_steps(model, prompt: list):
-    from mlx_qwen3.generate import generate_step
+    from mlx_qwen3.decode import generate_step
     from mlx_qwen3.models.cache import PromptCache
 
     return generate_step(model, mx.array(prompt, dtype=mx.uint32), PromptCache.new(model), GREEDY)

@@ -24,7 +24,7 @@ GREEDY = lambda logits: mx.argmax(logits, axis=-1)  # noqa: E731  the same sampl
 
 
 def ours(model, prompt: list, decode: int):
-    from mlx_qwen3.generate import generate_step
+    from mlx_qwen3.decode import generate_step
     from mlx_qwen3.models.cache import PromptCache
 
     return _time(generate_step(model, mx.array(prompt, dtype=mx.uint32), PromptCache.new(model), GREEDY), decode)

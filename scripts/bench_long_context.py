@@ -59,7 +59,7 @@ def load_both(folder: Path, dtype):
 
 
 def run_ours(model, layers: list, held: int, bits, window: list, decode: int):
-    from mlx_qwen3.generate import generate_step
+    from mlx_qwen3.decode import generate_step
     from mlx_qwen3.models.cache import CacheSetting, PromptCache
 
     cache = PromptCache(layers, [0] * held, CacheSetting(bits))

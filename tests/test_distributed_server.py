@@ -138,29 +138,23 @@ def test_two_ranks_serve_streams_at_once_a_client_that_leaves_and_the_prompt_cac
         stop_with_ctrl_c(proc, log)
 
 
-# Every rank's engine: a request for 13 tokens fails after its third event (an exception out of its
-# generator, as a failing step would raise it), on every rank alike.
+# Every rank's decoder: a step with a request for 13 tokens in it fails at its fourth pass (as a failing
+# allocation would), on every rank alike.
 FAILING = """
-import mlx_qwen3.server.engine as engine
+import mlx_qwen3.decode as decode
 
-real = engine.stream_generate
-
-
-def failing(model, tokenizer, prompt, **kwargs):
-    events = real(model, tokenizer, prompt, **kwargs)
-    if prompt.options.stopping.max_tokens != 13:
-        return events
-
-    def fail():
-        for i, event in enumerate(events):
-            if i == 3:
-                raise RuntimeError("injected failure")
-            yield event
-
-    return fail()
+real, passes = decode.Decoder._decode, []
 
 
-engine.stream_generate = failing
+def failing(self, rows):
+    if any(getattr(row.taker, "max_tokens", None) == 13 for row in rows):
+        passes.append(1)
+        if len(passes) == 4:
+            raise RuntimeError("injected failure")
+    return real(self, rows)
+
+
+decode.Decoder._decode = failing
 from mlx_qwen3.cli import main
 
 main("serve")

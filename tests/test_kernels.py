@@ -336,7 +336,7 @@ def _tiny_moe(dtype=mx.bfloat16, experts=8, k=3):
 
 
 def _decode_logits(model):
-    from mlx_qwen3.generate import process_prompt
+    from mlx_qwen3.decode import process_prompt
     from mlx_qwen3.models.cache import make_cache
 
     cache = make_cache(model)

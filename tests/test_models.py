@@ -7,7 +7,7 @@ from checkpoints import SPECS, prompt, reference_logits, rel_err
 
 from mlx_qwen3 import load_model
 from mlx_qwen3.models import qwen3_moe
-from mlx_qwen3.generate import process_prompt
+from mlx_qwen3.decode import process_prompt
 from mlx_qwen3.models.cache import KVCache, make_cache
 
 TOL = 1e-4  # fp32, relative to the largest logit

@@ -12,7 +12,7 @@ import pytest
 from conftest import serving
 from test_cli import pty_run
 
-from mlx_qwen3 import generate as gen
+from mlx_qwen3 import decode
 from mlx_qwen3.generate import ChatSession, prepare, stream_generate
 from mlx_qwen3.models.cache import PromptCache, common_prefix
 from mlx_qwen3.terminal import BAR_FROM, ProgressBar
@@ -35,7 +35,7 @@ def run(model, tok, prompt, cache=None, **options):
 
 def test_the_callback_follows_the_chunks_and_ends_at_the_total(looping, monkeypatch):
     model, tok = looping
-    monkeypatch.setattr(gen, "PREFILL_CHUNK", 64)
+    monkeypatch.setattr(decode, "PREFILL_CHUNK", 64)
     prompt = prepare(model, tok, "a b " * 120, max_tokens=3, enable_thinking=False)
     L = len(prompt.ids)
     assert L > 3 * 64
@@ -58,7 +58,7 @@ def test_the_callback_follows_the_chunks_and_ends_at_the_total(looping, monkeypa
 
 def test_a_chat_session_passes_progress_through(looping, monkeypatch):
     model, tok = looping
-    monkeypatch.setattr(gen, "PREFILL_CHUNK", 32)
+    monkeypatch.setattr(decode, "PREFILL_CHUNK", 32)
     session = ChatSession(model, tok, enable_thinking=False, max_tokens=3)
     first = []
     session.send("a b " * 50, progress=lambda d, t: first.append((d, t)))
@@ -155,7 +155,7 @@ def _load(folder):
 
 def test_health_reports_a_long_prefill_as_it_goes(looping, monkeypatch):
     model, tok = looping
-    monkeypatch.setattr(gen, "PREFILL_CHUNK", 32)
+    monkeypatch.setattr(decode, "PREFILL_CHUNK", 32)
     forward = type(model).__call__
 
     def slow(self, *args, **kwargs):  # a bigger model's pace (and the GIL left to the event loop meanwhile)

@@ -14,7 +14,7 @@ from chain import build, successors
 
 from mlx_qwen3 import load, prompt_file
 from mlx_qwen3.errors import UserError
-from mlx_qwen3.generate import process_prompt
+from mlx_qwen3.decode import process_prompt
 from mlx_qwen3.load import model_args
 from mlx_qwen3.models.cache import CacheSetting, PromptCache
 from mlx_qwen3.prompt_file import load_prompt_cache, model_identity, read_setting, save_prompt_cache

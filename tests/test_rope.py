@@ -16,7 +16,8 @@ from checkpoints import prompt, reference_logits, rel_err
 
 from mlx_qwen3 import ChatSession, load, load_model
 from mlx_qwen3.errors import UserError
-from mlx_qwen3.generate import generate, prepare, process_prompt
+from mlx_qwen3.decode import process_prompt
+from mlx_qwen3.generate import generate, prepare
 from mlx_qwen3.models import qwen3
 from mlx_qwen3.models.cache import CacheSetting, PromptCachePool, make_cache
 

@@ -253,15 +253,15 @@ def test_a_long_reply_does_not_hold_up_a_short_one(looping, serve):
 def test_a_request_that_fails_to_start_leaves_the_worker_serving(answering, serve, monkeypatch):
     import mlx_qwen3.server.engine as server_module
 
-    real_run, calls = server_module.stream_generate, []
+    real_start, calls = server_module.Generation, []
 
-    def run_failing_once(*args, **kwargs):
+    def start_failing_once(*args, **kwargs):
         calls.append(1)
         if len(calls) == 1:
             raise RuntimeError("no memory for the cache")
-        return real_run(*args, **kwargs)
+        return real_start(*args, **kwargs)
 
-    monkeypatch.setattr(server_module, "stream_generate", run_failing_once)
+    monkeypatch.setattr(server_module, "Generation", start_failing_once)
     with serve(*answering) as url:
         body = {"messages": [{"role": "user", "content": "2+2?"}], "temperature": 0}
         first = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)

@@ -7,6 +7,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .. import kernels
+from .cache import Rows
 from .rope import RoPE
 
 
@@ -38,7 +39,17 @@ class Attention(nn.Module):
         if "q_norm" in self:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3)
+        if isinstance(cache, Rows):  # several rows: each attends over its own cache, its real tokens only
+            out = mx.concatenate([self.attend(q[i : i + 1, :, :n], k[i : i + 1, :, :n], v[i : i + 1, :, :n],
+                                              "causal" if n > 1 else None, c, pad=L - n)
+                                  for i, (c, n) in enumerate(zip(cache.caches, cache.lengths))])
+        else:
+            out = self.attend(q, k, v, mask, cache)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
+    def attend(self, q, k, v, mask, cache, pad: int = 0) -> mx.array:
+        """Rotate q and k at the cache's positions, add k and v to it, attend; `pad` zero positions after."""
+        L = q.shape[2]
         # a cache fixed its rope factor when it was made; a call without one covers its own L tokens
         offset, factor = (cache.offset, cache.rope_factor) if cache is not None else (0, self.rope.factor_for(L))
         q, k = self.rope(q, offset, factor), self.rope(k, offset, factor)
@@ -50,7 +61,7 @@ class Attention(nn.Module):
         else:
             # "causal" aligns the queries with the last keys, which is what a cache offset needs.
             out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        return mx.pad(out, [(0, 0), (0, 0), (0, pad), (0, 0)]) if pad else out
 
 
 def quantized_attention(q: mx.array, k: tuple, v: tuple, scale: float, group_size: int, bits: int) -> mx.array:

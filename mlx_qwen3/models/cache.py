@@ -9,8 +9,10 @@ tuples, which Attention recognises.
 Built for what comes next, without changing the two classes above the layers:
 - A tensor-parallel model: each machine's attention holds only its share of the heads, so its
   KVCache simply holds those; the ids are the same on every machine, and `nbytes` is this machine's.
-- Several rows decoded together: a PromptCache is one row. A batch stacks the rows' layers along B
-  (each layer class then merges and splits its own arrays), and each row's ids stay with its row.
+- Several rows decoded together (decode.py): a PromptCache is one row, and each layer of a batched call
+  takes the rows' caches of that layer as Rows, with each row's number of real tokens: the projections
+  and MLPs run once for all rows, each row attends over its own cache (its own length, kind and rope
+  factor), so rows join, leave and rewind (speculative decoding) independently.
 """
 
 import threading
@@ -208,6 +210,18 @@ def make_cache(model, kv_bits: Optional[int] = None, kv_start: int = 0, rope_fac
     return layers
 
 
+class Rows:
+    """One layer's caches of the rows fed together, and each row's real tokens in this call (the rest of the
+    call's length is padding: neither cached nor attended; its outputs are zeros)."""
+
+    def __init__(self, caches: list, lengths: list):
+        self.caches, self.lengths = caches, lengths
+
+    @property
+    def state(self):
+        return [a for c in self.caches for a in c.state]
+
+
 def common_prefix(a: list, b: list) -> int:
     """How many leading tokens two id lists share."""
     n = 0
@@ -243,10 +257,14 @@ class PromptCache:
         """Keep the longest prefix shared with `ids`, leaving at least one token of `ids` to feed (its
         logits are needed); returns the ids still to feed."""
         common = max(0, min(common_prefix(self.ids, ids), len(ids) - 1))
-        for c in self.layers:
-            c.trim(c.offset - common)
-        del self.ids[common:]
+        self.keep(common)
         return ids[common:]
+
+    def keep(self, n: int):
+        """Forget everything after the first `n` positions (a rejected draft): layers and ids alike."""
+        for c in self.layers:
+            c.trim(c.offset - n)
+        del self.ids[n:]
 
     def copy(self, n: Optional[int] = None) -> "PromptCache":
         """A new cache holding this one's first `n` positions (all by default); this one is left as it is."""

@@ -11,6 +11,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ..errors import UserError
+from .cache import Rows
 
 PARALLEL = ("tensor", "pipeline", "none")
 EXPERTS = ("split", "whole")
@@ -224,7 +225,8 @@ class Pipelined(nn.Module):
             h = layer(h, mask, c)
         if r < n - 1:
             sent = mx.distributed.send(h, r + 1, group=g)
-            if cache[-1] is not None:  # evaluating the cache (a prompt chunk) must send too
-                cache[-1].keys = mx.depends(cache[-1].keys, sent)
+            last = cache[-1].caches[0] if isinstance(cache[-1], Rows) else cache[-1]
+            if last is not None:  # evaluating the cache (a prompt chunk) must send too
+                last.keys = mx.depends(last.keys, sent)
             h = mx.depends(mx.zeros_like(h), sent)
         return self.stage.norm(mx.distributed.all_sum(h, group=g))

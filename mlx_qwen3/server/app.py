@@ -13,7 +13,7 @@ from typing import Optional
 
 from ..errors import UserError, show
 from ..generate import GenerationResult
-from ..options import CacheOptions
+from ..options import CacheOptions, Drafting
 from .engine import SHUTDOWN, CACHE_SLOTS, PARALLEL, Engine, Job
 from .guard import Guard
 from .request import RequestError, clip, prepare, serves
@@ -25,11 +25,13 @@ PAGE = Path(__file__).with_name("chat.html")
 
 def create_app(model, tokenizer, model_name: str, api_key: Optional[str] = None, max_body: int = MAX_BODY,
                cache_slots: int = CACHE_SLOTS, cache_bytes: Optional[int] = None, parallel: int = PARALLEL,
-               host: str = "127.0.0.1", allow_origins=(), kv_bits=None, kv_start: int = 0):
+               host: str = "127.0.0.1", allow_origins=(), kv_bits=None, kv_start: int = 0, draft_model=None,
+               prompt_lookup: bool = False, num_draft="auto"):
     """The ASGI app. `host` is the address the server is bound to (Host headers are checked against it);
     `allow_origins`: web origins (scheme://host[:port], or "*") whose pages may call the API; `kv_bits`
     ("auto", the default, 16, 8 or 4), `kv_start`: how a request's KV cache is held unless the request says
-    (options.CacheOptions)."""
+    (options.CacheOptions); `draft_model`, `prompt_lookup`, `num_draft`: speculative decoding (options.Drafting),
+    unless the request says."""
     import anyio
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
@@ -38,9 +40,10 @@ def create_app(model, tokenizer, model_name: str, api_key: Optional[str] = None,
     from starlette.responses import HTMLResponse, JSONResponse, StreamingResponse
     from starlette.routing import Route
 
-    CacheOptions(kv_bits, kv_start)  # checked before the engine starts
-    defaults = {"kv_bits": kv_bits, "kv_start": kv_start}  # a request's own kv_bits, kv_start come first
-    engine = Engine(model, tokenizer, cache_slots, cache_bytes, parallel)
+    CacheOptions(kv_bits, kv_start), Drafting(prompt_lookup, num_draft)  # checked before the engine starts
+    # a request's own kv_bits, kv_start, prompt_lookup, num_draft come first
+    defaults = {"kv_bits": kv_bits, "kv_start": kv_start, "prompt_lookup": prompt_lookup, "num_draft": num_draft}
+    engine = Engine(model, tokenizer, cache_slots, cache_bytes, parallel, draft_model)
     created = int(time.time())
     guarded = {"nudged": 0, "closed": 0, "stopped": 0}  # what the loop guard did, over every reply (/health)
 
@@ -85,7 +88,8 @@ def create_app(model, tokenizer, model_name: str, api_key: Optional[str] = None,
             return JSONResponse({"status": "ok"})
         return JSONResponse({"status": "ok", "model": model_name, "waiting": engine.waiting,
                              "requests": engine.running(), "cached_prompts": len(engine.pool),
-                             "cached_bytes": engine.pool.nbytes, "loop_guard": guarded})
+                             "cached_bytes": engine.pool.nbytes, "loop_guard": guarded,
+                             "decoding": engine.decoding()})
 
     async def models(request):
         if not authorized(request):

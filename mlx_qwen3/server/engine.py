@@ -7,17 +7,19 @@ of each round, the jobs it starts; the other ranks run the same rounds on them (
 import asyncio
 import queue
 import threading
+from contextlib import ExitStack
 from dataclasses import asdict
 from typing import Optional
 
 import mlx.core as mx
 
 from .. import distributed, memory
-from ..generate import GenerationOptions, Prompt, stream_generate
+from ..decode import Decoder
+from ..generate import Generation, GenerationOptions, Prompt
 from ..models.cache import KV_GROUP_SIZES, CacheSetting, KVCache, PromptCache, PromptCachePool
 
 CACHE_SLOTS = 4  # finished requests' caches kept for reuse
-PARALLEL = 8  # requests generating at once, time-sliced; each holds its own KV cache
+PARALLEL = 16  # requests decoded together (the batch width); each holds its own KV cache
 SHUTDOWN = object()  # put in a job's events when the server stops: its client gets a 503 / an error chunk
 HEARTBEAT = 1.0  # seconds: an idle rank 0 shares an empty round this often (the other ranks wait in it)
 
@@ -50,29 +52,33 @@ class Progress:
 
 
 class Rounds:
-    """The jobs generating at once and the cached prompts they start from: the part of the engine every
+    """The jobs generating together and the cached prompts they start from: the part of the engine every
     rank of a sharded model runs alike (the same starts and steps, in the same order, make the same model
-    calls and the same pool decisions on every rank)."""
+    calls and the same pool decisions on every rank). Each round is one Decoder step: one forward pass for
+    every job past its prompt, and a chunk of one joining job's prompt."""
 
-    def __init__(self, model, tokenizer, cache_slots: int, cache_bytes: Optional[int]):
+    def __init__(self, model, tokenizer, cache_slots: int, cache_bytes: Optional[int], draft_model=None):
         self.model, self.tokenizer = model, tokenizer
         self.pool = make_pool(model, cache_slots, cache_bytes)
-        self.active = []  # (job, its events, its cache, its Progress)
+        self.decoder = Decoder(model, draft_model)
+        self.active = []  # (job, its Generation, its Progress)
         self.lock = threading.Lock()  # over `active`'s changes: running() reads it from another thread
+        self.wired = ExitStack()  # the wired memory limit, held while any job runs
 
     def start(self, job):
         """Begin `job` from the cached prompt sharing the most with it; a failure is that job's alone."""
         try:
             cache = self.pool.start(self.model, job.prompt.ids, job.prompt.setting)
             progress = Progress(len(job.prompt.ids))
-            steps = stream_generate(self.model, self.tokenizer, job.prompt, cache=cache, cancel=job.cancel,
-                                    progress=progress)
+            generation = Generation(self.decoder, self.tokenizer, job.prompt, cache, job.cancel, progress)
         except Exception as e:
             job.put(e)
             job.put(None)
             return
+        if not self.active:
+            self.wired.enter_context(memory.wired.hold(self.model))
         with self.lock:
-            self.active.append((job, steps, cache, progress))
+            self.active.append((job, generation, progress))
 
     def drop(self, n: int):
         """Drop the `n` oldest cached prompts (to make room for the jobs starting)."""
@@ -85,31 +91,49 @@ class Rounds:
             return [progress.report() for *_, progress in self.active]
 
     def step(self):
-        """Advance every active job by one event; the finished ones leave, their caches to the pool."""
-        for entry in list(self.active):
-            job, steps, cache, progress = entry
-            try:
-                job.put(next(steps))
-                progress.processed = progress.prompt_tokens  # an event: the prompt is behind it
-                continue
-            except StopIteration:  # done or cancelled: the cache holds the whole exchange, worth keeping
-                self.pool.put(cache)
-            except Exception as e:  # reported to that request; the others go on (alone)
-                group = distributed.group_of(self.model)
-                if group is not None:  # its step may have stopped between collectives: no going on in step
-                    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-                    distributed.watchdog.fire(f"a generation failed ({reason}); the ranks cannot stay in step", group)
+        """One decoder step for every active job; each one's events go to its client, the finished ones
+        leave, their caches to the pool. A failed step fails every job in it (they shared its pass)."""
+        if not self.active:
+            return
+        try:
+            self.decoder.step()
+        except Exception as e:
+            group = distributed.group_of(self.model)
+            if group is not None:  # the step may have stopped between collectives: no going on in step
+                reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+                distributed.watchdog.fire(f"a generation failed ({reason}); the ranks cannot stay in step", group)
+            for job, *_ in self.active:
                 job.put(e)
-            with self.lock:
-                self.active.remove(entry)
-            job.put(None)
+                job.put(None)
+            self.decoder.rows.clear()
+            self._leave(list(self.active))
+            return
+        done = []
+        for entry in self.active:
+            job, generation, progress = entry
+            if generation.row.y is not None:  # the prompt is behind it
+                progress.processed = progress.prompt_tokens
+            for event in generation.drain():
+                job.put(event)
+            if generation.done:
+                job.put(generation.result())
+                self.pool.put(generation.cache)  # the whole exchange, worth keeping
+                job.put(None)
+                done.append(entry)
+        self._leave(done)
+
+    def _leave(self, entries: list):
+        with self.lock:
+            self.active = [e for e in self.active if e not in entries]
+        if entries and not self.active:
+            self.wired.close()
 
 
 class Engine:
-    """Runs the jobs on one worker thread, time-sliced: each round, every active job (up to
-    `max_active`) advances by one step of its own generator and its own KV cache, so a new request
-    starts at once instead of waiting for the ones before it. Outputs never mix: each job has its
-    own queue. Finished caches go back to a PromptCachePool: the newest `cache_slots` of them that fit in
+    """Runs the jobs on one worker thread, decoded together: each round, every active job (up to
+    `max_active`, the batch width) advances by one token, or by its accepted drafts, in one forward pass
+    for all of them, each with its own KV cache; a new request's prompt is read a chunk per round, so it
+    starts at once and stalls nobody. Outputs never mix: each job has its own queue. Finished caches go back to a PromptCachePool: the newest `cache_slots` of them that fit in
     `cache_bytes` together (default: memory.cache_budget).
 
     A queued job starts when its planned KV cache (its setting, its prompt and max_tokens) fits beside the
@@ -117,11 +141,11 @@ class Engine:
     room; otherwise it waits for one to end, and the jobs behind it wait behind it."""
 
     def __init__(self, model, tokenizer, cache_slots: int = CACHE_SLOTS, cache_bytes: Optional[int] = None,
-                 max_active: int = PARALLEL):
+                 max_active: int = PARALLEL, draft_model=None):
         self.group = distributed.group_of(model)
         self.jobs = queue.Queue()
         self.held = None  # the first queued job, waiting for memory
-        self.rounds = Rounds(model, tokenizer, cache_slots, cache_bytes)
+        self.rounds = Rounds(model, tokenizer, cache_slots, cache_bytes, draft_model)
         self.pool = self.rounds.pool
         self.args, self.resident = model.args, memory.resident(model)
         self.max_active = max_active
@@ -162,6 +186,13 @@ class Engine:
     def running(self) -> list:
         """Per running request, its prompt's tokens and how many are processed; safe from the event loop."""
         return self.rounds.running()
+
+    def decoding(self) -> dict:
+        """Since the start: the forward passes made (prompt chunks too) and the tokens they generated (each
+        reply's end token too)."""
+        decoder = self.rounds.decoder
+        return {"forward_passes": decoder.passes, "generated_tokens": decoder.generated,
+                "batch_width": self.max_active}
 
     def _admit(self) -> tuple:
         """The queued jobs there is room for, in order, and how many cached prompts (oldest first) to drop

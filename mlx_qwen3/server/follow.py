@@ -20,15 +20,16 @@ class Unheard:
         pass
 
 
-def follow(model, tokenizer, cache_slots: int = CACHE_SLOTS, cache_bytes: Optional[int] = None):
+def follow(model, tokenizer, cache_slots: int = CACHE_SLOTS, cache_bytes: Optional[int] = None, draft_model=None):
     """Run rank 0's server rounds on this rank until rank 0's engine stops.
 
     Args:
         model: this rank's share of the model rank 0 serves (`load` in the same launch).
         cache_slots, cache_bytes: as given to rank 0's server; the ranks agree on one pool limit.
+        draft_model: as rank 0's (whole on every rank).
     """
     group = distributed.group_of(model)
-    rounds = Rounds(model, tokenizer, cache_slots, cache_bytes)
+    rounds = Rounds(model, tokenizer, cache_slots, cache_bytes, draft_model)
     while True:
         message = distributed.share(None, group)
         if message["stop"]:

@@ -122,7 +122,7 @@ def serves(served: str, wanted: str) -> bool:
 # checked once, by the generator, whose errors name the option (mapped back to the request's field).
 OPTIONS = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty",
            "seed", "thinking_budget", "kv_bits", "kv_start", "loop_guard", "loop_repeats", "loop_min_tokens",
-           "loop_recurring", "loop_window")
+           "loop_recurring", "loop_window", "prompt_lookup", "num_draft")
 MAX_TEMPERATURE = 2  # OpenAI's API takes temperatures in [0, 2]; the generator takes any finite one
 
 

@@ -1,0 +1,134 @@
+"""What one generation makes of the tokens the decoder gives it (Reply): events by channel, the thinking
+budget, the loop guard, stop strings and the end of the reply; then its GenerationResult. The decoder
+(decode.py) knows nothing of text; a Reply knows nothing of the model."""
+
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import mlx.core as mx
+
+from .loop_guard import Endings, LoopGuard
+from .stopping import AnswerLoops, StopStrings, ThinkingBudget
+from .thinking import ANSWER, THINKING, Event, ThinkingRouter, starts_in_thinking
+
+
+@dataclass
+class GenerationResult:
+    """What a generation produced; also the last event of a stream, with type "done"."""
+
+    thinking: str
+    answer: str
+    tool_calls: list
+    finish_reason: str  # stop | length | cancelled
+    prompt_tokens: int
+    generation_tokens: int
+    thinking_tokens: int  # of generation_tokens, those spent thinking (the tags included)
+    prompt_tps: float
+    generation_tps: float
+    peak_memory: float  # GB
+    cached_tokens: int = 0  # of prompt_tokens, those the cache given already held
+    rope_factor: float = 1.0  # the YaRN factor the context was rotated with (1: plain RoPE)
+    rescaled_from: Optional[float] = None  # the conversation outgrew its cache of this factor: processed again
+    # what the loop guard did: {"channel": thinking | answer, "kind": repeat | recurring, "period" (tokens),
+    # "position" (of the generated token that completed the loop, from 0), "action": nudged | closed | stopped}
+    loops: list = field(default_factory=list)
+    # speculative decoding: tokens proposed by a draft (prompt lookup or a draft model) and, of those, the
+    # ones the model accepted; forward_passes: the model calls this reply took part in (prompt chunks too)
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+    forward_passes: int = 0
+    type: str = "done"
+    text: str = ""
+
+
+class Reply:
+    """Takes a generation's tokens one by one (`take`), gives out its events (`events`, drained by the
+    caller), and knows when it is over (`finish` set). `forced`: ids the decoder feeds instead of sampled
+    ones (how a thinking budget or the loop guard ends a thought)."""
+
+    def __init__(self, tokenizer, prompt, max_tokens: int):
+        opts = prompt.options
+        self.max_tokens = max_tokens
+        self.router = ThinkingRouter(tokenizer, thinking=starts_in_thinking(prompt.ids, tokenizer))
+        settings = opts.loops.settings  # None: the loop guard is off
+        guards = [None, None] if settings is None else [LoopGuard(Endings.of(tokenizer), settings) for _ in range(2)]
+        self.budget = ThinkingBudget(tokenizer, opts.stopping, max_tokens, guards[0])  # one guard per channel
+        self.forced = self.budget.forced
+        self.answer = AnswerLoops(guards[1])
+        self.special = set(self.router.ids.values())  # they change the channel: what is held goes before them
+        self.stops = StopStrings(opts.stopping.stop)
+        self.eos = tokenizer.eos_token_ids
+        self.events = []
+        self.n = self.thinking_tokens = 0
+        self.finish = None  # stop | length | cancelled, once over
+        self.started, self.first = time.perf_counter(), None  # when it began; when its first token came
+        self.budget.step(self.router.state, self.router.state)  # a budget of 0 ends a thought the prompt opened
+
+    @property
+    def boundaries(self) -> frozenset:
+        """The ids after which a draft stops: they change the channel or end the reply."""
+        return frozenset(self.special | set(self.eos))
+
+    @property
+    def room(self) -> int:
+        """Tokens the reply may still take."""
+        return self.max_tokens - self.n
+
+    def take(self, token: int) -> bool:
+        """One generated token; returns whether the reply goes on."""
+        if self.first is None:
+            self.first = time.perf_counter()
+        if token in self.eos:
+            return self._end("stop")
+        self.n += 1
+        router, stops = self.router, self.stops
+        before = router.state
+        events = stops.cut(router.feed(token))
+        if before == ANSWER and token not in self.special and not stops.hit:
+            events, looped = self.answer.feed(token, events, self.n - 1)
+        else:
+            events, looped = self.answer.release(events), False
+        self.events.extend(events)
+        self.thinking_tokens += before == THINKING or router.state == THINKING
+        self.budget.step(before, router.state, token, self.n - 1)
+        if stops.hit or looped:
+            return self._end("stop")
+        if self.n >= self.max_tokens:
+            return self._end("length")
+        return True
+
+    def cancel(self):
+        if self.finish is None:
+            self._end("cancelled")
+
+    def _end(self, finish: str) -> bool:
+        self.finish = finish
+        rest = self.router.finish() + [Event(ANSWER, "")]  # after a loop: the dropped copy's, never given out
+        self.events.extend(self.answer.release([] if self.answer.loops else self.stops.cut(rest, last=True)))
+        return False
+
+    def drain(self) -> list:
+        events, self.events = self.events, []
+        return events
+
+    def result(self, prompt_tokens: int, cached: int, **fields) -> GenerationResult:
+        """The result of a finished reply; `fields`: what the decoder and the cache know (GenerationResult's)."""
+        now = time.perf_counter()
+        first = self.first or now
+        prompt_time, gen_time = first - self.started, now - first
+        return GenerationResult(
+            thinking=self.router.texts[THINKING],
+            answer=self.answer.text,
+            tool_calls=self.router.tool_calls,
+            finish_reason=self.finish,
+            prompt_tokens=prompt_tokens,
+            generation_tokens=self.n,
+            thinking_tokens=self.thinking_tokens,
+            prompt_tps=(prompt_tokens - cached) / prompt_time if prompt_time > 0 and self.first else 0.0,
+            generation_tps=(self.n - 1) / gen_time if self.n > 1 and gen_time > 0 else 0.0,
+            peak_memory=mx.get_peak_memory() / 1e9,
+            cached_tokens=cached,
+            loops=self.budget.loops + self.answer.loops,
+            **fields,
+        )
