@@ -88,8 +88,10 @@ class Drafter:
         grows between calls) and `token` (the one about to be): at most `room` of them, none after a
         boundary (an id that changes the channel or ends the reply)."""
         k = min(self.k, room)
-        if self.pause > 0 or k < 1:
+        if self.pause > 0:
             self.pause -= 1
+            return [], None
+        if k < 1:
             return [], None
         drafts, probs = [], None
         if self.lookup is not None:
@@ -268,7 +270,9 @@ class Decoder:
             return FORCED, mx.array(ids, dtype=mx.uint32), None
         if row.drafter is not None:
             token = row.y[0].item()
-            drafts, probs = row.drafter.propose(row.cache.ids, token, row.taker.room - 1, row.taker.boundaries)
+            span = row.cache.span()
+            room = min(row.taker.room, span if span is not None else row.taker.room) - 1
+            drafts, probs = row.drafter.propose(row.cache.ids, token, room, row.taker.boundaries)
             if self.group is not None and drafts:  # a sampled draft is rank 0's
                 drafts = distributed.agree(mx.array(drafts, dtype=mx.uint32), self.group).tolist()
             if drafts:

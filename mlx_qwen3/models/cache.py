@@ -266,6 +266,15 @@ class PromptCache:
             c.trim(c.offset - n)
         del self.ids[n:]
 
+    def span(self) -> Optional[int]:
+        """The most positions one call may feed from here and have each attend as it would fed alone (None:
+        any): a layer about to quantize (QuantizedKVCache.start) switches within the call that reaches it,
+        for every query of that call, so a call of drafts stops just before."""
+        layer = self.layers[0] if self.layers else None
+        if isinstance(layer, QuantizedKVCache) and not layer.quantized and layer.offset < layer.start - 1:
+            return layer.start - 1 - layer.offset
+        return None
+
     def copy(self, n: Optional[int] = None) -> "PromptCache":
         """A new cache holding this one's first `n` positions (all by default); this one is left as it is."""
         n = len(self.ids) if n is None else min(n, len(self.ids))
