@@ -67,7 +67,7 @@ def drafting_options(f):
                              "unchanged; sampled output keeps its distribution.")(f)
 
 
-def num_draft(value: str):
+def parse_num_draft(value: str):
     """--num-draft's value as Drafting takes it (an integer, or "auto"); Drafting checks its range."""
     if value == "auto":
         return value
@@ -154,7 +154,7 @@ def generate_command(model, prompt, chat, hide_thinking, as_json, pipeline, cach
     Launched on several Macs (mlx.launch), the model is split across them; rank 0 reads and prints."""
     cancel = threading.Event()
     group = _follow_rank_0()
-    options["num_draft"] = num_draft(options["num_draft"])
+    options["num_draft"] = parse_num_draft(options["num_draft"])
     kv = GenerationOptions.from_kwargs(**options).cache  # bad values fail before the model loads
     if prompt is None and not chat:
         raise UserError("give --prompt TEXT (or --prompt - to read stdin), or --chat")
@@ -251,7 +251,7 @@ def serve_command(model, host, port, api_key, api_key_file, allow_origins, paral
     from .server.follow import follow
 
     cache_bytes = None if prompt_cache_gb is None else int(prompt_cache_gb * 2**30)
-    drafting = Drafting(prompt_lookup, num_draft(num_draft))  # bad values fail before the model loads
+    drafting = Drafting(prompt_lookup, parse_num_draft(num_draft))  # bad values fail before the model loads
     CacheOptions(kv_bits, kv_start)
     group = _follow_rank_0()
     if group is not None and group.rank() != 0:  # no port: this rank runs rank 0's rounds until its stop

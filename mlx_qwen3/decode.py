@@ -273,8 +273,11 @@ class Decoder:
             span = row.cache.span()
             room = min(row.taker.room, span if span is not None else row.taker.room) - 1
             drafts, probs = row.drafter.propose(row.cache.ids, token, room, row.taker.boundaries)
-            if self.group is not None and drafts:  # a sampled draft is rank 0's
-                drafts = distributed.agree(mx.array(drafts, dtype=mx.uint32), self.group).tolist()
+            if self.group is not None:  # sampled drafts differ by rank: rank 0's (a fixed size on the wire)
+                wire = distributed.agree(mx.array([len(drafts)] + drafts + [0] * (MAX_DRAFT - len(drafts)),
+                                                  dtype=mx.uint32), self.group).tolist()
+                drafts = wire[1 : 1 + wire[0]]
+                probs = probs if self.group.rank() == 0 else None  # this rank's drew others; its verdict is not used
             if drafts:
                 return DRAFTS, mx.array([token] + drafts, dtype=mx.uint32), (drafts, probs)
         return TOKEN, row.y[:1], None

@@ -114,7 +114,9 @@ def wait_idle(url):
 
 
 def test_two_ranks_serve_streams_at_once_a_client_that_leaves_and_the_prompt_cache(folder, tmp_path):
-    with serving(folder, tmp_path, "-m", "mlx_qwen3.server") as (proc, log, url):
+    # decoded together, drafting on both ranks (the model drafts for itself: every draft accepted)
+    with serving(folder, tmp_path, "-m", "mlx_qwen3.server", "--prompt-lookup", "--draft-model", str(folder)) as \
+            (proc, log, url):
         with ThreadPoolExecutor(4) as pool:
             answers = list(pool.map(lambda i: ask_streaming(url, f"{i} + {i}?"), range(4)))
         assert answers == [("Let me think", "The answer is 4.", "stop")] * 4
@@ -135,6 +137,7 @@ def test_two_ranks_serve_streams_at_once_a_client_that_leaves_and_the_prompt_cac
         assert second.choices[0].message.content == "The answer is 4."
         health = httpx.get(f"{url}/health").json()
         assert health["cached_prompts"] > 0 and health["waiting"] == 0
+        assert health["decoding"]["forward_passes"] < health["decoding"]["generated_tokens"]  # drafts accepted
         stop_with_ctrl_c(proc, log)
 
 
