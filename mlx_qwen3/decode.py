@@ -238,15 +238,15 @@ class Decoder:
             row.passes += 1
             flag = mx.array([row.stopped()], dtype=mx.uint32)
             if kind != DRAFTS:
-                if kind != FRESH:
+                if kind != FRESH and row.processors:  # (without penalties, no history: a graph never evaluated)
                     row.history = mx.concatenate([row.history, ids])
                 token = row.sampler(row.processed(logits[i : i + 1, len(ids) - 1], row.history))
                 outcomes.append(mx.concatenate([token.astype(mx.uint32), flag]))
                 continue
             drafts, probs = drafts
-            history = mx.concatenate([row.history, ids])
             target = logits[i, : len(ids)]
             if row.processors:  # each position's penalties count the drafts before it
+                history = mx.concatenate([row.history, ids])
                 target = mx.concatenate([row.processed(target[j : j + 1], history[: len(row.history) + j + 1])
                                          for j in range(len(ids))])
             accepted, token = verify(row.sampler, target, drafts, probs)
@@ -310,7 +310,8 @@ class Decoder:
         row.cache.ids.extend(fed[:taken])
         row.cache.keep(len(row.cache.ids))  # past the rejected or untaken drafts
         if kind == DRAFTS:
-            row.history = mx.concatenate([row.history, ids[:taken]])
+            if row.processors:
+                row.history = mx.concatenate([row.history, ids[:taken]])
             row.y = mx.array([token, stop], dtype=mx.uint32)
         else:
             row.y = outcome

@@ -28,15 +28,15 @@ def models():
     return target, {"same": target, "close": close, "other": random_model(1)}
 
 
-def tokens(model, prompt_ids: list, n: int, draft=None, setting=CacheSetting(), **drafting) -> tuple:
+def tokens(model, prompt_ids: list, n: int, draft=None, setting=CacheSetting(), presence=0.0, **drafting) -> tuple:
     """Greedy ids of `n` generated tokens (a Reply-free row) and the row's cache and drafter."""
     from mlx_qwen3.options import Drafting
-    from mlx_qwen3.sample import make_sampler
+    from mlx_qwen3.sample import make_processors, make_sampler
     from test_batch import Limited
 
     decoder, taker = Decoder(model, draft), Limited(n)
     cache = PromptCache.new(model, setting)
-    row = decoder.add(prompt_ids, cache, make_sampler(0.0), taker=taker,
+    row = decoder.add(prompt_ids, cache, make_sampler(0.0), make_processors(presence), taker=taker,
                       drafting=Drafting(**drafting) if drafting or draft is not None else None,
                       draft_sampler=make_sampler(0.0))
     while decoder.rows:
@@ -59,6 +59,14 @@ def test_a_draft_model_changes_no_greedy_token(models, kind):
         assert d.accepted == d.drafted  # it agrees everywhere
     if kind == "other":
         assert d.accepted < d.drafted / 2
+
+
+def test_penalties_count_the_drafts_before_each_position(models):
+    target, drafts = models
+    plain, _, _ = tokens(target, PROMPT, 30, presence=2.0)
+    assert plain != tokens(target, PROMPT, 30)[0]  # the penalty changes the reply
+    drafted, _, row = tokens(target, PROMPT, 30, drafts["same"], presence=2.0)
+    assert drafted == plain and row.drafter.accepted > 0
 
 
 def test_prompt_lookup_drafts_what_the_context_repeats(looping):
