@@ -132,3 +132,16 @@ def copy_tokenizer(folder: Path):
 def rel_err(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+def random_mlx_model(config: dict, seed: int = 0):
+    """An MLX model of `config` (config.json's fields) with MLX's random initialisation, evaluated."""
+    import mlx.core as mx
+
+    from mlx_qwen3.load import model_args
+
+    module, args = model_args(config)
+    mx.random.seed(seed)
+    model = module.Model(args)
+    mx.eval(model.parameters())
+    return model

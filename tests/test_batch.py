@@ -8,11 +8,11 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import mlx.core as mx
 import pytest
+from checkpoints import random_mlx_model
 from conftest import NAME
 
 from mlx_qwen3.decode import Decoder, Taker, generate_step
 from mlx_qwen3.generate import Generation, prepare, stream_generate
-from mlx_qwen3.load import model_args
 from mlx_qwen3.models.cache import CacheSetting, PromptCache
 from mlx_qwen3.sample import make_processors, make_sampler
 
@@ -24,11 +24,7 @@ CONFIG = dict(model_type="qwen3", hidden_size=64, intermediate_size=96, num_hidd
 
 def random_model(seed: int = 0, **overrides):
     """A random tiny Qwen3 with Qwen3's vocabulary (the real tokenizer's ids all fit)."""
-    module, args = model_args({**CONFIG, **overrides})
-    mx.random.seed(seed)
-    model = module.Model(args)
-    mx.eval(model.parameters())
-    return model
+    return random_mlx_model({**CONFIG, **overrides}, seed)
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from chain import build, successors
+from checkpoints import random_mlx_model
 
 from mlx_qwen3 import load, prompt_file
 from mlx_qwen3.errors import UserError
 from mlx_qwen3.decode import process_prompt
-from mlx_qwen3.load import model_args
 from mlx_qwen3.models.cache import CacheSetting, PromptCache
 from mlx_qwen3.prompt_file import load_prompt_cache, model_identity, read_setting, save_prompt_cache
 
@@ -25,11 +25,7 @@ CONFIG = dict(model_type="qwen3", hidden_size=128, intermediate_size=128, num_hi
 
 
 def random_model(seed: int = 0, **overrides):
-    module, args = model_args({**CONFIG, **overrides})
-    mx.random.seed(seed)
-    m = module.Model(args)
-    mx.eval(m.parameters())
-    return m
+    return random_mlx_model({**CONFIG, **overrides}, seed)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from conftest import NAME
 from test_batch import random_model
 
 from mlx_qwen3.decode import Decoder, Drafter
-from mlx_qwen3.generate import Generation, generate, prepare
+from mlx_qwen3.generate import generate, prepare
 from mlx_qwen3.models.cache import CacheSetting, PromptCache
 
 @pytest.fixture(scope="module")
