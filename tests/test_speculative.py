@@ -94,7 +94,20 @@ def test_rejected_drafts_are_rewound_exactly(models, setting):
     drafted, cache, row = tokens(target, PROMPT, 24, drafts["other"], setting=setting, num_draft=4)
     assert drafted == plain and row.drafter.drafted > row.drafter.accepted  # drafts were rejected
     assert cache.ids == plain_cache.ids and cache.consistent
-    for ours, theirs in zip(cache.layers, plain_cache.layers):
+    same_positions(cache, plain_cache)
+    # the draft model's cache, rewound to what the context still shares with it, is what feeding it those
+    # ids gives (its rewind waits for its next proposal: rewind it now the way that proposal would)
+    draft_cache = row.drafter.cache
+    draft_cache.reuse_for(cache.ids)
+    fresh = PromptCache.new(drafts["other"])
+    drafts["other"](mx.array(draft_cache.ids)[None], cache=fresh.layers)
+    fresh.ids = list(draft_cache.ids)
+    assert len(draft_cache.ids) > len(PROMPT) and draft_cache.consistent
+    same_positions(draft_cache, fresh)
+
+
+def same_positions(cache: PromptCache, other: PromptCache):
+    for ours, theirs in zip(cache.layers, other.layers):
         assert ours.offset == theirs.offset
         for a, b in zip(ours.state, theirs.state):
             n = ours.offset
