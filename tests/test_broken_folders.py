@@ -452,10 +452,13 @@ def assert_refused_as_load_refuses(result, folder: Path, when: str, name=""):
 @pytest.fixture(scope="module")
 def cli_results(folders, tmp_path_factory):
     """Every case through the generate CLI, from one warm interpreter: name -> (exit status, stderr)."""
-    names = list(CASES)
-    runs = run_many(GENERATE[0], [[*GENERATE[1:], str(folders[n])] for n in names],
-                    tmp_path_factory.mktemp("cli"), REPO)
-    return dict(zip(names, runs))
+    return warm(CASES, folders, GENERATE, tmp_path_factory.mktemp("cli"))
+
+
+def warm(names, folders, command, root: Path) -> dict:
+    """`python -m COMMAND FOLDER` for each case, from one warm interpreter -> name -> (exit status, stderr)."""
+    runs = run_many([(command[0], [*command[1:], str(folders[n])], None) for n in names], root, REPO)
+    return {n: (run.returncode, run.stderr.decode(errors="replace")) for n, run in zip(names, runs)}
 
 
 def test_there_are_enough_cases():
@@ -507,8 +510,7 @@ LOAD_CLI_CASES = ["config null", "tie_word_embeddings the string false", "num_hi
 
 @pytest.fixture(scope="module")
 def load_cli_results(folders, tmp_path_factory):
-    runs = run_many(LOAD[0], [[str(folders[n])] for n in LOAD_CLI_CASES], tmp_path_factory.mktemp("load-cli"), REPO)
-    return dict(zip(LOAD_CLI_CASES, runs))
+    return warm(LOAD_CLI_CASES, folders, LOAD, tmp_path_factory.mktemp("load-cli"))
 
 
 def test_the_load_cli_too(load_cli_results, folders):
@@ -520,6 +522,6 @@ def test_the_warm_runs_read_as_fresh_processes(cli_results, load_cli_results, fo
     """What tests/warm_cli.py gives is what `python -m` in a new process gives: a config, a weights file
     and a template refused by the generate CLI, a config by the load CLI."""
     fresh = ["config null", "header dtype unknown", "template raising TypeError"]
-    assert run_all(fresh, folders.get) == {name: tuple(cli_results[name]) for name in fresh}
+    assert run_all(fresh, folders.get) == {name: cli_results[name] for name in fresh}
     name = "num_hidden_layers 1000000"
-    assert cli(folders[name], command=LOAD) == tuple(load_cli_results[name])
+    assert cli(folders[name], command=LOAD) == load_cli_results[name]
