@@ -222,10 +222,23 @@ def single(folder, *args) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.fixture(scope="module")
+def alone(scripted):
+    """alone(*args): single(scripted, *args), run once per args (2 and 4 ranks compare with the same run)."""
+    done = {}
+
+    def get(*args):
+        if args not in done:
+            done[args] = single(scripted, *args)
+        return done[args]
+
+    return get
+
+
 @pytest.mark.parametrize("n, pipeline", [(2, False), (2, True), (4, False), (4, True)])
-def test_the_cli_prints_on_rank_0_what_one_process_prints(scripted, n, pipeline):
+def test_the_cli_prints_on_rank_0_what_one_process_prints(scripted, alone, n, pipeline):
     args = ["--prompt", "What is 2+2?", "--temp", "0", "--json"] + (["--pipeline"] if pipeline else [])
-    want = single(scripted, *args)
+    want = alone(*args)
     assert want.returncode == 0, want.stderr
     got = launch(n, "-m", "mlx_qwen3.generate", "--model", str(scripted), *args)
     events = [json.loads(line) for line in got.stdout.splitlines()]
