@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from chain import build, endless, ids_of, successors, tokenizer
+from chain import build, ids_of, successors, tokenizer
 from warm_cli import run_many
 
 
@@ -26,13 +26,6 @@ def thinking_model(folder, thought: str, answer: str):
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return thinking_model(tmp_path_factory.mktemp("cli"), "Let me think", "The answer is 4.")
-
-
-@pytest.fixture(scope="module")
-def looping_dir(tmp_path_factory):
-    tok = tokenizer()
-    tail = tok.encode(tok.apply_chat_template([{"role": "user", "content": "x"}], enable_thinking=False))[-1]
-    return build(tmp_path_factory.mktemp("loop"), successors([tail] + endless(tok)), max_position_embeddings=100000)
 
 
 def cli(*args, stdin=None):
