@@ -5,8 +5,8 @@ Every case starts from a folder that loads and generates (a tiny checkpoint with
 tokenizer; `test_the_intact_folders_load_and_generate` holds that), breaks one thing, and is run
 - through load(): a UserError whose message is one line (or, for a template that fails only when
   rendered, through the first apply_chat_template);
-  load() builds no model larger than the intact one first (a config claiming a million layers once hung
-  in building it);
+  on the way it builds no model larger than the intact one (a config claiming a million layers once
+  hung in building it);
 - through `python -m mlx_qwen3.generate --model DIR --prompt hi --max-tokens 2`: exit 2, stderr exactly
   "error: " and load()'s own message, no traceback, no hang. These run from one warm interpreter
   (tests/warm_cli.py); a few run as fresh processes too, and must read the same.
