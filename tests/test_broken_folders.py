@@ -5,8 +5,11 @@ Every case starts from a folder that loads and generates (a tiny checkpoint with
 tokenizer; `test_the_intact_folders_load_and_generate` holds that), breaks one thing, and is run
 - through load(): a UserError whose message is one line (or, for a template that fails only when
   rendered, through the first apply_chat_template);
-- through `python -m mlx_qwen3.generate --model DIR --prompt hi --max-tokens 2`: exit 2, stderr
-  exactly one line starting "error: ", no traceback, under 10 s. These run a few at a time.
+  on the way it builds no model larger than the intact one (a config claiming a million layers once
+  hung in building it);
+- through `python -m mlx_qwen3.generate --model DIR --prompt hi --max-tokens 2`: exit 2, stderr exactly
+  "error: " and load()'s own message, no traceback, no hang. These run from one warm interpreter
+  (tests/warm_cli.py); a few run as fresh processes too, and must read the same.
 """
 
 import json
@@ -16,18 +19,20 @@ import shutil
 import struct
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 from checkpoints import copy_tokenizer
+from warm_cli import run_many
 
 from mlx_qwen3 import UserError, load
+from mlx_qwen3.checkpoint import read_config
+from mlx_qwen3.load import model_args
+from mlx_qwen3.models import MODELS
 
 REPO = Path(__file__).resolve().parents[1]
-CLI_SECONDS = 10  # the promise for each case
 CLI_WORKERS = 4  # subprocesses at a time
 
 # ---- the intact bases -------------------------------------------------------------------------------
@@ -388,21 +393,28 @@ def bases(checkpoint, tmp_path_factory):
     return make_bases(tmp_path_factory.mktemp("bases"), lambda name: checkpoint(name)[0])
 
 
+@pytest.fixture(scope="module")
+def folders(bases, tmp_path_factory):
+    """name -> its broken folder, made once: load() and the CLIs only read it."""
+    root = tmp_path_factory.mktemp("cases")
+    return {name: make_case(name, root / f"case{i}" / "model", bases) for i, name in enumerate(CASES)}
+
+
 GENERATE = ["mlx_qwen3.generate", "--prompt", "hi", "--max-tokens", "2", "--model"]
 LOAD = ["mlx_qwen3.load"]
 
 
 def cli(folder: Path, pythonpath: Path = REPO, timeout: float = 60, command=GENERATE):
-    """`python -m COMMAND FOLDER` -> (exit status, stderr, seconds); exit None if it was killed."""
+    """`python -m COMMAND FOLDER` in a fresh process -> (exit status, stderr); exit None if it was killed
+    after `timeout` s (a hang)."""
     env = {**os.environ, "PYTHONPATH": str(pythonpath)}
-    start = time.monotonic()
     try:
         out = subprocess.run([sys.executable, "-m", *command, str(folder)], capture_output=True, text=True,
                              env=env, cwd=pythonpath, timeout=timeout, stdin=subprocess.DEVNULL)
-        return out.returncode, out.stderr, time.monotonic() - start
+        return out.returncode, out.stderr
     except subprocess.TimeoutExpired as e:
         err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
-        return None, err, time.monotonic() - start
+        return None, err
 
 
 def run_all(names, folder_of, pythonpath: Path = REPO, timeout: float = 60, workers: int = CLI_WORKERS,
@@ -412,22 +424,41 @@ def run_all(names, folder_of, pythonpath: Path = REPO, timeout: float = 60, work
         return dict(zip(names, runs))
 
 
-def assert_one_line_exit_2(result, name=""):
-    code, err, seconds = result
+def refusal(folder: Path, when: str) -> str:
+    """load()'s message for a broken folder ("render": that of the first apply_chat_template)."""
+    with pytest.raises(UserError) as err:
+        if when == "render":  # the template loads; the conversation it fails on is refused
+            _, tok = load(folder)
+            tok.apply_chat_template([{"role": "user", "content": "hi"}])
+        else:
+            load(folder)
+    REFUSALS[folder] = str(err.value)
+    return REFUSALS[folder]
+
+
+REFUSALS = {}  # folder -> load()'s message, kept for the CLI tests (the real tokenizer takes seconds to load)
+
+
+def assert_refused_as_load_refuses(result, folder: Path, when: str, name=""):
+    """Exit 2 and one stderr line, "error: " and load()'s message: the CLI refused where load() does,
+    before it did any more work, and went no further."""
+    code, err = result
     assert code == 2 and "Traceback" not in err, f"{name}: exit {code}:\n{err[-2000:]}"
     assert err.startswith("error: ") and err.count("\n") == 1 and err.endswith("\n"), f"{name}: {err}"
-    assert seconds < CLI_SECONDS, f"{name}: {seconds:.1f} s"
+    message = REFUSALS.get(folder) or refusal(folder, when)
+    assert err == f"error: {message}\n", f"{name}: {err}"
 
 
 @pytest.fixture(scope="module")
-def cli_results(bases, tmp_path_factory):
-    """Every case through the generate CLI, CLI_WORKERS at a time: name -> (exit status, stderr, seconds)."""
-    root = tmp_path_factory.mktemp("cli")
-    folders = {name: make_case(name, root / f"case{i}" / "model", bases) for i, name in enumerate(CASES)}
-    start = time.monotonic()
-    results = run_all(list(CASES), folders.get)
-    print(f"\n{len(CASES)} broken folders through the generate CLI in {time.monotonic() - start:.1f} s")
-    return results
+def cli_results(folders, tmp_path_factory):
+    """Every case through the generate CLI, from one warm interpreter: name -> (exit status, stderr)."""
+    return warm(CASES, folders, GENERATE, tmp_path_factory.mktemp("cli"))
+
+
+def warm(names, folders, command, root: Path) -> dict:
+    """`python -m COMMAND FOLDER` for each case, from one warm interpreter -> name -> (exit status, stderr)."""
+    runs = run_many([(command[0], [*command[1:], str(folders[n])], None) for n in names], root, REPO)
+    return {n: (run.returncode, run.stderr.decode(errors="replace")) for n, run in zip(names, runs)}
 
 
 def test_there_are_enough_cases():
@@ -440,28 +471,35 @@ def test_the_intact_folders_load_and_generate(bases, base):
     model, tok = load(bases[base])
     assert tok.apply_chat_template([{"role": "user", "content": "hi"}]).endswith("<|im_start|>assistant\n")
     for command in (GENERATE, LOAD):
-        code, err, _ = cli(bases[base], command=command)
+        code, err = cli(bases[base], command=command)
         assert code == 0, err
 
 
-@pytest.mark.parametrize("name", CASES)
-def test_load_refuses_with_one_line(bases, tmp_path, name):
-    folder = make_case(name, tmp_path / "model", bases)
-    start = time.monotonic()
-    if CASES[name][2] == "render":  # the template loads; the conversation it fails on is refused
-        _, tok = load(folder)
-        with pytest.raises(UserError) as err:
-            tok.apply_chat_template([{"role": "user", "content": "hi"}])
-    else:
-        with pytest.raises(UserError) as err:
-            load(folder)
-    assert "\n" not in str(err.value) and str(err.value).strip()
-    assert time.monotonic() - start < CLI_SECONDS
+@pytest.fixture
+def models_built(monkeypatch):
+    """The parameter counts of the models load() builds, as it builds them."""
+    built = []
+    for module in set(MODELS.values()):
+        def spy(args, make=module.Model):
+            built.append(args.parameter_count())
+            return make(args)
+        monkeypatch.setattr(module, "Model", spy)
+    return built
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_generate_cli_exits_2_with_one_line(cli_results, name):
-    assert_one_line_exit_2(cli_results[name])
+def test_load_refuses_with_one_line(folders, bases, models_built, name):
+    base, _, when = CASES[name]
+    message = refusal(folders[name], when)
+    assert "\n" not in message and message.strip()
+    # refused before building anything larger than the folder it broke (what took minutes, or forever)
+    intact = model_args(read_config(bases[base]))[1].parameter_count()
+    assert max(models_built, default=0) <= intact, (models_built, intact)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_generate_cli_exits_2_with_one_line(cli_results, folders, name):
+    assert_refused_as_load_refuses(cli_results[name], folders[name], CASES[name][2], name)
 
 
 # One case of each kind the model alone can have (the load CLI reads no tokenizer).
@@ -470,7 +508,20 @@ LOAD_CLI_CASES = ["config null", "tie_word_embeddings the string false", "num_hi
                   "weights a FIFO", "an expert missing", "header dtype unknown", "float64 weights"]
 
 
-def test_the_load_cli_too(bases, tmp_path):
-    folders = {name: make_case(name, tmp_path / f"case{i}" / "model", bases) for i, name in enumerate(LOAD_CLI_CASES)}
-    for name, result in run_all(LOAD_CLI_CASES, folders.get, command=LOAD).items():
-        assert_one_line_exit_2(result, name)
+@pytest.fixture(scope="module")
+def load_cli_results(folders, tmp_path_factory):
+    return warm(LOAD_CLI_CASES, folders, LOAD, tmp_path_factory.mktemp("load-cli"))
+
+
+def test_the_load_cli_too(load_cli_results, folders):
+    for name, result in load_cli_results.items():
+        assert_refused_as_load_refuses(result, folders[name], "load", name)
+
+
+def test_the_warm_runs_read_as_fresh_processes(cli_results, load_cli_results, folders):
+    """What tests/warm_cli.py gives is what `python -m` in a new process gives: a config, a weights file
+    and a template refused by the generate CLI, a config by the load CLI."""
+    fresh = ["config null", "header dtype unknown", "template raising TypeError"]
+    assert run_all(fresh, folders.get) == {name: cli_results[name] for name in fresh}
+    name = "num_hidden_layers 1000000"
+    assert cli(folders[name], command=LOAD) == load_cli_results[name]

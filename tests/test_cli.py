@@ -8,8 +8,11 @@ import signal
 import subprocess
 import sys
 
+from pathlib import Path
+
 import pytest
-from chain import build, endless, ids_of, successors, tokenizer
+from chain import build, ids_of, successors, tokenizer
+from warm_cli import run_many
 
 
 def thinking_model(folder, thought: str, answer: str):
@@ -25,13 +28,6 @@ def model_dir(tmp_path_factory):
     return thinking_model(tmp_path_factory.mktemp("cli"), "Let me think", "The answer is 4.")
 
 
-@pytest.fixture(scope="module")
-def looping_dir(tmp_path_factory):
-    tok = tokenizer()
-    tail = tok.encode(tok.apply_chat_template([{"role": "user", "content": "x"}], enable_thinking=False))[-1]
-    return build(tmp_path_factory.mktemp("loop"), successors([tail] + endless(tok)), max_position_embeddings=100000)
-
-
 def cli(*args, stdin=None):
     cmd = [sys.executable, "-m", "mlx_qwen3.generate", *args]
     return subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=120)
@@ -44,20 +40,20 @@ def one_line_error(out, *phrases):
         assert p in out.stderr
 
 
-def test_plain_output_marks_the_thinking_and_puts_stats_on_stderr(model_dir):
-    out = cli("--model", str(model_dir), "--prompt", "What is 2+2?", "--temp", "0")
+def test_plain_output_marks_the_thinking_and_puts_stats_on_stderr(warm):
+    out = warm.cli("--model", warm.model, "--prompt", "What is 2+2?", "--temp", "0")
     assert out.returncode == 0, out.stderr
     assert out.stdout == "<think>\nLet me think\n</think>\n\nThe answer is 4.\n"
     assert "generation: 12 tokens" in out.stderr and "finish: stop" in out.stderr
 
 
-def test_hide_thinking_and_prompt_from_stdin(model_dir):
-    out = cli("--model", str(model_dir), "--prompt", "-", "--temp", "0", "--hide-thinking", stdin="What is 2+2?")
+def test_hide_thinking_and_prompt_from_stdin(warm):
+    out = warm.cli("--model", warm.model, "--prompt", "-", "--temp", "0", "--hide-thinking", stdin="What is 2+2?")
     assert out.returncode == 0 and out.stdout == "The answer is 4.\n"
 
 
-def test_json_lines(model_dir):
-    out = cli("--model", str(model_dir), "--prompt", "What is 2+2?", "--temp", "0", "--json")
+def test_json_lines(warm):
+    out = warm.cli("--model", warm.model, "--prompt", "What is 2+2?", "--temp", "0", "--json")
     lines = [json.loads(line) for line in out.stdout.splitlines()]
     assert {line["type"] for line in lines[:-1]} == {"thinking", "answer"}
     done = lines[-1]
@@ -86,9 +82,11 @@ def test_ctrl_c_stops_cleanly_with_exit_130(looping_dir):
     assert b"Traceback" not in err and b"finish: cancelled" in err
 
 
-def test_chat_repl(model_dir):
-    script = "What is 2+2?\n/no_think\n/budget 3\n/budget x\n/reset\nAgain?\n/exit\n"
-    out = cli("--model", str(model_dir), "--chat", "--temp", "0", stdin=script)
+CHAT_SCRIPT = "What is 2+2?\n/no_think\n/budget 3\n/budget x\n/reset\nAgain?\n/exit\n"
+
+
+def test_chat_repl(warm):
+    out = warm.cli("--model", warm.model, "--chat", "--temp", "0", stdin=CHAT_SCRIPT)
     assert out.returncode == 0, out.stderr
     # two replies; the second, after /no_think, without a thought
     assert out.stdout.count("The answer is 4.") == 2 and out.stdout.count("<think>") == 1
@@ -96,7 +94,74 @@ def test_chat_repl(model_dir):
     assert out.stderr.count("finish:") == 2
 
 
-@pytest.mark.parametrize("args,stdin,phrases", [
+# ---- runs that only read their arguments and input, from one warm interpreter (tests/warm_cli.py) ----
+
+class Warm:
+    """Every run warm_runs() lists, done at once: run(module, *args, stdin=None) -> its CompletedProcess
+    (stdout and stderr bytes). `model` is model_dir, `nope` a model folder that does not exist."""
+
+    def __init__(self, model: str, nope: str, folder: Path):
+        self.model, self.nope = model, nope
+        runs = warm_runs(model, nope)
+        self.done = {self.key(*r): out for r, out in zip(runs, run_many(runs, folder, Path(cwd_env()["PYTHONPATH"]
+                                                                                          .split(os.pathsep)[0])))}
+
+    @staticmethod
+    def key(module, args, stdin=None):
+        return module, tuple(os.fsdecode(a) for a in args), stdin.encode() if isinstance(stdin, str) else stdin
+
+    def run(self, module, *args, stdin=None):
+        return self.done[self.key(module, args, stdin)]  # a KeyError: add the run to warm_runs()
+
+    def cli(self, *args, stdin=None):
+        """As cli() reads it: text."""
+        out = self.run("mlx_qwen3.generate", *args, stdin=stdin)
+        return subprocess.CompletedProcess(out.args, out.returncode, out.stdout.decode(), out.stderr.decode())
+
+    def run_bytes(self, *args, stdin=b""):
+        """As run_bytes() reads it: stdout bytes, stderr text."""
+        out = self.run("mlx_qwen3.generate", *args, stdin=stdin)
+        return subprocess.CompletedProcess(out.args, out.returncode, out.stdout,
+                                           out.stderr.decode("utf-8", "backslashreplace"))
+
+
+def warm_runs(model: str, nope: str) -> list:
+    """(module, args, stdin) of every run the tests read from `warm`."""
+    generate, question = "mlx_qwen3.generate", ["--prompt", "What is 2+2?", "--temp", "0"]
+    runs = [(generate, ["--model", model, *question], None), (generate, ["--model", model, *question, "--json"], None),
+            (generate, ["--model", model, "--prompt", "-", "--temp", "0", "--hide-thinking"], "What is 2+2?"),
+            (generate, ["--model", model, "--chat", "--temp", "0"], CHAT_SCRIPT)]
+    runs += [(generate, ["--model", model, "--chat", "--temp", "0"], f"/budget {b}\nWhat is 2+2?\n") for b in BUDGETS]
+    runs += [("mlx_qwen3.load", [model], None), ("mlx_qwen3", ["info", model], None)]
+    runs += [(generate, ["--model", model, *args], stdin) for args, stdin, _ in BAD_INPUT]
+    runs.append((generate, ["--model", nope, "--prompt", "hi"], None))
+    runs += [(generate, ["--model", model, *args], stdin) for args, stdin, _ in NOT_UTF8]
+    runs += [(generate, ["--model", nope, "--prompt", "hi", *args], None) for args, _ in BAD_OPTIONS]
+    runs += [(generate, ["--model", model, "--prompt", "What is 2+2?", *args], None) for args in EXTREME]
+    runs += [(f"mlx_qwen3.{m}", ["--help"], None) for m in ALIASES]
+    runs += [("mlx_qwen3", [c, "--help"], None) for c in ALIASES.values()]
+    runs += [("mlx_qwen3", ["--help"], None)] + [("mlx_qwen3", args, None) for args, _ in NO_COMMAND]
+    return runs
+
+
+@pytest.fixture(scope="module")
+def warm(model_dir, tmp_path_factory):
+    return Warm(str(model_dir), str(tmp_path_factory.mktemp("none") / "nope"), tmp_path_factory.mktemp("warm"))
+
+
+def test_the_warm_runs_read_as_fresh_processes(warm):
+    """What tests/warm_cli.py gives is what `python -m` in a new process gives: a prompt over the context
+    (the model loads), arguments that are not UTF-8, and help."""
+    for module, args, stdin in [("mlx_qwen3.generate", ["--model", warm.model, *BAD_INPUT[2][0]], None),
+                                ("mlx_qwen3.generate", ["--model", warm.model, *NOT_UTF8[2][0]], NOT_UTF8[2][1]),
+                                ("mlx_qwen3.server", ["--help"], None)]:
+        fresh = subprocess.run([sys.executable, "-m", module, *args], input=stdin, capture_output=True,
+                               timeout=120, env=cwd_env())
+        got = warm.run(module, *args, stdin=stdin)
+        assert (got.returncode, got.stdout, got.stderr) == (fresh.returncode, fresh.stdout, fresh.stderr)
+
+
+BAD_INPUT = [
     (["--prompt", ""], None, ["the prompt is empty"]),
     (["--prompt", "-"], "  \n", ["the prompt is empty"]),
     (["--prompt", "word " * 300], None, ["the prompt is", "the context window is 256"]),
@@ -104,13 +169,16 @@ def test_chat_repl(model_dir):
     (["--prompt", "hi", "--top-p", "1.5"], None, ["top_p must be in (0, 1]"]),
     (["--prompt", "hi", "--max-tokens", "many"], None, ["'many' is not a valid integer"]),
     ([], None, ["give --prompt TEXT"]),
-])
-def test_bad_input_is_one_line(model_dir, args, stdin, phrases):
-    one_line_error(cli("--model", str(model_dir), *args, stdin=stdin), *phrases)
+]
 
 
-def test_unknown_model_is_one_line(tmp_path):
-    one_line_error(cli("--model", str(tmp_path / "nope"), "--prompt", "hi"), "does not exist")
+@pytest.mark.parametrize("args,stdin,phrases", BAD_INPUT)
+def test_bad_input_is_one_line(warm, args, stdin, phrases):
+    one_line_error(warm.cli("--model", warm.model, *args, stdin=stdin), *phrases)
+
+
+def test_unknown_model_is_one_line(warm):
+    one_line_error(warm.cli("--model", warm.nope, "--prompt", "hi"), "does not exist")
 
 
 # ---- faults: input that is not UTF-8, a stdout that is closed or full, odd option values, signals ----
@@ -131,16 +199,19 @@ def no_traceback(stderr):
     assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr
 
 
-@pytest.mark.parametrize("args,stdin,message", [
+NOT_UTF8 = [
     (["--prompt", "-"], b"What is \xff?", "stdin is not valid UTF-8: byte 0xff at offset 8"),
     (["--prompt", "-", "--json"], b"\xed\xa0\x80", "stdin is not valid UTF-8: byte 0xed at offset 0"),  # a surrogate
     ([b"--prompt", b"What is \xfe2+2?"], b"", "--prompt is not valid UTF-8: byte 0xfe at offset 8"),
     (["--prompt", "hi", b"--system", b"be \xff"], b"", "system is not valid UTF-8: byte 0xff at offset 3"),
     (["--chat", b"--prompt", b"\xff"], b"", "--prompt is not valid UTF-8: byte 0xff at offset 0"),
-])
-def test_a_prompt_that_is_not_utf8_is_refused_in_one_line(model_dir, args, stdin, message):
+]
+
+
+@pytest.mark.parametrize("args,stdin,message", NOT_UTF8)
+def test_a_prompt_that_is_not_utf8_is_refused_in_one_line(warm, args, stdin, message):
     """Refused, not decoded with replacement characters: a prompt must not change meaning unseen."""
-    one_line_error(run_bytes("--model", str(model_dir), *args, stdin=stdin), message)
+    one_line_error(warm.run_bytes("--model", warm.model, *args, stdin=stdin), message)
 
 
 @pytest.mark.parametrize("errors", ["surrogateescape", "strict"])  # how Python reads stdin: Linux's C.UTF-8, macOS
@@ -156,9 +227,12 @@ def test_in_chat_a_line_that_is_not_utf8_is_refused_and_the_session_goes_on(mode
     assert out.stdout.count(b"The answer is 4.") == 1 and out.stderr.count("finish:") == 1
 
 
-@pytest.mark.parametrize("budget", ["9" * 5000, "\u00b2"], ids=["5000 digits", "superscript 2"])
-def test_in_chat_a_budget_that_is_no_number_is_a_usage_line(model_dir, budget):
-    out = cli("--model", str(model_dir), "--chat", "--temp", "0", stdin=f"/budget {budget}\nWhat is 2+2?\n")
+BUDGETS = ["9" * 5000, "\u00b2"]
+
+
+@pytest.mark.parametrize("budget", BUDGETS, ids=["5000 digits", "superscript 2"])
+def test_in_chat_a_budget_that_is_no_number_is_a_usage_line(warm, budget):
+    out = warm.cli("--model", warm.model, "--chat", "--temp", "0", stdin=f"/budget {budget}\nWhat is 2+2?\n")
     assert out.returncode == 0, out.stderr
     no_traceback(out.stderr)
     assert "usage: /budget N, or /budget off" in out.stderr and out.stdout.count("The answer is 4.") == 1
@@ -301,16 +375,19 @@ BAD_OPTIONS = [
 
 
 @pytest.mark.parametrize("args,message", BAD_OPTIONS, ids=[" ".join(a)[:24] for a, _ in BAD_OPTIONS])
-def test_bad_option_values_are_one_line_before_the_model_loads(tmp_path, args, message):
+def test_bad_option_values_are_one_line_before_the_model_loads(warm, args, message):
     """The model folder does not exist: the option is what is reported, so it was checked first."""
-    one_line_error(cli("--model", str(tmp_path / "nope"), "--prompt", "hi", *args), message)
+    one_line_error(warm.cli("--model", warm.nope, "--prompt", "hi", *args), message)
 
 
-@pytest.mark.parametrize("args", [["--temp", "1e-50"], ["--temp", "5e-324", "--seed", str(2**64 - 1)],
-                                  ["--temp", "0", "--max-tokens", str(10**30), "--repetition-penalty", "10"]])
-def test_extreme_values_in_range_work(model_dir, args):
+EXTREME = [["--temp", "1e-50"], ["--temp", "5e-324", "--seed", str(2**64 - 1)],
+           ["--temp", "0", "--max-tokens", str(10**30), "--repetition-penalty", "10"]]
+
+
+@pytest.mark.parametrize("args", EXTREME)
+def test_extreme_values_in_range_work(warm, args):
     """A temperature that underflows float32 samples greedily (the scripted reply), not NaN garbage."""
-    out = cli("--model", str(model_dir), "--prompt", "What is 2+2?", *args)
+    out = warm.cli("--model", warm.model, "--prompt", "What is 2+2?", *args)
     assert out.returncode == 0 and out.stdout == GREEDY_REPLY, out.stderr
 
 
@@ -463,35 +540,42 @@ def test_every_form_of_the_command_generates_the_same(model_dir, tmp_path, form)
     assert out.stderr.startswith("prompt: ") and out.stderr.count("\n") == 1, out.stderr  # the stats, no warning
 
 
-def test_help_lists_the_commands():
-    out = run(sys.executable, "-m", "mlx_qwen3", "--help")
+def text(out):
+    return subprocess.CompletedProcess(out.args, out.returncode, out.stdout.decode(), out.stderr.decode())
+
+
+def test_help_lists_the_commands(warm):
+    out = text(warm.run("mlx_qwen3", "--help"))
     assert out.returncode == 0 and out.stderr == "", out.stderr
     assert out.stdout.startswith("Usage: python -m mlx_qwen3 [OPTIONS] [COMMAND] [ARGS]...")
     listed = [line.split()[0] for line in out.stdout.split("Commands:\n")[1].splitlines() if line.strip()]
     assert sorted(listed) == sorted(ALIASES.values())
 
 
-@pytest.mark.parametrize("args,phrase", [([], "give a command: generate, serve, convert, info, plan, selftest, menubar"),
-                                         (["nope"], "no command 'nope': give one of generate, serve"),
-                                         (["generate", "--nope"], "No such option '--nope'")])
-def test_no_command_or_an_unknown_one_is_one_line(args, phrase):
-    one_line_error(run(sys.executable, "-m", "mlx_qwen3", *args), phrase)
+NO_COMMAND = [([], "give a command: generate, serve, convert, info, plan, selftest, menubar"),
+              (["nope"], "no command 'nope': give one of generate, serve"),
+              (["generate", "--nope"], "No such option '--nope'")]
+
+
+@pytest.mark.parametrize("args,phrase", NO_COMMAND)
+def test_no_command_or_an_unknown_one_is_one_line(warm, args, phrase):
+    one_line_error(text(warm.run("mlx_qwen3", *args)), phrase)
 
 
 @pytest.mark.parametrize("module", ALIASES)
-def test_each_alias_is_its_command(module):
+def test_each_alias_is_its_command(warm, module):
     """python -m mlx_qwen3.X --help says what `python -m mlx_qwen3 COMMAND --help` says, under its own name,
     with a clean stderr (runpy's warning about a module run twice is filtered for generate and load)."""
-    alias = run(sys.executable, "-m", f"mlx_qwen3.{module}", "--help")
-    command = run(sys.executable, "-m", "mlx_qwen3", ALIASES[module], "--help")
+    alias = text(warm.run(f"mlx_qwen3.{module}", "--help"))
+    command = text(warm.run("mlx_qwen3", ALIASES[module], "--help"))
     assert alias.returncode == command.returncode == 0 and alias.stderr == command.stderr == "", alias.stderr
     assert alias.stdout.startswith(f"Usage: python -m mlx_qwen3.{module} ")
     assert alias.stdout.split("\n", 1)[1] == command.stdout.split("\n", 1)[1]
 
 
-def test_the_load_alias_and_info_print_the_same(model_dir):
-    alias = run(sys.executable, "-m", "mlx_qwen3.load", str(model_dir))
-    info = run(sys.executable, "-m", "mlx_qwen3", "info", str(model_dir))
+def test_the_load_alias_and_info_print_the_same(warm):
+    alias = text(warm.run("mlx_qwen3.load", warm.model))
+    info = text(warm.run("mlx_qwen3", "info", warm.model))
     assert alias.returncode == info.returncode == 0 and alias.stderr == info.stderr == "", alias.stderr
     assert json.loads(alias.stdout) == json.loads(info.stdout) and json.loads(info.stdout)["layers"] == 1
 
@@ -550,10 +634,10 @@ def test_without_model_and_offline_the_default_is_named_in_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("command", ["generate", "serve", "menubar"])
-def test_help_shows_the_default_model(command):
+def test_help_shows_the_default_model(warm, command):
     from mlx_qwen3.cli import DEFAULT_MODEL
 
-    out = run(sys.executable, "-m", "mlx_qwen3", command, "--help")
+    out = text(warm.run("mlx_qwen3", command, "--help"))
     assert out.returncode == 0 and DEFAULT_MODEL in " ".join(out.stdout.split()), out.stdout
 
 

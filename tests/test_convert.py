@@ -7,12 +7,14 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
 from checkpoints import copy_tokenizer, prompt, rel_err
 from test_load import _fake_hub_cache, _truncate, edit_config
+from warm_cli import run_many
 
 from mlx_qwen3 import UserError, load_model
 from mlx_qwen3 import convert as convert_module
@@ -296,16 +298,35 @@ BAD_SOURCES = {
 }
 
 
-@pytest.mark.parametrize("kind", BAD_SOURCES)
-def test_bad_source_is_one_line_and_writes_nothing(checkpoint, tmp_path, kind):
+@pytest.fixture(scope="module")
+def refused(checkpoint, tmp_path_factory):
+    """Each bad source and bad option through `python -m mlx_qwen3.convert`, from one warm interpreter
+    (tests/warm_cli.py), each in a folder of its own: (kind or option) -> (CompletedProcess, its folder)."""
     src, _ = checkpoint("qwen3")
-    hf = tmp_path / "hf"
-    shutil.copytree(src, hf)
-    _break(kind, hf)
-    done = run_convert("--hf-path", str(hf), "--mlx-path", str(tmp_path / "out"), "-q")
+    runs, folders = [], {}
+    for kind in BAD_SOURCES:
+        folders[kind] = tmp_path_factory.mktemp("source")
+        shutil.copytree(src, folders[kind] / "hf")
+        _break(kind, folders[kind] / "hf")
+        runs.append(("mlx_qwen3.convert", ["--hf-path", str(folders[kind] / "hf"), "--mlx-path",
+                                           str(folders[kind] / "out"), "-q"], None))
+    for option in BAD_OPTIONS:
+        folders[option] = tmp_path_factory.mktemp("option")
+        runs.append(("mlx_qwen3.convert", ["--hf-path", str(src), "--mlx-path", str(folders[option] / "out"),
+                                           *option], None))
+    import mlx_qwen3
+
+    done = run_many(runs, tmp_path_factory.mktemp("warm"), Path(mlx_qwen3.__file__).parents[1])
+    texts = [subprocess.CompletedProcess(d.args, d.returncode, d.stdout.decode(), d.stderr.decode()) for d in done]
+    return {key: (text, folders[key]) for key, text in zip(folders, texts)}
+
+
+@pytest.mark.parametrize("kind", BAD_SOURCES)
+def test_bad_source_is_one_line_and_writes_nothing(refused, kind):
+    done, folder = refused[kind]
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.count("\n") == 1 and BAD_SOURCES[kind] in done.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+    assert sorted(p.name for p in folder.iterdir()) == ["hf"]
 
 
 BAD_OPTIONS = {
@@ -317,12 +338,11 @@ BAD_OPTIONS = {
 
 
 @pytest.mark.parametrize("option", BAD_OPTIONS)
-def test_bad_options_are_one_line(checkpoint, tmp_path, option):
-    src, _ = checkpoint("qwen3")
-    done = run_convert("--hf-path", str(src), "--mlx-path", str(tmp_path / "out"), *option)
+def test_bad_options_are_one_line(refused, option):
+    done, folder = refused[option]
     assert done.returncode == 2 and done.stderr.count("\n") == 1
     assert BAD_OPTIONS[option] in done.stderr
-    assert not (tmp_path / "out").exists()
+    assert not (folder / "out").exists()
 
 
 def test_output_inside_the_input_is_refused(checkpoint, tmp_path):

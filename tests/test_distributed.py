@@ -14,7 +14,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from chain import build as build_scripted
-from chain import endless, ids_of, successors, tokenizer
+from chain import ids_of, successors, tokenizer
 from checkpoints import build, copy_tokenizer, rel_err
 from conftest import _tail, free_ports
 
@@ -222,10 +222,23 @@ def single(folder, *args) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.fixture(scope="module")
+def alone(scripted):
+    """alone(*args): single(scripted, *args), run once per args (2 and 4 ranks compare with the same run)."""
+    done = {}
+
+    def get(*args):
+        if args not in done:
+            done[args] = single(scripted, *args)
+        return done[args]
+
+    return get
+
+
 @pytest.mark.parametrize("n, pipeline", [(2, False), (2, True), (4, False), (4, True)])
-def test_the_cli_prints_on_rank_0_what_one_process_prints(scripted, n, pipeline):
+def test_the_cli_prints_on_rank_0_what_one_process_prints(scripted, alone, n, pipeline):
     args = ["--prompt", "What is 2+2?", "--temp", "0", "--json"] + (["--pipeline"] if pipeline else [])
-    want = single(scripted, *args)
+    want = alone(*args)
     assert want.returncode == 0, want.stderr
     got = launch(n, "-m", "mlx_qwen3.generate", "--model", str(scripted), *args)
     events = [json.loads(line) for line in got.stdout.splitlines()]
@@ -302,11 +315,8 @@ def _rank_pid(folder, rank: int, deadline: float):
     raise AssertionError(f"rank {rank} did not start")
 
 
-def _endless(tmp_path, env=None):
-    """The generate CLI on 2 ranks with a model that answers "a ba b..." without end."""
-    tok = tokenizer()
-    script = [_tail(tok, enable_thinking=False)] + endless(tok)
-    folder = build_scripted(tmp_path / "loop", successors(script), max_position_embeddings=100000)
+def _endless(folder, env=None):
+    """The generate CLI on 2 ranks with conftest's looping_dir, which answers "a ba b..." without end."""
     p = subprocess.Popen([LAUNCHER, "--backend", "ring", "-n", "2", "--starting-port", str(free_ports(2)),
                           sys.executable, "-m", "mlx_qwen3.generate", "--model", str(folder), "--prompt", "go",
                           "--no-think", "--temp", "0", "--max-tokens", "1000000"],
@@ -320,10 +330,10 @@ on_linux = pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="f
 
 @on_linux
 @pytest.mark.parametrize("how", ["killed", "stopped"])
-def test_a_lost_rank_ends_the_others_with_one_line(tmp_path, how):
+def test_a_lost_rank_ends_the_others_with_one_line(looping_dir, how):
     """Killed (its links close) or stopped (silent, as a pulled cable): rank 0 says which rank it lost and
     exits within 60 s (here the watchdog waits 5 s), never hangs."""
-    p, folder = _endless(tmp_path, {"MLX_QWEN3_PEER_TIMEOUT": "5"})
+    p, folder = _endless(looping_dir, {"MLX_QWEN3_PEER_TIMEOUT": "5"})
     try:
         victim = _rank_pid(folder, 1, time.monotonic() + 60)
         assert p.stdout.read(20).startswith("a b")  # generating
@@ -347,9 +357,9 @@ def test_a_lost_rank_ends_the_others_with_one_line(tmp_path, how):
 
 
 @on_linux
-def test_ctrl_c_stops_every_rank_after_the_same_token(tmp_path):
+def test_ctrl_c_stops_every_rank_after_the_same_token(looping_dir):
     """A terminal's Ctrl-C reaches every rank: rank 0's stop is everyone's, and only rank 0 exits 130."""
-    p, folder = _endless(tmp_path)
+    p, folder = _endless(looping_dir)
     try:
         ranks = [_rank_pid(folder, r, time.monotonic() + 60) for r in range(2)]
         assert p.stdout.read(20).startswith("a b")

@@ -3,12 +3,13 @@ model's logits against the 16-bit cache, trim / copy / reuse, kv_start, the pool
 and the CLI flags."""
 
 import subprocess
-import sys
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
 from chain import build, ids_of, successors, tokenizer
+from warm_cli import run_many
 
 from mlx_qwen3.errors import UserError
 from mlx_qwen3.generate import ChatSession, GenerationOptions, generate
@@ -212,25 +213,38 @@ def test_a_head_dim_that_cannot_be_grouped_is_one_line():
 
 # ---- the CLI, end to end on a scripted model ----
 
-def cli(*args):
-    cmd = [sys.executable, "-m", "mlx_qwen3.generate", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+FLAGS = [[], ["--kv-bits", "8"], ["--kv-bits", "4"], ["--kv-bits", "4", "--kv-start", "5"]]
+BAD_FLAGS = [(["--kv-bits", "3"], "'3' is not one of 'auto', '16', '8', '4'"),
+             (["--kv-bits", "8", "--kv-start", "-2"], "kv_start must be >= 0"),
+             (["--kv-bits", "eight"], "'eight' is not one of 'auto', '16', '8', '4'")]
 
 
-def test_the_cli_flags_give_the_same_greedy_text(thinking_dir):
+@pytest.fixture(scope="module")
+def runs(thinking_dir, tmp_path_factory):
+    """The CLI runs below, from one warm interpreter (tests/warm_cli.py): the greedy question with each of
+    FLAGS on thinking_dir, then each of BAD_FLAGS on a model folder that does not exist, then the server's
+    bad setting -> [CompletedProcess with text]."""
     base = ["--model", str(thinking_dir), "--prompt", "What is 2+2?", "--temp", "0"]
-    plain = cli(*base)
+    nope = str(tmp_path_factory.mktemp("none") / "nope")
+    todo = [("mlx_qwen3.generate", [*base, *extra], None) for extra in FLAGS]
+    todo += [("mlx_qwen3.generate", ["--model", nope, "--prompt", "hi", *args], None) for args, _ in BAD_FLAGS]
+    todo.append(("mlx_qwen3.server", ["--model", nope, "--kv-bits", "2"], None))
+    import mlx_qwen3
+
+    done = run_many(todo, tmp_path_factory.mktemp("warm"), Path(mlx_qwen3.__file__).parents[1])
+    return [subprocess.CompletedProcess(d.args, d.returncode, d.stdout.decode(), d.stderr.decode()) for d in done]
+
+
+def test_the_cli_flags_give_the_same_greedy_text(runs):
+    plain = runs[0]
     assert plain.returncode == 0 and "The answer is 4." in plain.stdout, plain.stderr
-    for extra in (["--kv-bits", "8"], ["--kv-bits", "4"], ["--kv-bits", "4", "--kv-start", "5"]):
-        out = cli(*base, *extra)
+    for out in runs[1:len(FLAGS)]:
         assert out.returncode == 0 and out.stdout == plain.stdout, out.stderr
 
 
-@pytest.mark.parametrize("args,message", [(["--kv-bits", "3"], "'3' is not one of 'auto', '16', '8', '4'"),
-                                          (["--kv-bits", "8", "--kv-start", "-2"], "kv_start must be >= 0"),
-                                          (["--kv-bits", "eight"], "'eight' is not one of 'auto', '16', '8', '4'")])
-def test_bad_flags_are_one_line_before_the_model_loads(tmp_path, args, message):
-    out = cli("--model", str(tmp_path / "nope"), "--prompt", "hi", *args)
+@pytest.mark.parametrize("i", range(len(BAD_FLAGS)), ids=[" ".join(a) for a, _ in BAD_FLAGS])
+def test_bad_flags_are_one_line_before_the_model_loads(runs, i):
+    out, message = runs[len(FLAGS) + i], BAD_FLAGS[i][1]
     assert out.returncode == 2, out.stderr
     assert out.stderr.startswith("error: ") and out.stderr.count("\n") == 1 and message in out.stderr, out.stderr
 
@@ -257,7 +271,6 @@ def test_a_server_with_8_bit_kv_answers_the_same_and_reuses_its_quantized_caches
     assert held[8] / held[None] == 40 / 128
 
 
-def test_the_server_refuses_a_bad_kv_setting_in_one_line(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "mlx_qwen3.server", "--model", str(tmp_path / "none"),
-                          "--kv-bits", "2"], capture_output=True, text=True, timeout=60)
+def test_the_server_refuses_a_bad_kv_setting_in_one_line(runs):
+    out = runs[-1]
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "'2' is not one of 'auto'" in out.stderr, out.stderr

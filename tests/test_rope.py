@@ -126,10 +126,8 @@ def test_a_conversation_that_outgrows_its_factor_is_processed_again_once(checkpo
     assert other.rescaled_from is None  # another conversation: nothing outgrown
 
 
-def test_prepare_plans_the_context_and_the_cache_follows(tmp_path):
-    tok = tokenizer()
-    folder = _scripted(tmp_path, tok)
-    model, tok = load(folder)
+def test_prepare_plans_the_context_and_the_cache_follows(yarn_dir):
+    model, tok = load(yarn_dir)
     short = prepare(model, tok, "hello", enable_thinking=False, max_tokens=4)
     assert short.setting.rope_factor == 1.0 and len(short.ids) + 4 <= ORIGINAL
     long = prepare(model, tok, "hello", enable_thinking=False, max_tokens=60)
@@ -139,16 +137,19 @@ def test_prepare_plans_the_context_and_the_cache_follows(tmp_path):
     assert generate(model, tok, "hello", enable_thinking=False, temperature=0, max_tokens=60).rope_factor == 4.0
 
 
-def _scripted(tmp_path, tok):
+@pytest.fixture(scope="module")
+def yarn_dir(tmp_path_factory):
+    """A scripted model answering "Hi there!", with YaRN x4 over an original window of ORIGINAL tokens."""
+    tok = tokenizer()
     tail = tok.encode(tok.apply_chat_template([{"role": "user", "content": "x"}], enable_thinking=False))[-1]
     yarn = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": ORIGINAL}
-    return build_scripted(tmp_path / "m", successors([tail] + ids_of(tok, ["Hi there!", "<|im_end|>"])),
+    return build_scripted(tmp_path_factory.mktemp("yarn") / "m",
+                          successors([tail] + ids_of(tok, ["Hi there!", "<|im_end|>"])),
                           max_position_embeddings=256, rope_scaling=yarn)
 
 
-def test_chat_session_reports_each_crossing_and_answers_the_same(tmp_path):
-    tok = tokenizer()
-    model, tok = load(_scripted(tmp_path, tok))
+def test_chat_session_reports_each_crossing_and_answers_the_same(yarn_dir):
+    model, tok = load(yarn_dir)
     chat = ChatSession(model, tok, enable_thinking=False, temperature=0, max_tokens=12)
     results = [chat.send(text) for text in ("hello", "and again", "once more", "last")]
     assert [r.answer for r in results] == ["Hi there!"] * 4
@@ -160,9 +161,8 @@ def test_chat_session_reports_each_crossing_and_answers_the_same(tmp_path):
         assert (r.cached_tokens == 0) == (before is None or crossed)
 
 
-def test_the_cli_says_when_a_chat_outgrew_its_factor(tmp_path):
-    tok = tokenizer()
-    folder = _scripted(tmp_path, tok)
+def test_the_cli_says_when_a_chat_outgrew_its_factor(yarn_dir):
+    folder = yarn_dir
     cmd = [sys.executable, "-m", "mlx_qwen3.generate", "--model", str(folder), "--chat", "--no-think",
            "--temp", "0", "--max-tokens", "12"]
     out = subprocess.run(cmd, input="hello\nand again\nonce more\n", capture_output=True, text=True, timeout=120)
@@ -177,12 +177,11 @@ def test_the_cli_says_when_a_chat_outgrew_its_factor(tmp_path):
     assert static.returncode == 0 and done["rope_factor"] == 4.0 and done["rescaled_from"] is None
 
 
-def test_the_server_reports_the_factor_and_a_crossing_and_takes_kv_bits_per_request(tmp_path):
+def test_the_server_reports_the_factor_and_a_crossing_and_takes_kv_bits_per_request(yarn_dir):
     import httpx
     from conftest import NAME, serving
 
-    tok = tokenizer()
-    model, tok = load(_scripted(tmp_path, tok))
+    model, tok = load(yarn_dir)
     first = [{"role": "user", "content": "hello"}]
     second = first + [{"role": "assistant", "content": "Hi there!"}, {"role": "user", "content": "and again"}]
     body = dict(model=NAME, temperature=0, max_tokens=12, chat_template_kwargs={"enable_thinking": False})
