@@ -5,7 +5,7 @@ builds them): layers whose o_proj and down_proj are zero carry the token embeddi
 token of a script to the next, so greedy decoding follows the script. The matmuls run whatever the zeros:
 the target costs a pass of Qwen3-0.6B's layer shapes (16 of its 28 layers, its 151,936-row head), the draft
 a few small layers. Cases:
-  (a) copy-heavy (a code edit): the prompt holds a text, the reply repeats it with a few tokens changed;
+  (a) copy-heavy, as a code edit is: the prompt holds a text, the reply repeats it with a few tokens changed;
       prompt lookup, no draft model;
   (b) a draft model whose successors are the target's on ~90% of the script's tokens;
   (c) a draft whose successors are all wrong: the overhead of drafting ("auto" backs off; a fixed num_draft
@@ -146,11 +146,14 @@ def run(model, tok, text: str, draft=None, max_tokens=4096, **options) -> dict:
             "finish_reason": r.finish_reason, "ids": list(cache.ids)}
 
 
-def median_run(repeat: int, *args, **kwargs) -> dict:
-    runs = [run(*args, **kwargs) for _ in range(repeat)]
-    best = dict(runs[0])
-    best["decode_tps"] = statistics.median(r["decode_tps"] for r in runs)
-    return best
+def rounds(repeat: int, model, tok, plan: dict) -> dict:
+    """Every run of `plan` (name -> (text, draft, options)) once per round, so a change in the machine's load
+    falls on all of them alike; the median decode tok/s of each (the other figures do not vary)."""
+    runs = {name: [] for name in plan}
+    for _ in range(repeat):
+        for name, (text, draft, options) in plan.items():
+            runs[name].append(run(model, tok, text, draft, **options))
+    return {name: {**rs[0], "decode_tps": statistics.median(r["decode_tps"] for r in rs)} for name, rs in runs.items()}
 
 
 def case(plain: dict, variants: dict) -> dict:
@@ -259,17 +262,18 @@ def main():
 
         run(model, tok, "hi", close, num_draft=2, max_tokens=8)  # warm up
         fixed = args.fixed_draft
-        r = lambda text, draft=None, **o: median_run(args.repeat, model, tok, text, draft, **o)  # noqa: E731
-        plain_copy = r(copy_text)
-        plain = r(short_text)
+        got = rounds(args.repeat, model, tok, {
+            "plain_copy": (copy_text, None, {}), "lookup_auto": (copy_text, None, {"prompt_lookup": True}),
+            "plain": (short_text, None, {}),
+            "close_auto": (short_text, close, {}), "close_fixed": (short_text, close, {"num_draft": fixed}),
+            "wrong_auto": (short_text, wrong, {}), "wrong_fixed": (short_text, wrong, {"num_draft": fixed})})
+        plain_copy, plain = got["plain_copy"], got["plain"]
         follows = {"copy": plain_copy["ids"] == copy_prompt + script + [IM_END],
                    "short": plain["ids"] == short_prompt + script + [IM_END]}
         cases = {
-            "a_prompt_lookup": case(plain_copy, {"lookup_auto": r(copy_text, prompt_lookup=True)}),
-            "b_close_draft": case(plain, {"draft_auto": r(short_text, close),
-                                          f"draft_fixed_{fixed}": r(short_text, close, num_draft=fixed)}),
-            "c_wrong_draft": case(plain, {"draft_auto": r(short_text, wrong),
-                                          f"draft_fixed_{fixed}": r(short_text, wrong, num_draft=fixed)}),
+            "a_prompt_lookup": case(plain_copy, {"lookup_auto": got["lookup_auto"]}),
+            "b_close_draft": case(plain, {"draft_auto": got["close_auto"], f"draft_fixed_{fixed}": got["close_fixed"]}),
+            "c_wrong_draft": case(plain, {"draft_auto": got["wrong_auto"], f"draft_fixed_{fixed}": got["wrong_fixed"]}),
         }
         c = cases["c_wrong_draft"]
         c["overhead_auto"] = 1 - c["draft_auto"]["ratio_tps"]
@@ -295,7 +299,7 @@ def main():
                    "tokens_per_pass: generation_tokens / decode passes, where decode passes = forward_passes "
                    f"minus the prompt's ceil((prompt_tokens - 1) / {PREFILL_CHUNK}) chunks before its last token "
                    "(the pass that feeds it counts, as does the one that reads <|im_end|>: plain decoding "
-                   "scores just under 1); greedy; median of --repeat runs",
+                   "scores just under 1); greedy; median of --repeat rounds (each round runs every case once)",
         "repeat": args.repeat,
         **cases,
         "mlx_lm_b_close_draft": peer,
