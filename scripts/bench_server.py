@@ -57,14 +57,21 @@ def start(cmd: list, port: int, log: Path) -> subprocess.Popen:
     deadline = time.time() + 300
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"bench_server: {cmd[2]} exited before serving: {log.read_text()[-2000:]}")
+            raise failed(cmd, proc, log, "exited before serving")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).status_code == 200:
                 return proc
         except httpx.HTTPError:
             time.sleep(0.2)
     proc.kill()
-    raise SystemExit(f"bench_server: {cmd[2]} did not start in 300 s")
+    raise failed(cmd, proc, log, "did not start in 300 s")
+
+
+def failed(cmd: list, proc: subprocess.Popen, log: Path, what: str) -> SystemExit:
+    status = proc.poll()
+    state = "still running" if status is None else f"exit status {status}"
+    tail = log.read_text(errors="replace")[-2000:]
+    return SystemExit(f"bench_server: {cmd[2]} {what} ({state}); its log ends:\n{tail}")
 
 
 def request(model: str, prompt: str, max_tokens: int) -> dict:
@@ -190,13 +197,17 @@ def main():
         }
         runs = {str(n): {} for n in args.clients}
         for name, cmd in sides.items():
-            port = free_port()
-            proc = start(cmd, port, work / f"{name}.log")
+            port, log = free_port(), work / f"{name}.log"
+            proc = start(cmd, port, log)
             url = f"http://127.0.0.1:{port}"
             try:
                 one_client(url, request(folder, "Warm up.", 4))  # first-call compilation, outside the timings
                 for n in args.clients:
                     runs[str(n)][name] = run_count(url, folder, n, args.max_tokens, name == "ours")
+                    if proc.poll() is not None:
+                        raise failed(cmd, proc, log, f"stopped during {n} clients")
+            except httpx.HTTPError as e:
+                raise failed(cmd, proc, log, f"stopped answering ({e})") from None
             finally:
                 proc.terminate()
                 try:
