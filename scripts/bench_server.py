@@ -52,6 +52,7 @@ def free_port() -> int:
 def start(cmd: list, port: int, log: Path) -> subprocess.Popen:
     # stderr to a file: uvicorn's and mlx-lm's logs would fill a pipe nobody reads and stall the server
     env = {k: v for k, v in os.environ.items() if k != "MLX_QWEN3_API_KEY"}  # no key: /health tells all
+    env["PYTHONFAULTHANDLER"] = "1"  # a server that crashes leaves its threads' stacks in the log we print
     with open(log, "wb") as err:
         proc = subprocess.Popen(cmd + ["--port", str(port)], stdout=subprocess.DEVNULL, stderr=err, env=env)
     deadline = time.time() + 300
