@@ -118,6 +118,10 @@ def percentile(xs: list, q: float):
     return xs[i] if i + 1 == len(xs) else xs[i] + (xs[i + 1] - xs[i]) * (pos - i)
 
 
+def round3(x):
+    return None if x is None else round(x, 3)
+
+
 def decoding(url: str):
     """Ours: the cumulative {"forward_passes", "generated_tokens", "batch_width"} of /health, or None
     while the server does not report them."""
@@ -163,10 +167,6 @@ def run_count(url: str, model: str, n: int, max_tokens: int, ours: bool) -> dict
                     "passes_per_token_vs_time_sliced": round3(per_token and per_token / TIME_SLICED_PASSES_PER_TOKEN),
                     "batch_width": after.get("batch_width") if after else None})
     return out
-
-
-def round3(x):
-    return None if x is None else round(x, 3)
 
 
 def main():
