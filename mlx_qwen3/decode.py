@@ -197,28 +197,51 @@ class Decoder:
         self.rows = [row for row in self.rows if not row.done]
 
     def _read_prompt(self):
-        """Up to PREFILL_CHUNK tokens of joining rows' prompts, the first joined first (while nobody decodes:
-        until one is read); a row whose prompt is read but its last token decodes from this step on."""
+        """Up to PREFILL_CHUNK tokens of joining rows' prompts, the first joined first, in one pass for the
+        rows whose chunks are alike in length (while nobody decodes: until one is read); a row whose prompt
+        is read but its last token decodes from this step on."""
         decoding = any(row.y is not None for row in self.rows)
         budget = PREFILL_CHUNK
-        for row in [row for row in self.rows if row.y is None]:
-            while len(row.todo) > 1 and (budget > 0 or not decoding):
+        while budget > 0 or not decoding:
+            chunks = []  # (row, tokens): padded to the longest, at most twice the tokens they hold
+            for row in (row for row in self.rows if row.y is None and len(row.todo) > 1):
                 n = min(PREFILL_CHUNK, len(row.todo) - 1, budget if budget > 0 else PREFILL_CHUNK)
-                self.model(mx.array(row.todo[:n], dtype=mx.uint32)[None], cache=row.cache.layers)
-                mx.eval([c.state for c in row.cache.layers])
-                distributed.watchdog.beat()
-                row.cache.ids.extend(row.todo[:n])
-                del row.todo[:n]
+                longest = max([n] + [m for _, m in chunks])
+                if chunks and (longest * (len(chunks) + 1) > 2 * (n + sum(m for _, m in chunks)) or n > budget):
+                    break
+                chunks.append((row, n))
                 budget -= n
-                self.passes += 1
-                row.passes += 1
-                if row.progress is not None:
-                    row.progress(row.total - len(row.todo), row.total)
-            if len(row.todo) == 1:
+            if not chunks:
+                break
+            self._read_chunks(chunks)
+            for row, _ in chunks:
+                if len(row.todo) == 1:
+                    row.y, row.fresh = mx.array([row.todo.pop(), 0], dtype=mx.uint32), True
+                    decoding = True
+        for row in self.rows:  # a one-token prompt has nothing to read
+            if row.y is None and len(row.todo) == 1:
                 row.y, row.fresh = mx.array([row.todo.pop(), 0], dtype=mx.uint32), True
-                decoding = True
-            if budget <= 0 and decoding:
-                return
+
+    def _read_chunks(self, chunks: list):
+        """Feed each row its next `n` prompt tokens, all in one pass."""
+        if len(chunks) == 1:
+            (row, n), = chunks
+            self.model(mx.array(row.todo[:n], dtype=mx.uint32)[None], cache=row.cache.layers)
+        else:
+            T = max(n for _, n in chunks)
+            ids = mx.array([row.todo[:n] + [0] * (T - n) for row, n in chunks], dtype=mx.uint32)
+            layers = [Rows([row.cache.layers[i] for row, _ in chunks], [n for _, n in chunks])
+                      for i in range(len(self.model.layers))]
+            self.model(ids, cache=layers)
+        mx.eval([c.state for row, _ in chunks for c in row.cache.layers])
+        distributed.watchdog.beat()
+        self.passes += 1
+        for row, n in chunks:
+            row.cache.ids.extend(row.todo[:n])
+            del row.todo[:n]
+            row.passes += 1
+            if row.progress is not None:
+                row.progress(row.total - len(row.todo), row.total)
 
     def _decode(self, rows: list):
         if not rows:

@@ -94,6 +94,8 @@ def test_sixteen_rows_decode_as_each_alone(random, join_at):
     generated = sum(len(t) for t in tokens)
     assert widest == 16 if not join_at else widest >= 5  # rows joined and left while others decoded
     assert passes < generated / 2  # rows shared passes (a time-sliced loop makes one per token)
+    if not join_at:  # the 16 prompts in one pass, then one pass per token of the longest reply (and its end)
+        assert passes == 1 + max(len(t) for t in tokens) + 1
 
 
 def test_sixteen_replies_in_one_decoder_give_the_text_each_gets_alone(answering, looping):
