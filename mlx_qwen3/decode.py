@@ -214,25 +214,16 @@ class Decoder:
             if not chunks:
                 break
             self._read_chunks(chunks)
-            for row, _ in chunks:
-                if len(row.todo) == 1:
-                    row.y, row.fresh = mx.array([row.todo.pop(), 0], dtype=mx.uint32), True
-                    decoding = True
-        for row in self.rows:  # a one-token prompt has nothing to read
+            decoding = decoding or any(len(row.todo) == 1 for row, _ in chunks)
+        for row in self.rows:  # read, but for its last token (a one-token prompt: nothing to read)
             if row.y is None and len(row.todo) == 1:
                 row.y, row.fresh = mx.array([row.todo.pop(), 0], dtype=mx.uint32), True
 
     def _read_chunks(self, chunks: list):
         """Feed each row its next `n` prompt tokens, all in one pass."""
-        if len(chunks) == 1:
-            (row, n), = chunks
-            self.model(mx.array(row.todo[:n], dtype=mx.uint32)[None], cache=row.cache.layers)
-        else:
-            T = max(n for _, n in chunks)
-            ids = mx.array([row.todo[:n] + [0] * (T - n) for row, n in chunks], dtype=mx.uint32)
-            layers = [Rows([row.cache.layers[i] for row, _ in chunks], [n for _, n in chunks])
-                      for i in range(len(self.model.layers))]
-            self.model(ids, cache=layers)
+        T = max(n for _, n in chunks)
+        ids = mx.array([row.todo[:n] + [0] * (T - n) for row, n in chunks], dtype=mx.uint32)
+        self.model(ids, cache=self._layers([row for row, _ in chunks], [n for _, n in chunks]))
         mx.eval([c.state for row, _ in chunks for c in row.cache.layers])
         distributed.watchdog.beat()
         self.passes += 1
@@ -249,12 +240,7 @@ class Decoder:
         plans = [self._plan(row) for row in rows]
         T = max(len(ids) for _, ids, _ in plans)
         inputs = [mx.pad(ids, (0, T - len(ids))) if T > len(ids) else ids for _, ids, _ in plans]
-        if len(rows) == 1:
-            layers = rows[0].cache.layers
-        else:
-            lengths = [len(ids) for _, ids, _ in plans]
-            layers = [Rows([row.cache.layers[i] for row in rows], lengths) for i in range(len(self.model.layers))]
-        logits = self.model(mx.stack(inputs), cache=layers)
+        logits = self.model(mx.stack(inputs), cache=self._layers(rows, [len(ids) for _, ids, _ in plans]))
         self.passes += 1
         outcomes = []  # per row: [next token, rank 0's cancel flag]; after drafts [accepted, next token, flag]
         for i, (row, (kind, ids, drafts)) in enumerate(zip(rows, plans)):
@@ -280,6 +266,13 @@ class Decoder:
         for row, (kind, ids, drafts), outcome in zip(rows, plans, outcomes):
             self._take(row, kind, ids, drafts, agreed[at : at + outcome.shape[0]])
             at += outcome.shape[0]
+
+    def _layers(self, rows: list, lengths: list) -> list:
+        """What the model takes as its cache for `rows` fed `lengths` tokens each: one row's own layers, or
+        per layer the rows' caches (models.cache.Rows)."""
+        if len(rows) == 1:
+            return rows[0].cache.layers
+        return [Rows([row.cache.layers[i] for row in rows], lengths) for i in range(len(self.model.layers))]
 
     def _plan(self, row: Row) -> tuple:
         """What `row` feeds this pass: (kind, ids (1-D array), drafts) where kind is FRESH (the prompt's last

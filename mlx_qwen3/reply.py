@@ -59,16 +59,12 @@ class Reply:
         self.special = set(self.router.ids.values())  # they change the channel: what is held goes before them
         self.stops = StopStrings(opts.stopping.stop)
         self.eos = tokenizer.eos_token_ids
+        self.boundaries = frozenset(self.special | set(self.eos))  # a draft stops after one: a channel change, an end
         self.events = []
         self.n = self.thinking_tokens = 0
         self.finish = None  # stop | length | cancelled, once over
         self.started, self.first = time.perf_counter(), None  # when it began; when its first token came
         self.budget.step(self.router.state, self.router.state)  # a budget of 0 ends a thought the prompt opened
-
-    @property
-    def boundaries(self) -> frozenset:
-        """The ids after which a draft stops: they change the channel or end the reply."""
-        return frozenset(self.special | set(self.eos))
 
     @property
     def room(self) -> int:
