@@ -17,6 +17,7 @@ from mlx_qwen3 import structured
 from mlx_qwen3.decode import Decoder, Taker
 from mlx_qwen3.errors import UserError
 from mlx_qwen3.models.cache import PromptCache
+from mlx_qwen3.options import Drafting
 from mlx_qwen3.sample import make_sampler
 from mlx_qwen3.structured import constraint, json_grammar, tool_grammar
 
@@ -80,12 +81,16 @@ class Until(Taker):
         return len(self.taken) < self.n and token not in self.ends
 
 
-def decode(model, tok, processors, seed: int, n: int = 400, forced=()) -> list:
+def decode(model, tok, processors, seed: int, n: int = 400, forced=(), draft=None) -> list:
+    """Sampled at temperature 1; `draft`: a draft model proposing 2 tokens at a time, unconstrained."""
     taker = Until(n, tok.eos_token_ids, forced)
-    decoder = Decoder(model)
-    decoder.add(tok.encode("Reply in JSON."), PromptCache.new(model), make_sampler(1.0, seed=seed), processors, taker)
+    decoder = Decoder(model, draft)
+    drafting = dict(drafting=Drafting(num_draft=2), draft_sampler=make_sampler(1.0, seed=seed + 100)) if draft else {}
+    row = decoder.add(tok.encode("Reply in JSON."), PromptCache.new(model), make_sampler(1.0, seed=seed), processors,
+                      taker, **drafting)
     while decoder.rows:
         decoder.step()
+    assert draft is None or row.drafter.drafted > 0
     return taker.taken
 
 
@@ -106,6 +111,18 @@ def test_sampled_replies_validate_against_a_nested_schema(model, tok, seed):
     ids = decode(model, tok, [c], seed)
     assert ids[-1] in tok.eos_token_ids
     jsonschema.validate(json.loads(tok.decode(ids[:-1])), SCHEMA)
+
+
+def test_drafts_the_grammar_rejects_are_rewound(model, tok):
+    """A draft model that knows nothing of the grammar: its drafts go through the constraint, are mostly
+    rejected, and the state follows the rewinds; the reply still validates."""
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 2]}},
+              "required": ["ok", "n"], "additionalProperties": False}
+    c = constraint(tok, VOCAB, json_grammar(schema), thinking=False)
+    ids = decode(model, tok, [c], 0, draft=model)
+    assert ids[-1] in tok.eos_token_ids
+    jsonschema.validate(json.loads(tok.decode(ids[:-1])), schema)
+    assert c.ids[: len(ids) - 1] == ids[:-1]
 
 
 def test_without_the_constraint_the_model_writes_no_json(model, tok):
@@ -228,7 +245,8 @@ def test_rewound_histories_give_the_masks_of_a_fresh_constraint(tok):
     c = fresh()
     sequences = [history[:8], history[:8] + history[8:14], history[:10], history[:10] + bad,
                  history[:9], history[:12] + bad + history[12:20], history[:13], history[: len(prefix) - 2],
-                 history[:3], history[:len(prefix) + 4], prefix[:2] + [end_think] + call[:3], history]
+                 history[:3], history[:len(prefix) + 4], prefix[:2] + call[:4],  # a call inside the thought: free
+                 prefix[:2] + [end_think] + call[:3], history]
     for seq in sequences:
         steps = [seq[:i] for i in range(max(0, len(seq) - 5), len(seq) + 1)]  # a draft's positions
         for s in steps:
