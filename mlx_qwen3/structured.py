@@ -2,6 +2,7 @@
 with llguidance, and the logits processor (Constraint) that enforces it while decoding."""
 
 import json
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Optional
@@ -22,11 +23,13 @@ REASON = 200
 
 @dataclass(frozen=True)
 class Grammar:
-    """What a constrained reply must match: llguidance's Lark text. `param`: the request field it comes from
-    (for the error a schema that does not compile gets)."""
+    """What a constrained reply must match: llguidance's Lark text. `param`: the request field it comes from,
+    `tools`: the tools' names, one rule line each from line 3 on (both for the error a schema that does not
+    compile gets)."""
 
     lark: str
     param: str = "response_format"
+    tools: tuple = ()
 
 
 def json_grammar(schema: Optional[dict] = None) -> Grammar:
@@ -59,7 +62,7 @@ def tool_grammar(tools: list, name: Optional[str] = None, parallel: bool = True)
     Returns:
         the Grammar.
     """
-    rules = []
+    rules, names = [], []
     for tool in tools if isinstance(tools, list) else [None]:
         function = tool.get("function") if isinstance(tool, dict) else None
         if not isinstance(function, dict) or not isinstance(function.get("name"), str):
@@ -69,13 +72,16 @@ def tool_grammar(tools: list, name: Optional[str] = None, parallel: bool = True)
             continue
         parameters = function.get("parameters") or {"type": "object"}
         head = '{"name": ' + json.dumps(function["name"]) + ', "arguments": '
+        names.append(function["name"])
         rules.append(f"<[TOOL_CALL]> \"\\n\" {json.dumps(head)} %json {_schema(parameters, 'tools')} "
                      f"\"}}\\n\" <[END_TOOL_CALL]>")
     if not rules:
         raise UserError(f"no tool is named {name!r}" if name is not None else "tools is empty: nothing to call",
                         "tools", "invalid_schema")
     calls = "call (\"\\n\" call)*" if parallel else "call"
-    return Grammar(f"start: {calls}\ncall: " + "\n    | ".join(rules), "tools")
+    lines = [f"start: {calls}", "call: " + " | ".join(f"tool_{i}" for i in range(len(rules)))]
+    lines += [f"tool_{i}: {rule}" for i, rule in enumerate(rules)]
+    return Grammar("\n".join(lines), "tools", tuple(names))
 
 
 def _schema(schema: dict, param: str) -> str:
@@ -131,10 +137,28 @@ def _matcher(tokenizer, vocab_size: int, grammar: Grammar):
             lark = lark.replace(f"<[{tag}]>", f"<[{token}]>")
     matcher = llguidance.LLMatcher(_tokenizer(tokenizer, vocab_size), lark, log_level=0)
     if matcher.is_error():
-        reason = " ".join(matcher.get_error().split())
-        reason = reason if len(reason) <= REASON else reason[: REASON - 3] + "..."
-        raise UserError(f"the schema cannot be enforced: {reason}", grammar.param, "invalid_schema")
+        raise UserError(_reason(matcher.get_error(), grammar), grammar.param, "invalid_schema")
     return matcher
+
+
+def _reason(error: str, grammar: Grammar) -> str:
+    """llguidance's error in one line, without the grammar listing it ends with; for a tool, which one."""
+    lines = []
+    for line in error.splitlines():
+        if re.match(r"\s*\d+ \| ", line):  # the listing
+            break
+        if line.strip() != "^":
+            lines.append(line.strip())
+    reason = " ".join(lines)
+    where = re.match(r"at (\d+)\(\d+\): (failed to compile JSON schema: )?", reason)
+    whose = "the schema"
+    if where:
+        reason = reason[where.end():]
+        line = int(where[1])
+        if 3 <= line < 3 + len(grammar.tools):
+            whose = f"the parameters of tool {grammar.tools[line - 3]!r}"
+    reason = reason if len(reason) <= REASON else reason[: REASON - 3] + "..."
+    return f"{whose} cannot be enforced: {reason}"
 
 
 class Constraint:

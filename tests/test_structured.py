@@ -256,13 +256,14 @@ def test_rewound_histories_give_the_masks_of_a_fresh_constraint(tok):
 
 
 def test_a_schema_that_does_not_compile_is_one_user_error(tok):
-    for schema, reason in [({"type": "nonsense"}, "nonsense"), ({"type": "string", "pattern": "(["}, "regex")]:
+    for schema, reason in [({"type": "nonsense"}, "nonsense"), ({"type": "string", "pattern": "(["}, "regex"),
+                           ({"type": "array", "uniqueItems": True}, "uniqueItems")]:
         with pytest.raises(UserError, match=reason) as e:
             constraint(tok, VOCAB, json_grammar(schema), thinking=False)
         assert (e.value.param, e.value.code) == ("response_format", "invalid_schema")
         assert "\n" not in str(e.value)
-    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}]
-    with pytest.raises(UserError) as e:
+    tools = TOOLS + [{"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}]
+    with pytest.raises(UserError, match="tool 'f' cannot be enforced: Invalid type: nonsense$") as e:
         constraint(tok, VOCAB, tool_grammar(tools), thinking=False)
     assert (e.value.param, e.value.code) == ("tools", "invalid_schema")
     for tools, name in [([], None), (TOOLS, "nowhere"), ([{"type": "function"}], None)]:
