@@ -109,7 +109,7 @@ def constraint(tokenizer, vocab_size: int, grammar: Grammar, thinking: bool, tri
     """
     end_think = tokenizer.token_id("</think>") if thinking else None
     if thinking and end_think is None:
-        raise UserError("this tokenizer has no </think> token: a thinking reply cannot be constrained", "model")
+        raise UserError("this tokenizer has no </think> token: a thinking reply cannot be constrained")
     return Constraint(_matcher(tokenizer, vocab_size, grammar).deep_copy(), vocab_size, end_think, trigger)
 
 
@@ -129,12 +129,12 @@ def _matcher(tokenizer, vocab_size: int, grammar: Grammar):
     import llguidance
 
     lark = grammar.lark
-    for tag in ("TOOL_CALL", "END_TOOL_CALL"):
-        if f"<[{tag}]>" in lark:
-            token = tokenizer.token_id("<tool_call>" if tag == "TOOL_CALL" else "</tool_call>")
-            if token is None:
-                raise UserError("this tokenizer has no <tool_call> token: tool calls cannot be constrained", "tools")
-            lark = lark.replace(f"<[{tag}]>", f"<[{token}]>")
+    if grammar.tools:  # the tags open and close each tool's rule line (a schema's own text is left alone)
+        start, end = tokenizer.token_id("<tool_call>"), tokenizer.token_id("</tool_call>")
+        if start is None or end is None:
+            raise UserError("this tokenizer has no <tool_call> token: tool calls cannot be constrained", "tools")
+        lark = re.sub(r"^(tool_\d+: )<\[TOOL_CALL\]>(.*)<\[END_TOOL_CALL\]>$", rf"\g<1><[{start}]>\g<2><[{end}]>",
+                      lark, flags=re.MULTILINE)
     matcher = llguidance.LLMatcher(_tokenizer(tokenizer, vocab_size), lark, log_level=0)
     if matcher.is_error():
         raise UserError(_reason(matcher.get_error(), grammar), grammar.param, "invalid_schema")
