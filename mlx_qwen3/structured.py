@@ -51,7 +51,8 @@ def json_grammar(schema: Optional[dict] = None) -> Grammar:
 
 def tool_grammar(tools: list, name: Optional[str] = None, parallel: bool = True) -> Grammar:
     """Qwen3's tool calls, each `<tool_call>` "\\n" {"name": N, "arguments": ARGS} "\\n" `</tool_call>` (the two
-    tags are special tokens, looked up by the Constraint), separated by "\\n".
+    tags are special tokens, looked up by the Constraint), separated by "\\n", after at most a little whitespace
+    (as json_grammar's).
 
     Args:
         tools: OpenAI function tools, [{"type": "function", "function": {"name", "parameters", ...}}]; ARGS
@@ -79,7 +80,7 @@ def tool_grammar(tools: list, name: Optional[str] = None, parallel: bool = True)
         raise UserError(f"no tool is named {name!r}" if name is not None else "tools is empty: nothing to call",
                         "tools", "invalid_schema")
     calls = "call (\"\\n\" call)*" if parallel else "call"
-    lines = [f"start: {calls}", "call: " + " | ".join(f"tool_{i}" for i in range(len(rules)))]
+    lines = [f"start: /{WHITESPACE}/ {calls}", "call: " + " | ".join(f"tool_{i}" for i in range(len(rules)))]
     lines += [f"tool_{i}: {rule}" for i, rule in enumerate(rules)]
     return Grammar("\n".join(lines), "tools", tuple(names))
 
@@ -93,7 +94,8 @@ def _schema(schema: dict, param: str) -> str:
         raise UserError(f"the JSON schema cannot be serialized ({e})", param, "invalid_schema") from None
 
 
-def constraint(tokenizer, vocab_size: int, grammar: Grammar, thinking: bool, trigger: Optional[int] = None) -> "Constraint":
+def constraint(tokenizer, vocab_size: int, grammar: Grammar, thinking: bool,
+               trigger: Optional[int] = None) -> "Constraint":
     """The logits processor that enforces `grammar`.
 
     Args:

@@ -202,7 +202,8 @@ def decode_rate(model, tok, constrained: bool, n: int) -> dict:
             self.taken.append(token)
             return len(self.taken) < n and token not in tok.eos_token_ids
 
-    processors = [structured.constraint(tok, VOCAB, structured.json_grammar(SCHEMA), thinking=False)] if constrained else []
+    grammar = structured.json_grammar(SCHEMA)
+    processors = [structured.constraint(tok, VOCAB, grammar, thinking=False)] if constrained else []
     taker, decoder = Until(), Decoder(model)
     decoder.add(tok.encode("Write the order as JSON, please."), PromptCache.new(model), make_sampler(1.0, seed=0),
                 processors, taker)
@@ -285,7 +286,7 @@ class Llguidance:
 
     def compile(self, schema):
         g = self.llg.LLMatcher.grammar_from_json_schema(schema if schema is not None else {"type": "object"})
-        m = self.llg.LLMatcher(self.tok, g)
+        m = self.llg.LLMatcher(self.tok, g, log_level=0)
         if m.is_error():
             raise ValueError(m.get_error())
         return m

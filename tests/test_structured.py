@@ -210,6 +210,12 @@ def test_one_call_or_several_and_a_named_function(tok):
     assert not accepts(parallel, call_ids(tok, "get_weather", {"city": "Oslo", "unit": "K"}))
     assert accepts(parallel, call_ids(tok, "now", {"any": [1, {"x": None}]}))
     assert not accepts(parallel, call_ids(tok, "sleep", {}))
+    # tool_choice "required" in a thinking reply: a call right after the thought (closed with "\n\n", as a
+    # thinking budget closes it), nothing else
+    required = constraint(tok, VOCAB, tool_grammar(TOOLS), thinking=True)
+    thought = ids_of(tok, ["<think>", "hmm", "</think>", "\n\n"])
+    assert accepts(required, thought + one)
+    assert not allowed(required, thought)[tok.encode("Sure")[0]]
     # the tags are the special tokens, never their text
     assert not accepts(parallel, tok.encode("<tool_call>\n") + one[1:])
 
