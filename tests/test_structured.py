@@ -272,7 +272,8 @@ def test_a_schema_that_does_not_compile_is_one_user_error(tok):
     with pytest.raises(UserError, match="tool 'f' cannot be enforced: Invalid type: nonsense$") as e:
         constraint(tok, VOCAB, tool_grammar(tools), thinking=False)
     assert (e.value.param, e.value.code) == ("tools", "invalid_schema")
-    for tools, name in [([], None), (TOOLS, "nowhere"), ([{"type": "function"}], None)]:
+    for tools, name in [([], None), (TOOLS, "nowhere"), ([{"type": "function"}], None), ("f", None),
+                        ([{"type": "function", "function": {"name": "f", "parameters": "x"}}], None)]:
         with pytest.raises(UserError) as e:
             tool_grammar(tools, name)
         assert (e.value.param, e.value.code) == ("tools", "invalid_schema")
