@@ -239,11 +239,14 @@ def _follow_rank_0():
                                            "quantization that fits), 16, 8 or 4.")
 @click.option("--kv-start", type=int, default=0, show_default=True,
               help="With --kv-bits: keep the first N tokens' keys and values 16-bit, then quantize.")
+@click.option("--served-model-name", "served_names", multiple=True, metavar="NAME",
+              help="Another id /v1/models lists for the model (repeatable). Requests are served whatever model "
+                   "they name; answers name --model.")
 @drafting_options
 @rope_option
 @pipeline_option
 def serve_command(model, host, port, api_key, api_key_file, allow_origins, parallel, cache_slots, prompt_cache_gb,
-                  kv_bits, kv_start, rope, pipeline, draft_model, prompt_lookup, num_draft):
+                  kv_bits, kv_start, served_names, rope, pipeline, draft_model, prompt_lookup, num_draft):
     """An OpenAI-compatible server for one Qwen3 / Qwen3-MoE / QwQ model.
 
     The first Ctrl-C (or SIGTERM) cancels every generation, answers its client and exits 0. Launched on
@@ -271,7 +274,8 @@ def serve_command(model, host, port, api_key, api_key_file, allow_origins, paral
     draft = None if draft_model is None else load_draft(draft_model, m, tokenizer, rope)
     app = create_app(m, tokenizer, model, api_key, cache_slots=cache_slots, cache_bytes=cache_bytes,
                      parallel=parallel, host=host, allow_origins=allow_origins, kv_bits=kv_bits, kv_start=kv_start,
-                     draft_model=draft, prompt_lookup=drafting.prompt_lookup, num_draft=drafting.num_draft)
+                     draft_model=draft, prompt_lookup=drafting.prompt_lookup, num_draft=drafting.num_draft,
+                     served_names=served_names)
     print(f"serving {model} on http://{host}:{port} (chat page at /, API at /v1)", flush=True)
     make_server(app, host, port).run()
     if not app.state.engine.stop(timeout=2):  # a step that would not end (a long prefill): do not wait for it

@@ -20,13 +20,14 @@ from .thinking import starts_in_thinking, thinking_wanted
 @dataclass(frozen=True)
 class Prompt:
     """A prompt ready to generate from: its ids, the messages they render, the mode in effect, the options,
-    and how its cache is made for the context it plans (the prompt and max_tokens)."""
+    how its cache is made for the context it plans (the prompt and max_tokens), and whether it is raw text."""
 
     ids: list
     messages: list
     thinking: bool
     options: GenerationOptions
     setting: CacheSetting = CacheSetting()
+    raw: bool = False  # text fed as it is: the reply is text too (no thinking or tool-call channels)
 
 
 def to_messages(prompt, system: Optional[str] = None) -> list:
@@ -89,7 +90,7 @@ def prepare(model, tokenizer, prompt, raw: bool = False, **options) -> Prompt:
     kv_bits, kv_start = memory.kv_setting(model, opts.cache.kv_bits, opts.cache.kv_start, len(ids), context)
     setting = CacheSetting(kv_bits, kv_start, model.args.rope_factor(context))
     thinking = starts_in_thinking(ids, tokenizer) if raw else thinking_wanted(messages, opts.prompt.enable_thinking)
-    prompt = Prompt(ids, messages, thinking, opts, setting)
+    prompt = Prompt(ids, messages, thinking, opts, setting, raw)
     constraint_for(model, tokenizer, prompt)  # a schema that cannot be compiled is refused here, before generating
     return prompt
 

@@ -57,8 +57,8 @@ class Reply:
     def __init__(self, tokenizer, prompt, max_tokens: int):
         opts = prompt.options
         self.max_tokens = max_tokens
-        self.router = ThinkingRouter(tokenizer, thinking=starts_in_thinking(prompt.ids, tokenizer),
-                                     tools=offers_tools(opts))
+        self.router = ThinkingRouter(tokenizer, thinking=not prompt.raw and starts_in_thinking(prompt.ids, tokenizer),
+                                     tools=offers_tools(opts), channels=not prompt.raw)
         settings = opts.loops.settings  # None: the loop guard is off
         guards = [None, None] if settings is None else [LoopGuard(Endings.of(tokenizer), settings) for _ in range(2)]
         self.budget = ThinkingBudget(tokenizer, opts.stopping, max_tokens, guards[0])  # one guard per channel

@@ -152,6 +152,24 @@ def test_tool_calls(tool_model, serve):
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
+def test_without_tools_a_call_stays_in_the_content(tool_model, serve):
+    """Qwen-Agent writes the tools into the system message itself and reads the call from the content."""
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    with serve(*tool_model) as url:
+        c = client(url)
+        for extra in ({}, {"tools": tools, "tool_choice": "none"}):
+            r = c.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "use f"}], temperature=0,
+                                          **extra)
+            message = r.choices[0].message
+            assert not message.tool_calls and r.choices[0].finish_reason == "stop"
+            assert message.content == '<tool_call>{"name":"f","arguments":{}}</tool_call>'
+            stream = c.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "use f"}],
+                                               temperature=0, stream=True, **extra)
+            chunks = list(stream)
+            assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == message.content
+            assert not any(ch.choices[0].delta.tool_calls for ch in chunks if ch.choices)
+
+
 def test_sixteen_concurrent_streams_each_get_their_own_answer(looping, serve):
     model, tok = looping
     expected = {n: generate(model, tok, "go", enable_thinking=False, temperature=0, max_tokens=n).answer
