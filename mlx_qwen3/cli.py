@@ -145,16 +145,23 @@ def main(command: Optional[str] = None):
 @click.option("--prompt-cache-file", "cache_file", default=None, metavar="F",
               help="Reuse the prompt processed in F (by an earlier run with this model and KV setting) where this "
                    "prompt begins the same; if F does not exist, save this prompt there. F is never rewritten.")
+@click.option("--json-schema", "schema_file", default=None, metavar="FILE",
+              help="The answer is JSON matching the JSON Schema in FILE, enforced token by token (the thought stays "
+                   "free).")
 @drafting_options
 @rope_option
 @pipeline_option
-def generate_command(model, prompt, chat, hide_thinking, as_json, pipeline, cache_file, rope, draft_model, **options):
+def generate_command(model, prompt, chat, hide_thinking, as_json, pipeline, cache_file, rope, draft_model, schema_file,
+                     **options):
     """Generate with a Qwen3 / Qwen3-MoE / QwQ model.
 
     Launched on several Macs (mlx.launch), the model is split across them; rank 0 reads and prints."""
     cancel = threading.Event()
     group = _follow_rank_0()
     options["num_draft"] = parse_num_draft(options["num_draft"])
+    if schema_file is not None:
+        options["response_format"] = {"type": "json_schema", "json_schema": {"name": "schema",
+                                                                             "schema": read_schema(schema_file)}}
     kv = GenerationOptions.from_kwargs(**options).cache  # bad values fail before the model loads
     if prompt is None and not chat:
         raise UserError("give --prompt TEXT (or --prompt - to read stdin), or --chat")
@@ -189,6 +196,20 @@ def generate_command(model, prompt, chat, hide_thinking, as_json, pipeline, cach
         session.pool.put(cache)
         note(f"the chat starts from the {len(cache.ids)} prompt tokens in {cache_file}")
     return repl(session, printer, prompt, read=distributed.reader(input, group))
+
+
+def read_schema(path: str) -> dict:
+    """--json-schema's file: a JSON object (whether the engine can compile it is checked once the model is loaded)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            schema = json.load(f)
+    except OSError as e:
+        raise UserError(f"--json-schema {path} cannot be read: {e.strerror or e}") from None
+    except (ValueError, RecursionError) as e:
+        raise UserError(f"--json-schema {path} is not JSON: {str(e)[:200]}") from None
+    if not isinstance(schema, dict):
+        raise UserError(f"--json-schema {path} must hold a JSON Schema object, not {type(schema).__name__}")
+    return schema
 
 
 def _keep_prompt(path, stored: bool, cache, ids: list, result, model):
