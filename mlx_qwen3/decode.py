@@ -59,7 +59,7 @@ class Taker:
         self.forced = forced if forced is not None else deque()
         self.taken = []
 
-    def take(self, token: int, scores=None) -> bool:
+    def take(self, token: int) -> bool:
         self.taken.append(token)
         return True
 
@@ -325,7 +325,7 @@ class Decoder:
         for t in settled:
             taken += 1
             self.generated += 1
-            if not row.taker.take(t, None if scores is None else [x.tolist() for x in scores]):
+            if not (row.taker.take(t) if scores is None else row.taker.take(t, [x.tolist() for x in scores])):
                 row.done = True
                 break
             if kind != FORCED and row.taker.forced and taken < len(settled):

@@ -108,7 +108,7 @@ def constraint_for(model, tokenizer, prompt: Prompt):
         if s.forced_tool is not None and s.forced_tool not in names:
             raise UserError(f"tool_choice names {show(s.forced_tool, 60)}, which is not among the tools "
                             f"({', '.join(map(str, names))})", "tool_choice", "invalid_value")
-    if not forced and s.schema is None:  # TODO(structured.py lands): auto tool calls held to their schemas
+    if not forced and s.schema is None and not offers_tools(prompt.options):
         return None
     from . import structured  # the grammar engine loads on first use
 

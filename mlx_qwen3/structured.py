@@ -68,14 +68,15 @@ def tool_grammar(tools: list, name: Optional[str] = None, parallel: bool = True)
         if name is not None and function["name"] != name:
             continue
         parameters = function.get("parameters") or {"type": "object"}
-        head = '{"name": ' + json.dumps(function["name"]) + ', "arguments": '
-        rules.append(f"<[TOOL_CALL]> \"\\n\" {json.dumps(head)} %json {_schema(parameters, 'tools')} "
-                     f"\"}}\\n\" <[END_TOOL_CALL]>")
+        rules.append(f'{json.dumps(json.dumps(function["name"]))} /, ?"arguments": ?/ %json {_schema(parameters, "tools")}')
     if not rules:
         raise UserError(f"no tool is named {name!r}" if name is not None else "tools is empty: nothing to call",
                         "tools", "invalid_schema")
     calls = "call (\"\\n\" call)*" if parallel else "call"
-    return Grammar(f"start: {calls}\ncall: " + "\n    | ".join(rules), "tools")
+    # Qwen3 writes '\n{"name": "f", "arguments": {...}}\n'; a newline inside the tags and a space after ':' and
+    # ',' are the model's to write or not (never more: a weak model could pad a call with blanks)
+    return Grammar(f'start: {calls}\ncall: <[TOOL_CALL]> /\\n?\\{{"name": ?/ named "}}" /\\n?/ <[END_TOOL_CALL]>\n'
+                   f'named: ' + "\n    | ".join(rules), "tools")
 
 
 def _schema(schema: dict, param: str) -> str:
