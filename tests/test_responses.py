@@ -107,7 +107,8 @@ def test_max_output_tokens_makes_it_incomplete(server):
     assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
     assert r.output_text == "The answer" and r.output[-1].status == "incomplete" and r.usage.output_tokens == 7
     events = list(c.responses.create(model=NAME, input="2+2?", temperature=0, max_output_tokens=7, stream=True))
-    assert events[-1].type == "response.incomplete" and events[-1].response.incomplete_details.reason == "max_output_tokens"
+    assert events[-1].type == "response.incomplete"
+    assert events[-1].response.incomplete_details.reason == "max_output_tokens"
 
 
 def test_previous_response_id_continues_and_reuses_the_cache(server):
@@ -242,4 +243,48 @@ def test_bad_requests_get_a_clear_4xx(server, body, status, code, param):
     error = r.json()["error"]
     assert r.status_code == status and error["param"] == param, error
     assert code is None or error["code"] == code
-    assert isinstance(error["message"], str) and 10 < len(error["message"]) < 300 and "Traceback" not in error["message"]
+    assert 10 < len(error["message"]) < 300 and "Traceback" not in error["message"]
+
+
+def events_of(chunks) -> list:
+    """Server-sent events as the client's own types, checked field by field (not merely constructed)."""
+    from typing import get_args
+
+    from openai.types.responses import ResponseStreamEvent
+
+    union = get_args(ResponseStreamEvent)[0]  # Annotated[Union[...], discriminator]
+    classes = {get_args(c.model_fields["type"].annotation)[0]: c for c in get_args(union)}
+    out = []
+    for chunk in chunks:
+        kind, data = chunk.strip().split("\n")
+        body = json.loads(data.removeprefix("data: "))
+        assert kind == f"event: {body['type']}"
+        out.append(classes[body["type"]].model_validate(body))
+    return out
+
+
+def test_every_streamed_event_validates_against_the_clients_types(weather):
+    body = {"model": NAME, "input": ASK, "tools": TOOLS, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{weather}/v1/responses", json=body, timeout=60) as r:
+        chunks = [c + "\n" for c in r.iter_text() for c in c.split("\n\n") if c.strip()]
+    events = events_of(chunks)
+    assert [e.type for e in events][-1] == "response.completed"
+    assert {"response.reasoning_text.delta", "response.function_call_arguments.done"} <= {e.type for e in events}
+
+
+def test_a_failure_mid_stream_is_an_error_event_then_response_failed():
+    async def items():
+        yield RequestError(500, "the generation failed: out of memory", None, "generation_failed")
+
+    async def run():
+        api = Responses()
+        call = api.parse({"input": "x", "stream": True})
+        meta = SimpleNamespace(id="resp_1", created=0, model=NAME)
+        return [chunk async for chunk in api.stream(items(), call, meta)]
+
+    import asyncio
+
+    events = events_of(asyncio.run(run()))
+    assert [e.type for e in events] == ["response.created", "response.in_progress", "error", "response.failed"]
+    assert events[2].code == "generation_failed" and events[3].response.status == "failed"
+    assert events[3].response.error.message == "the generation failed: out of memory"

@@ -124,7 +124,8 @@ class Responses:
         async for item in items:
             if isinstance(item, RequestError):
                 yield out.event("error", code=item.code, message=item.message, param=item.param)
-                failure = {"code": item.code or "server_error", "message": item.message}
+                # the response's error code is one of OpenAI's few; the error event above has ours
+                failure = {"code": "server_error" if item.status >= 500 else "invalid_prompt", "message": item.message}
                 yield out.event("response.failed", response=self.response(call, meta, "failed", out.output,
                                                                           error=failure))
                 return
@@ -339,7 +340,10 @@ def call_errors(calls: list) -> str:
 
 
 def usage(result: GenerationResult) -> dict:
-    return {"input_tokens": result.prompt_tokens, "input_tokens_details": {"cached_tokens": result.cached_tokens},
+    # cache_write_tokens: the prompt tokens read now, which the server's prompt cache keeps for the next turn
+    written = result.prompt_tokens - result.cached_tokens
+    return {"input_tokens": result.prompt_tokens,
+            "input_tokens_details": {"cached_tokens": result.cached_tokens, "cache_write_tokens": written},
             "output_tokens": result.generation_tokens,
             "output_tokens_details": {"reasoning_tokens": result.thinking_tokens},
             "total_tokens": result.prompt_tokens + result.generation_tokens}
