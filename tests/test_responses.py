@@ -288,3 +288,33 @@ def test_a_failure_mid_stream_is_an_error_event_then_response_failed():
     assert [e.type for e in events] == ["response.created", "response.in_progress", "error", "response.failed"]
     assert events[2].code == "generation_failed" and events[3].response.status == "failed"
     assert events[3].response.error.message == "the generation failed: out of memory"
+
+
+def test_a_response_validates_against_the_clients_type(server, weather):
+    from openai.types.responses import Response
+
+    for url, body in ((server, {"input": "2+2?", "max_output_tokens": 7}), (weather, {"input": ASK, "tools": TOOLS})):
+        r = httpx.post(f"{url}/v1/responses", json={"model": NAME, "temperature": 0, **body}, timeout=60)
+        assert r.status_code == 200 and Response.model_validate(r.json()).id == r.json()["id"]
+
+
+@pytest.fixture(scope="module")
+def json_answers(tmp_path_factory):
+    """Without a thought, answers {"city":"Paris","sunny":true}."""
+    tok = tokenizer()
+    script = [_tail(tok, enable_thinking=False)] + ids_of(tok, ['{"city":"Paris","sunny":true}', "<|im_end|>"])
+    with serving(*load(build(tmp_path_factory.mktemp("json"), successors(script)))) as url:
+        yield url
+
+
+def test_structured_output_with_the_clients_parse(json_answers):
+    from pydantic import BaseModel
+
+    class Weather(BaseModel):
+        city: str
+        sunny: bool
+
+    r = client(json_answers).responses.parse(model=NAME, input=ASK, text_format=Weather, reasoning={"effort": "none"},
+                                             temperature=0)
+    assert r.output_parsed == Weather(city="Paris", sunny=True)
+    assert r.text.format.type == "json_schema" and r.text.format.name == "Weather"
