@@ -105,10 +105,12 @@ def test_max_output_tokens_makes_it_incomplete(server):
     c = client(server)
     r = c.responses.create(model=NAME, input="2+2?", temperature=0, max_output_tokens=7)
     assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
-    assert r.output_text == "The answer" and r.output[-1].status == "incomplete" and r.usage.output_tokens == 7
+    assert r.output_text == "The answer" and r.usage.output_tokens == 7
+    assert [item.status for item in r.output] == ["completed", "incomplete"]  # the thought ended, the answer did not
     events = list(c.responses.create(model=NAME, input="2+2?", temperature=0, max_output_tokens=7, stream=True))
     assert events[-1].type == "response.incomplete"
     assert events[-1].response.incomplete_details.reason == "max_output_tokens"
+    assert [item.status for item in events[-1].response.output] == ["completed", "incomplete"]
 
 
 def test_previous_response_id_continues_and_reuses_the_cache(server):

@@ -109,11 +109,13 @@ class Responses:
 
     def answer(self, result: GenerationResult, call: Call, meta) -> dict:
         status = STATUS[result.finish_reason]
-        output = [reasoning_item(result.thinking, status)] if result.thinking else []
+        output = [reasoning_item(result.thinking, "completed")] if result.thinking else []
         text = result.answer + call_errors(result.tool_calls)
         if text:
-            output.append(message_item(text, status))
-        output += [call_item(c, status) for c in result.tool_calls if c.get("name")]
+            output.append(message_item(text, "completed"))
+        output += [call_item(c, "completed") for c in result.tool_calls if c.get("name")]
+        if output and output[-1]["type"] != "function_call" and status != "completed":  # as a stream ends it
+            output[-1]["status"] = "incomplete"
         self.keep(call, meta, output)
         return self.response(call, meta, status, output, result)
 
@@ -141,7 +143,7 @@ class Responses:
                 status = STATUS[item.finish_reason]
                 chunks = out.close(status)
                 self.keep(call, meta, out.output)
-                kind = "response.completed" if status == "completed" else f"response.{status}"
+                kind = "response.completed" if status == "completed" else "response.incomplete"
                 chunks.append(out.event(kind, response=self.response(call, meta, status, out.output, item)))
             for chunk in chunks:
                 yield chunk
@@ -161,14 +163,13 @@ class _Events:
         return f"event: {kind}\ndata: {json.dumps(body, ensure_ascii=False)}\n\n"
 
     def added(self, item: dict) -> list:
+        """An item announced: a text item empty, then its one part (which grows)."""
         self.output.append(item)
-        parts = item.pop("content", None)  # an item is announced empty; its one part is added next
-        events = [self.event("response.output_item.added", output_index=len(self.output) - 1,
-                             item=dict(item, content=[]) if parts is not None else item)]
-        if parts is not None:
-            item["content"] = parts
-            events.append(self.event("response.content_part.added", **self.where(), part=parts[0]))
-        return events
+        index = len(self.output) - 1
+        if "content" not in item:
+            return [self.event("response.output_item.added", output_index=index, item=item)]
+        return [self.event("response.output_item.added", output_index=index, item={**item, "content": []}),
+                self.event("response.content_part.added", **self.where(), part=item["content"][0])]
 
     def where(self) -> dict:
         return {"item_id": self.output[-1]["id"], "output_index": len(self.output) - 1, "content_index": 0}
@@ -201,7 +202,7 @@ class _Events:
         item, self.open = self.open, None
         if item is None:
             return []
-        item["status"] = status
+        item["status"] = "completed" if status == "completed" else "incomplete"
         part = item["content"][0]
         done = {"text": part["text"], "logprobs": []} if item["type"] == "message" else {"text": part["text"]}
         kind = "reasoning" if item["type"] == "reasoning" else "message"
