@@ -147,6 +147,10 @@ def test_the_store_keeps_the_latest_used():
     with pytest.raises(RequestError) as e:
         store.earlier("resp_b")
     assert e.value.status == 404
+    small = Responses(stored_chars=10)  # text counts too: the newest is kept whatever its size
+    for name in ("resp_1234", "resp_5678", "resp_long_long"):
+        small.keep(small.parse({"input": name}), SimpleNamespace(id=name), [])
+    assert list(small.conversations) == ["resp_long_long"] and small.chars == len("resp_long_long")
 
 
 def test_tool_round_trip_by_previous_response_id_and_by_full_input(weather):

@@ -11,6 +11,7 @@ from ..reply import GenerationResult
 from .request import Call, RequestError, check_model, same_named, typed
 
 STORED = 256  # responses whose conversations are kept (in memory, the least recently used dropped first)
+STORED_CHARS = 2**26  # and their text at most (each counted whole, though a chain's shares its earlier turns)
 # reasoning.effort -> our thinking: "none"/"minimal" turn it off, "low"/"medium" bound it (tokens), "high" does not
 EFFORT = {"none": False, "minimal": False, "low": 1024, "medium": 4096, "high": None, "xhigh": None}
 TEXT_PARTS = ("input_text", "output_text", "text")
@@ -23,8 +24,9 @@ class Responses:
 
     prefix = "resp_"
 
-    def __init__(self, stored: int = STORED):
-        self.stored, self.conversations, self.lock = stored, OrderedDict(), threading.Lock()
+    def __init__(self, stored: int = STORED, stored_chars: int = STORED_CHARS):
+        self.stored, self.stored_chars, self.chars = stored, stored_chars, 0
+        self.conversations, self.lock = OrderedDict(), threading.Lock()  # id -> (messages, their characters)
 
     def parse(self, body: dict) -> Call:
         check_model(body)
@@ -91,15 +93,18 @@ class Responses:
                                         f"{self.stored} responses are kept, in memory, unless sent with store false",
                                    "previous_response_id", "previous_response_not_found")
             self.conversations.move_to_end(response_id)
-            return list(self.conversations[response_id])
+            return list(self.conversations[response_id][0])
 
     def keep(self, call: Call, meta, output: list):
         if not call.extra["store"]:
             return
+        messages = call.extra["conversation"] + to_messages(output)
+        size = sum(map(chars, messages))
         with self.lock:
-            self.conversations[meta.id] = call.extra["conversation"] + to_messages(output)
-            while len(self.conversations) > self.stored:
-                self.conversations.popitem(last=False)
+            self.conversations[meta.id], self.chars = (messages, size), self.chars + size
+            while len(self.conversations) > self.stored or (self.chars > self.stored_chars and
+                                                            len(self.conversations) > 1):
+                self.chars -= self.conversations.popitem(last=False)[1][1]
 
     def response(self, call: Call, meta, status: str, output: list, result=None, error=None) -> dict:
         incomplete = {"reason": "max_output_tokens"} if status == "incomplete" else None
@@ -266,6 +271,11 @@ def to_messages(items: list) -> list:
                                     "function_call, function_call_output or reasoning items", "input",
                                "unsupported_item")
     return out
+
+
+def chars(message: dict) -> int:
+    calls = message.get("tool_calls")
+    return len(message["content"]) + len(message.get("reasoning_content", "")) + (len(json.dumps(calls)) if calls else 0)
 
 
 def text_of(content, where: str) -> str:
