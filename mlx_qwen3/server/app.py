@@ -20,6 +20,7 @@ from .guard import Guard
 from .chat import Chat
 from .completions import Completions
 from .request import RequestError, clip, prepare
+from .responses import Responses
 
 MAX_BODY = 4 * 2**20  # bytes of JSON a request may carry
 BIG_BODY = 2**18  # bytes: a prompt this big tokenizes for a while; those take turns on all cores but one
@@ -185,6 +186,7 @@ def create_app(model, tokenizer, model_name: str, api_key: Optional[str] = None,
         Route("/v1/models/{model_id:path}", models),
         Route("/v1/chat/completions", endpoint(Chat()), methods=["POST"]),
         Route("/v1/completions", endpoint(Completions()), methods=["POST"]),
+        Route("/v1/responses", endpoint(Responses()), methods=["POST"]),
     ]
     app = Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: server_error},
                     middleware=[Middleware(Guard, host=host, allow_origins=tuple(allow_origins))])
