@@ -111,15 +111,18 @@ def constraint_for(model, tokenizer, prompt: Prompt):
     if not forced and s.schema is None and not offers_tools(prompt.options):
         return None
     from . import structured  # the grammar engine loads on first use
-
-    vocab = model.args.vocab_size
+    # a thought the prompt opened is free to its end; in thinking mode the reply may open one (Qwen3 does, a
+    # Qwen3-Instruct-2507 never does: its first token must be free to be the answer's)
+    opened = starts_in_thinking(prompt.ids, tokenizer)
+    where = dict(thinking=opened, may_think=prompt.thinking and not opened)
     if forced and s.tool_choice != "none":
         grammar = structured.tool_grammar(tools, s.forced_tool, s.parallel_tool_calls)
-        return structured.constraint(tokenizer, vocab, grammar, prompt.thinking)
-    if s.schema is not None:
-        return structured.constraint(tokenizer, vocab, structured.json_grammar(s.schema), prompt.thinking)
-    return structured.constraint(tokenizer, vocab, structured.tool_grammar(tools, None, s.parallel_tool_calls),
-                                 prompt.thinking, trigger=tokenizer.token_id("<tool_call>"))
+    elif s.schema is not None:
+        grammar = structured.json_grammar(s.schema)
+    else:
+        grammar = structured.tool_grammar(tools, None, s.parallel_tool_calls)
+        where["trigger"] = tokenizer.token_id("<tool_call>")
+    return structured.constraint(tokenizer, model.args.vocab_size, grammar, **where)
 
 
 class Generation:

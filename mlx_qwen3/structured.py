@@ -88,24 +88,28 @@ def _schema(schema: dict, param: str) -> str:
         raise UserError(f"the JSON schema cannot be serialized ({e})", param, "invalid_schema") from None
 
 
-def constraint(tokenizer, vocab_size: int, grammar: Grammar, thinking: bool, trigger: Optional[int] = None) -> "Constraint":
+def constraint(tokenizer, vocab_size: int, grammar: Grammar, thinking: bool, trigger: Optional[int] = None,
+               may_think: bool = False) -> "Constraint":
     """The logits processor that enforces `grammar`.
 
     Args:
         tokenizer: the model's mlx_qwen3.tokenizer.Tokenizer.
         vocab_size: the rows of the model's logits.
         grammar: from json_grammar or tool_grammar.
-        thinking: the reply thinks first: the grammar applies after `</think>`.
+        thinking: the reply thinks first (the prompt left a thought open): the grammar applies after `</think>`.
+        may_think: the reply may open a thought with its first token (a hybrid model in thinking mode): that
+            token may be `<think>` besides what the grammar allows, and then the grammar waits for `</think>`.
         trigger: a token id: the grammar applies from it on (it is the grammar's first token); None: from the
             first token (after the thought).
 
     Returns:
         the Constraint (one per reply: it keeps the reply's state).
     """
-    end_think = tokenizer.token_id("</think>") if thinking else None
-    if thinking and end_think is None:
+    end_think = tokenizer.token_id("</think>") if thinking or may_think else None
+    if (thinking or may_think) and end_think is None:
         raise UserError("this tokenizer has no </think> token: a thinking reply cannot be constrained", "model")
-    return Constraint(_matcher(tokenizer, vocab_size, grammar).deep_copy(), vocab_size, end_think, trigger)
+    open_think = tokenizer.token_id("<think>") if may_think and not thinking else None
+    return Constraint(_matcher(tokenizer, vocab_size, grammar).deep_copy(), vocab_size, end_think, trigger, open_think)
 
 
 @lru_cache(maxsize=4)
@@ -145,16 +149,23 @@ class Constraint:
     drafts): the matcher rolls back. A history the grammar rejects leaves the logits as they are (such a draft
     is rejected anyway) until it is rewound."""
 
-    def __init__(self, matcher, vocab_size: int, end_think: Optional[int], trigger: Optional[int]):
+    def __init__(self, matcher, vocab_size: int, end_think: Optional[int], trigger: Optional[int],
+                 open_think: Optional[int] = None):
         self.matcher, self.vocab_size = matcher, vocab_size
         self.end_think, self.trigger = end_think, trigger
+        self.open_think = open_think  # the first token may be this id (a thought opened), besides the grammar's
         self.ids = []  # the history as far as it was read
-        self.opened = 0 if end_think is None else None  # where in ids the answer starts (None: still thinking)
-        self.start = 0 if end_think is None and trigger is None else None  # where the grammar starts
-        self.fed = 0  # ids[start : start + fed] are what the matcher consumed
-        self.bad = False  # ids[start + fed] was rejected
         self.masks = 0  # how many masks were computed (for the benchmark)
         self._bits = np.zeros((vocab_size + 31) // 32, dtype=np.int32)
+        self._begin()
+
+    def _begin(self):
+        """The state before the reply's first token."""
+        # where in ids the answer starts (None: still thinking)
+        self.opened = 0 if self.end_think is None or self.open_think is not None else None
+        self.start = 0 if self.opened == 0 and self.trigger is None else None  # where the grammar starts
+        self.fed = 0  # ids[start : start + fed] are what the matcher consumed
+        self.bad = False  # ids[start + fed] was rejected
 
     def __call__(self, history: mx.array, logits: mx.array) -> mx.array:
         self._follow(history)
@@ -165,6 +176,8 @@ class Constraint:
         # each byte of the bitmask becomes 8 biases (0 or -inf) by a table lookup, added in one op: an mx.where on
         # a bool array unpacked in numpy cost five times as much on a CPU
         bias = _biases(logits.dtype)[mx.array(self._bits.view(np.uint8))].reshape(1, -1)
+        if not self.ids and self.open_think is not None:
+            bias[0, self.open_think] = 0
         return logits + bias[:, : logits.shape[-1]]
 
     def _follow(self, history: mx.array):
@@ -184,6 +197,11 @@ class Constraint:
         if n >= len(self.ids):
             return
         del self.ids[n:]
+        if n == 0:  # back to the start (a thought the first token opened went too)
+            if self.fed:
+                self.matcher.rollback(self.fed)
+            self._begin()
+            return
         if self.opened is not None and n < self.opened:  # the </think> went
             self.opened = None
         if self.start is None:
@@ -198,6 +216,9 @@ class Constraint:
 
     def _feed(self, token: int):
         self.ids.append(token)
+        if len(self.ids) == 1 and token == self.open_think:  # a thought after all: free until </think>
+            self.opened = self.start = None
+            return
         if self.opened is None:
             if token == self.end_think:
                 self.opened = len(self.ids)

@@ -218,3 +218,27 @@ def test_the_cli_takes_a_schema_file(random, tmp_path):
     out = subprocess.run([sys.executable, "-m", "mlx_qwen3.generate", "--model", str(folder), "--prompt", "x",
                           "--no-think", "--json-schema", str(bad)], capture_output=True, text=True, timeout=300)
     assert out.returncode != 0 and len(out.stderr.strip().splitlines()) == 1 and "schema" in out.stderr, out.stderr
+
+
+def test_in_thinking_mode_the_first_token_may_open_a_thought_or_start_the_answer(random):
+    """A hybrid Qwen3 opens its thought itself; a Qwen3-Instruct-2507 never thinks: both are held right."""
+    import mlx.core as mx
+
+    from mlx_qwen3.structured import constraint, json_grammar
+
+    _, tok = random
+    vocab = CONFIG["vocab_size"]
+    think, end = tok.token_id("<think>"), tok.token_id("</think>")
+    brace, word = tok.encode("{")[0], tok.encode("Hello")[0]
+    c = constraint(tok, vocab, json_grammar(SCHEMA), thinking=False, may_think=True)
+
+    def allowed(history):
+        return mx.isfinite(c(mx.array(history, dtype=mx.uint32), mx.zeros((1, vocab))))[0].tolist()
+
+    first = allowed([])
+    assert first[think] and first[brace] and not first[word] and not first[end]
+    assert all(allowed([think, word]))  # a thought: free
+    after = allowed([think, word, end])
+    assert after[brace] and not after[word]
+    assert not allowed([brace])[think] and not allowed([brace])[word]  # the answer began: held, no thought now
+    assert allowed([])[think]  # rewound to the start: the choice is open again
