@@ -18,6 +18,7 @@ from ..options import CacheOptions, Drafting
 from .engine import SHUTDOWN, CACHE_SLOTS, PARALLEL, Engine, Job
 from .guard import Guard
 from .chat import Chat
+from .messages import Messages
 from .request import RequestError, clip, prepare
 
 MAX_BODY = 4 * 2**20  # bytes of JSON a request may carry
@@ -183,6 +184,7 @@ def create_app(model, tokenizer, model_name: str, api_key: Optional[str] = None,
         Route("/v1/models", models),
         Route("/v1/models/{model_id:path}", models),
         Route("/v1/chat/completions", endpoint(Chat()), methods=["POST"]),
+        Route("/v1/messages", endpoint(Messages()), methods=["POST"]),
     ]
     app = Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: server_error},
                     middleware=[Middleware(Guard, host=host, allow_origins=tuple(allow_origins))])
