@@ -168,11 +168,13 @@ def test_the_request_in_the_generators_terms():
         {"role": "user", "content": "and?"}]
     assert call.options == {
         "max_tokens": 50, "top_k": 5, "stop": ["END"], "enable_thinking": True, "thinking_budget": 64,
-        "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}, "description": "d"}}],
+        "tools": [{"type": "function",
+                   "function": {"name": "f", "parameters": {"type": "object"}, "description": "d"}}],
         "tool_choice": {"type": "function", "function": {"name": "f"}}, "parallel_tool_calls": False,
         "response_format": {"type": "json_schema", "json_schema": {"name": "output", "schema": {"type": "object"},
                                                                     "strict": True}}}
-    assert call.stream and call.fields["stop"] == "stop_sequences"
+    assert call.stream and call.fields == {"stop": "stop_sequences", "tool_choice": "tool_choice",
+                                           "parallel_tool_calls": "tool_choice", "response_format": "output_config"}
 
 
 def test_the_api_key_as_x_api_key(weather, serve):
@@ -201,7 +203,8 @@ BAD = [
     ({**user("x"), "tools": [{"type": "web_search_20250305", "name": "web_search"}]}, 400, "server tool"),
     ({**user("x"), "tool_choice": {"type": "sometimes"}}, 400, "tool_choice"),
     ({**user("x"), "thinking": {"type": "enabled"}}, 400, "budget_tokens"),
-    ({**user("x"), "thinking": {"type": "enabled", "budget_tokens": -1}}, 422, "thinking_budget"),
+    ({**user("x"), "thinking": {"type": "enabled", "budget_tokens": -1}}, 400, "budget_tokens"),
+    ({**user("x"), "thinking": {"type": "enabled", "budget_tokens": True}}, 400, "budget_tokens"),
     ({**user("x"), "top_k": "many"}, 422, "top_k"),
     ({**user("x"), "max_tokens": 0}, 422, "max_tokens"),
     ({**user("x"), "stop_sequences": [3]}, 422, "stop_sequences"),
@@ -215,8 +218,9 @@ def test_refusals_in_anthropics_error_shape(url, body, status, words):
     kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
     r = httpx.post(f"{url}/v1/messages", headers={"Content-Type": "application/json"}, timeout=30, **kwargs)
     assert r.status_code == status, r.text
-    assert r.json() == {"type": "error", "error": {"type": "invalid_request_error", "message": r.json()["error"]["message"]}}
-    assert words in r.json()["error"]["message"]
+    error = r.json()["error"]
+    assert r.json() == {"type": "error", "error": {"type": "invalid_request_error", "message": error["message"]}}
+    assert words in error["message"]
 
 
 def test_the_client_raises_its_own_errors(url):
@@ -228,6 +232,9 @@ def test_the_client_raises_its_own_errors(url):
         client(url).messages.create(model=NAME, max_tokens=10, messages=ASK, extra_body={"top_p": 0})
     r = httpx.post(f"{url}/v1/messages", content=b"{}", headers={"Content-Type": "text/plain"}, timeout=30)
     assert r.status_code == 415 and r.json()["error"]["type"] == "invalid_request_error"
+    with pytest.raises(anthropic.APIStatusError) as e:  # the server's own limit, before the body is read
+        client(url).messages.create(model=NAME, max_tokens=10, messages=[{"role": "user", "content": "x" * 2**23}])
+    assert e.value.status_code == 413 and e.value.body["error"]["type"] == "request_too_large"
 
 
 def test_a_failure_mid_stream_is_an_error_event(weather, serve, monkeypatch):

@@ -37,12 +37,12 @@ class Messages:
         if stop is not None:
             opts["stop"], fields["stop"] = stop, "stop_sequences"
         opts.update(_thinking(body.get("thinking")))
-        fields["thinking_budget"] = fields["enable_thinking"] = "thinking"
         tools = _tools(body.get("tools"))
         if tools is not None:
             opts["tools"] = tools
-        opts.update(_tool_choice(body.get("tool_choice")))
-        fields["tool_choice"] = fields["parallel_tool_calls"] = "tool_choice"
+        choice = _tool_choice(body.get("tool_choice"))
+        opts.update(choice)
+        fields.update(dict.fromkeys(choice, "tool_choice"))
         response_format = _format(body.get("output_config"))
         if response_format is not None:
             opts["response_format"], fields["response_format"] = response_format, "output_config"
@@ -98,7 +98,8 @@ class Messages:
             if tool:
                 block = tool_use(tool)
                 yield start({**block, "input": {}})
-                yield delta({"type": "input_json_delta", "partial_json": json.dumps(block["input"], ensure_ascii=False)})
+                arguments = json.dumps(block["input"], ensure_ascii=False)
+                yield delta({"type": "input_json_delta", "partial_json": arguments})
                 yield stop()
                 continue
             if not open_:
@@ -238,10 +239,11 @@ def _thinking(thinking) -> dict:
         return {"enable_thinking": False}  # Anthropic's default
     kind = thinking.get("type") if isinstance(thinking, dict) else None
     if kind == "enabled":
-        if "budget_tokens" not in thinking:
-            raise bad("'thinking' of type enabled needs 'budget_tokens' (the most tokens the thought may take)",
-                      "thinking")
-        return {"enable_thinking": True, "thinking_budget": thinking["budget_tokens"]}
+        budget = thinking.get("budget_tokens")
+        if not isinstance(budget, int) or isinstance(budget, bool) or budget < 0:
+            raise bad("'thinking' of type enabled needs 'budget_tokens': the most tokens the thought may take, an "
+                      f"integer >= 0 (not {show(budget, 40)})", "thinking")
+        return {"enable_thinking": True, "thinking_budget": budget}
     if kind in ("adaptive", "disabled"):
         return {"enable_thinking": kind == "adaptive"}
     raise bad('\'thinking\' must be {"type": "enabled", "budget_tokens": N}, {"type": "adaptive"} or '
