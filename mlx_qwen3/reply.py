@@ -45,6 +45,7 @@ class GenerationResult:
     accepted_tokens: int = 0
     forward_passes: int = 0
     logprobs: list = field(default_factory=list)  # with logprobs: OpenAI's entry for each answer token
+    stop_sequence: Optional[str] = None  # the stop string that ended the answer (Anthropic's Messages names it)
     type: str = "done"
     text: str = ""
 
@@ -159,5 +160,6 @@ class Reply:
             cached_tokens=cached,
             loops=self.budget.loops + self.answer.loops,
             logprobs=self.scored,
+            stop_sequence=self.stops.hit,
             **fields,
         )

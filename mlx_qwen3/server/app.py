@@ -19,6 +19,7 @@ from .engine import SHUTDOWN, CACHE_SLOTS, PARALLEL, Engine, Job
 from .guard import Guard
 from .chat import Chat
 from .completions import Completions
+from .messages import Messages
 from .request import RequestError, clip, prepare
 from .responses import Responses
 
@@ -187,6 +188,7 @@ def create_app(model, tokenizer, model_name: str, api_key: Optional[str] = None,
         Route("/v1/chat/completions", endpoint(Chat()), methods=["POST"]),
         Route("/v1/completions", endpoint(Completions()), methods=["POST"]),
         Route("/v1/responses", endpoint(Responses()), methods=["POST"]),
+        Route("/v1/messages", endpoint(Messages()), methods=["POST"]),
     ]
     app = Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: server_error},
                     middleware=[Middleware(Guard, host=host, allow_origins=tuple(allow_origins))])
