@@ -57,6 +57,15 @@ def test_a_message_in_anthropics_shape(url):
     assert as_blocks.usage.cache_read_input_tokens > 0  # the first request's prompt was cached
 
 
+def test_count_tokens_counts_what_the_message_would_read(url):
+    c = client(url)
+    counted = c.messages.count_tokens(model=NAME, messages=ASK, system="You are terse.", tools=TOOLS)
+    r = c.messages.create(model=NAME, max_tokens=5, messages=ASK, system="You are terse.", tools=TOOLS, extra_body=T0)
+    assert counted.input_tokens == r.usage.input_tokens + r.usage.cache_read_input_tokens > 0
+    with pytest.raises(anthropic.BadRequestError):
+        c.messages.count_tokens(model=NAME, messages=[])
+
+
 def test_max_tokens_is_optional_and_bounds_the_reply(url):
     r = client(url).messages.create(model=NAME, max_tokens=2, messages=ASK, extra_body=T0)
     assert (r.stop_reason, r.usage.output_tokens) == ("max_tokens", 2) and r.content[0].text == "It is"

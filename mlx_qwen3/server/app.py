@@ -117,9 +117,10 @@ def create_app(model, tokenizer, model_name: str, api_key: Optional[str] = None,
     async def page(request):
         return HTMLResponse(PAGE.read_text().replace("{{MODEL}}", html.escape(model_name)))
 
-    def endpoint(api):
+    def endpoint(api, count: bool = False):
         """The route for one API (chat.py, completions.py, responses.py, messages.py): its request parsed and
-        prepared off the event loop, a job for the engine, its reply as one JSON or as server-sent events."""
+        prepared off the event loop, a job for the engine, its reply as one JSON or as server-sent events.
+        `count`: the request is only counted ({"input_tokens": N}, the tokens its prompt would be)."""
 
         def failed(e: RequestError):
             return JSONResponse(api.error_body(e) if hasattr(api, "error_body") else e.body(), status_code=e.status)
@@ -141,6 +142,8 @@ def create_app(model, tokenizer, model_name: str, api_key: Optional[str] = None,
                 return failed(e)
             except ClientDisconnect:
                 return failed(RequestError(400, "the client went away", None, "client_disconnected"))
+            if count:
+                return JSONResponse({"input_tokens": len(prompt.ids)})
 
             job = Job(prompt, asyncio.get_running_loop())
             engine.submit(job)
@@ -189,6 +192,7 @@ def create_app(model, tokenizer, model_name: str, api_key: Optional[str] = None,
         Route("/v1/completions", endpoint(Completions()), methods=["POST"]),
         Route("/v1/responses", endpoint(Responses()), methods=["POST"]),
         Route("/v1/messages", endpoint(Messages()), methods=["POST"]),
+        Route("/v1/messages/count_tokens", endpoint(Messages(), count=True), methods=["POST"]),
     ]
     app = Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: server_error},
                     middleware=[Middleware(Guard, host=host, allow_origins=tuple(allow_origins))])
