@@ -274,3 +274,45 @@ def test_stop_keeps_the_reply_so_far(looping, serve, browser):
         assert shown.startswith("a ba b")
         browser.get(url + "/")
         assert browser.execute_script("return document.querySelector('.assistant .answer').textContent") == shown
+
+
+A = 'target="_blank" rel="noopener noreferrer"'
+CODE = '<div class="code"><div class="bar"><span class="lang">{}</span><button class="copy" type="button">Copy</button></div>'
+RENDERED = [  # Markdown -> the HTML the page builds for it
+    ("# Title\n## Sub ##\n#tag", "<h1>Title</h1><h2>Sub</h2><p>#tag</p>"),
+    ("one\ntwo\n\n*em* _em_ snake_case_name __strong__ ~~gone~~",
+     "<p>one\ntwo</p><p><em>em</em> <em>em</em> snake_case_name <strong>strong</strong> <del>gone</del></p>"),
+    ("- a\n- b\n  - nested\n- c", "<ul><li>a</li><li>b<ul><li>nested</li></ul></li><li>c</li></ul>"),
+    ("Steps:\n5. five\n6. six", '<p>Steps:</p><ol start="5"><li>five</li><li>six</li></ol>'),
+    ("> quoted\nlazy\n\nafter", "<blockquote><p>quoted\nlazy</p></blockquote><p>after</p>"),
+    ("[ok](https://a.b/c?d=1&e=2) <https://auto.link> see https://x.org/y.",
+     f'<p><a href="https://a.b/c?d=1&amp;e=2" {A}>ok</a> <a href="https://auto.link/" {A}>https://auto.link</a> '
+     f'see <a href="https://x.org/y" {A}>https://x.org/y</a>.</p>'),
+    # only http and https become links
+    ("[js](javascript:alert(1)) [data](data:text/html,x) [rel](/x)", "<p>js data rel</p>"),
+    ("`<b>x</b>` `` a`b `` \\*not em\\*", "<p><code>&lt;b&gt;x&lt;/b&gt;</code> <code>a`b</code> *not em*</p>"),
+    ("| a | b |\n|---|--:|\n| 1 | **2** |",
+     '<div class="table"><table><thead><tr><th>a</th><th style="text-align: right;">b</th></tr></thead>'
+     '<tbody><tr><td>1</td><td style="text-align: right;"><strong>2</strong></td></tr></tbody></table></div>'),
+    ("---", "<hr>"),
+    ("~~~js\nx < 1\n~~~\ntext", CODE.format("js") + '<pre><code data-lang="js">x &lt; 1</code></pre></div><p>text</p>'),
+    ("```\nstill streaming", CODE.format("") + "<pre><code>still streaming</code></pre></div>"),
+    ('<img src=x onerror="window.pwned=1"><script>window.pwned=2</script>',
+     '<p>&lt;img src=x onerror="window.pwned=1"&gt;&lt;script&gt;window.pwned=2&lt;/script&gt;</p>'),
+    ('[<img src=x onerror="window.pwned=3">](https://a.b)',
+     f'<p><a href="https://a.b/" {A}>&lt;img src=x onerror="window.pwned=3"&gt;</a></p>'),
+]
+
+
+def test_markdown_renderer(answering, serve, browser):
+    render = "const box = document.createElement('div'); box.append(markdown(arguments[0])); return box.innerHTML"
+    with serve(*answering) as url:
+        _open(browser, url)
+        for text, html in RENDERED:
+            assert browser.execute_script(render, text) == html, text
+        # nesting past what a page needs is shown as text rather than recursing without end
+        deep = browser.execute_script("const box = document.createElement('div'); box.append(markdown(arguments[0]));"
+                                      "return [box.querySelectorAll('blockquote').length, box.textContent.length]",
+                                      "> " * 5000 + "x")
+        assert deep[0] <= 20 and deep[1] > 0
+        assert browser.execute_script("return window.pwned === undefined")
