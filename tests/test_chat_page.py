@@ -1,6 +1,7 @@
 """The chat page at /, in headless Chromium: type, send, see thinking and answer land in their places;
 Markdown, replies that hold HTML, conversations kept across reloads, the figures under each reply."""
 
+import json
 import shutil
 
 import httpx
@@ -231,17 +232,28 @@ def test_conversations_are_kept_across_reloads(answering, serve, browser):
         assert browser.execute_script(titles) == []
 
 
-@pytest.mark.parametrize("stored", ["{not json", "[]", '{"version": 0, "chats": []}',
-                                    '{"version": 1, "chats": [{"id": "a", "title": "t", "turns": [{"role": "user"}]}]}'])
-def test_unreadable_storage_starts_fresh(answering, serve, browser, stored):
+GOOD = {"id": "a", "title": "kept", "updated": 1, "turns": [
+    {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello", "reasoning": "", "calls": []}]}
+BAD = {"id": "b", "title": "dropped", "updated": 2, "turns": [{"role": "user"}]}
+
+
+@pytest.mark.parametrize("stored, kept", [
+    ("{not json", []), ("[]", []), (json.dumps({"version": 0, "chats": [GOOD]}), []),
+    (json.dumps({"version": 1, "chats": [GOOD, BAD, None, "x"]}), ["kept"]),
+    (json.dumps({"version": 1, "chats": [GOOD]}), ["kept"]),  # what was set is what the page reads
+])
+def test_unreadable_storage_starts_fresh(answering, serve, browser, stored, kept):
     with serve(*answering) as url:
         _open(browser, url)
         browser.get_log("browser")  # what came before
         browser.execute_script("localStorage.setItem('mlx-qwen3-chats', arguments[0])", stored)
         browser.get(url + "/")
-        assert browser.execute_script("return document.querySelectorAll('#chats li, #log > *').length") == 0
+        titles = browser.execute_script("return [...document.querySelectorAll('#chats .title')].map((t) => t.textContent)")
+        assert titles == kept
+        assert browser.execute_script("return document.querySelectorAll('#log > *').length") == 0
         _send(browser, "What is 2+2?")
         _answer(browser, 1, "The answer is 4.")
+        assert browser.execute_script("return document.querySelectorAll('#chats .title').length") == len(kept) + 1
         errors = [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"]
         assert errors == []
 
@@ -316,3 +328,23 @@ def test_markdown_renderer(answering, serve, browser):
                                       "> " * 5000 + "x")
         assert deep[0] <= 20 and deep[1] > 0
         assert browser.execute_script("return window.pwned === undefined")
+
+
+def test_two_tabs_keep_each_others_chats(answering, serve, browser):
+    titles = "return [...document.querySelectorAll('#chats .title')].map((t) => t.textContent)"
+    with serve(*answering) as url:
+        _open(browser, url)
+        first = browser.current_window_handle
+        browser.switch_to.new_window("tab")
+        browser.get(url + "/")
+        _send(browser, "What is 2+2?")
+        _answer(browser, 1, "The answer is 4.")
+        browser.close()
+        browser.switch_to.window(first)
+        _wait_for(browser, "return document.querySelectorAll('#chats .title').length === 1")  # the other tab's
+        assert browser.execute_script(titles) == ["What is 2+2?"]
+        browser.find_element("id", "think").click()
+        _send(browser, "Hello")
+        _answer(browser, 1, "Hi there!")
+        browser.get(url + "/")
+        assert browser.execute_script(titles) == ["Hello", "What is 2+2?"]
