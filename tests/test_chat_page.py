@@ -167,7 +167,8 @@ def test_markdown_answer_with_a_code_block_and_copy_button(markdown_model, serve
                                "const original = document.execCommand.bind(document);"
                                "document.execCommand = (command) => {"
                                "  const area = document.querySelector('body > textarea');"
-                               "  window.copied.push([command, area.value.slice(area.selectionStart, area.selectionEnd)]);"
+                               "  const chosen = area.value.slice(area.selectionStart, area.selectionEnd);"
+                               "  window.copied.push([command, chosen]);"
                                "  return original(command); };")
         _wait_for(browser, "return document.querySelector('.answer .copy').textContent === 'Copy'")
         browser.find_element("css selector", ".answer .code .copy").click()
@@ -248,7 +249,8 @@ def test_unreadable_storage_starts_fresh(answering, serve, browser, stored, kept
         browser.get_log("browser")  # what came before
         browser.execute_script("localStorage.setItem('mlx-qwen3-chats', arguments[0])", stored)
         browser.get(url + "/")
-        titles = browser.execute_script("return [...document.querySelectorAll('#chats .title')].map((t) => t.textContent)")
+        titles = browser.execute_script("return [...document.querySelectorAll('#chats .title')]"
+                                        ".map((t) => t.textContent)")
         assert titles == kept
         assert browser.execute_script("return document.querySelectorAll('#log > *').length") == 0
         _send(browser, "What is 2+2?")
@@ -289,7 +291,8 @@ def test_stop_keeps_the_reply_so_far(looping, serve, browser):
 
 
 A = 'target="_blank" rel="noopener noreferrer"'
-CODE = '<div class="code"><div class="bar"><span class="lang">{}</span><button class="copy" type="button">Copy</button></div>'
+CODE = ('<div class="code"><div class="bar"><span class="lang">{}</span>'
+        '<button class="copy" type="button">Copy</button></div>')
 RENDERED = [  # Markdown -> the HTML the page builds for it
     ("# Title\n## Sub ##\n#tag", "<h1>Title</h1><h2>Sub</h2><p>#tag</p>"),
     ("one\ntwo\n\n*em* _em_ snake_case_name __strong__ ~~gone~~",
