@@ -145,16 +145,23 @@ def main(command: Optional[str] = None):
 @click.option("--prompt-cache-file", "cache_file", default=None, metavar="F",
               help="Reuse the prompt processed in F (by an earlier run with this model and KV setting) where this "
                    "prompt begins the same; if F does not exist, save this prompt there. F is never rewritten.")
+@click.option("--json-schema", "schema_file", default=None, metavar="FILE",
+              help="The answer is JSON matching the JSON Schema in FILE, enforced token by token (the thought stays "
+                   "free).")
 @drafting_options
 @rope_option
 @pipeline_option
-def generate_command(model, prompt, chat, hide_thinking, as_json, pipeline, cache_file, rope, draft_model, **options):
+def generate_command(model, prompt, chat, hide_thinking, as_json, pipeline, cache_file, rope, draft_model, schema_file,
+                     **options):
     """Generate with a Qwen3 / Qwen3-MoE / QwQ model.
 
     Launched on several Macs (mlx.launch), the model is split across them; rank 0 reads and prints."""
     cancel = threading.Event()
     group = _follow_rank_0()
     options["num_draft"] = parse_num_draft(options["num_draft"])
+    if schema_file is not None:
+        options["response_format"] = {"type": "json_schema", "json_schema": {"name": "schema",
+                                                                             "schema": read_schema(schema_file)}}
     kv = GenerationOptions.from_kwargs(**options).cache  # bad values fail before the model loads
     if prompt is None and not chat:
         raise UserError("give --prompt TEXT (or --prompt - to read stdin), or --chat")
@@ -189,6 +196,20 @@ def generate_command(model, prompt, chat, hide_thinking, as_json, pipeline, cach
         session.pool.put(cache)
         note(f"the chat starts from the {len(cache.ids)} prompt tokens in {cache_file}")
     return repl(session, printer, prompt, read=distributed.reader(input, group))
+
+
+def read_schema(path: str) -> dict:
+    """--json-schema's file: a JSON object (whether the engine can compile it is checked once the model is loaded)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            schema = json.load(f)
+    except OSError as e:
+        raise UserError(f"--json-schema {path} cannot be read: {e.strerror or e}") from None
+    except (ValueError, RecursionError) as e:
+        raise UserError(f"--json-schema {path} is not JSON: {str(e)[:200]}") from None
+    if not isinstance(schema, dict):
+        raise UserError(f"--json-schema {path} must hold a JSON Schema object, not {type(schema).__name__}")
+    return schema
 
 
 def _keep_prompt(path, stored: bool, cache, ids: list, result, model):
@@ -239,11 +260,14 @@ def _follow_rank_0():
                                            "quantization that fits), 16, 8 or 4.")
 @click.option("--kv-start", type=int, default=0, show_default=True,
               help="With --kv-bits: keep the first N tokens' keys and values 16-bit, then quantize.")
+@click.option("--served-model-name", "served_names", multiple=True, metavar="NAME",
+              help="Another id /v1/models lists for the model (repeatable). Requests are served whatever model "
+                   "they name; answers name --model.")
 @drafting_options
 @rope_option
 @pipeline_option
 def serve_command(model, host, port, api_key, api_key_file, allow_origins, parallel, cache_slots, prompt_cache_gb,
-                  kv_bits, kv_start, rope, pipeline, draft_model, prompt_lookup, num_draft):
+                  kv_bits, kv_start, served_names, rope, pipeline, draft_model, prompt_lookup, num_draft):
     """An OpenAI-compatible server for one Qwen3 / Qwen3-MoE / QwQ model.
 
     The first Ctrl-C (or SIGTERM) cancels every generation, answers its client and exits 0. Launched on
@@ -271,7 +295,8 @@ def serve_command(model, host, port, api_key, api_key_file, allow_origins, paral
     draft = None if draft_model is None else load_draft(draft_model, m, tokenizer, rope)
     app = create_app(m, tokenizer, model, api_key, cache_slots=cache_slots, cache_bytes=cache_bytes,
                      parallel=parallel, host=host, allow_origins=allow_origins, kv_bits=kv_bits, kv_start=kv_start,
-                     draft_model=draft, prompt_lookup=drafting.prompt_lookup, num_draft=drafting.num_draft)
+                     draft_model=draft, prompt_lookup=drafting.prompt_lookup, num_draft=drafting.num_draft,
+                     served_names=served_names)
     print(f"serving {model} on http://{host}:{port} (chat page at /, API at /v1)", flush=True)
     make_server(app, host, port).run()
     if not app.state.engine.stop(timeout=2):  # a step that would not end (a long prefill): do not wait for it

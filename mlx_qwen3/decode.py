@@ -146,7 +146,8 @@ class Drafter:
 class Row:
     """One sequence being decoded: its cache, its sampling, its drafts, who takes its tokens."""
 
-    def __init__(self, todo: list, cache: PromptCache, sampler, processors, taker, cancel, progress, drafter):
+    def __init__(self, todo: list, cache: PromptCache, sampler, processors, taker, cancel, progress, drafter,
+                 logprobs: Optional[int] = None):
         self.todo, self.cache = list(todo), cache
         self.sampler, self.processors, self.taker = sampler, list(processors), taker
         self.cancel, self.progress, self.drafter = cancel, progress, drafter
@@ -156,6 +157,8 @@ class Row:
         self.history = mx.zeros((0,), dtype=mx.uint32)  # the generated tokens fed (for the penalties)
         self.passes = 0
         self.done = False
+        self.logprobs = logprobs  # alternatives to report with each token's log-probability (None: none)
+        self.scores = self.pending = None  # with logprobs: those of y (lazy), and of the token this pass samples
 
     def processed(self, logits: mx.array, history: mx.array) -> mx.array:
         for p in self.processors:
@@ -176,15 +179,16 @@ class Decoder:
         self.passes = self.generated = 0  # model calls (prompt chunks too); tokens given to takers
 
     def add(self, todo: list, cache: PromptCache, sampler, processors=(), taker=None, cancel=None, progress=None,
-            drafting=None, draft_sampler=None) -> Row:
+            drafting=None, draft_sampler=None, logprobs: Optional[int] = None) -> Row:
         """A row that feeds `todo` after what `cache` holds, then generates. `drafting`: its Drafting options
         (options.py; None: no drafts); `draft_sampler`: how the draft model draws (the row's parameters,
-        its own random stream)."""
+        its own random stream); `logprobs`: give the taker each sampled token's log-probability under the
+        model and this many alternatives (such a row does not draft)."""
         drafter = None
-        if drafting is not None and (drafting.prompt_lookup or self.draft_model is not None):
+        if drafting is not None and logprobs is None and (drafting.prompt_lookup or self.draft_model is not None):
             drafter = Drafter(drafting.num_draft, drafting.prompt_lookup, self.draft_model, draft_sampler,
                               cache.setting)
-        row = Row(todo, cache, sampler, processors, taker or Taker(), cancel, progress, drafter)
+        row = Row(todo, cache, sampler, processors, taker or Taker(), cancel, progress, drafter, logprobs)
         self.rows.append(row)
         return row
 
@@ -250,6 +254,8 @@ class Decoder:
                 if kind != FRESH and row.processors:  # (without penalties, no history: a graph never evaluated)
                     row.history = mx.concatenate([row.history, ids])
                 token = row.sampler(row.processed(logits[i : i + 1, len(ids) - 1], row.history))
+                if row.logprobs is not None:
+                    row.pending = _scores(logits[i, len(ids) - 1], token, row.logprobs)
                 outcomes.append(mx.concatenate([token.astype(mx.uint32), flag]))
                 continue
             drafts, probs = drafts
@@ -308,6 +314,7 @@ class Decoder:
         else:
             stop = row.y[1].item()  # the flag that came with the token replaced or fed
             settled = fed
+        scores, row.scores = (row.scores if kind == TOKEN else None), row.pending
         if kind == FRESH:  # the prompt's last token: fed, not generated
             row.cache.ids.extend(fed)
             row.fresh, row.y = False, outcome
@@ -318,7 +325,7 @@ class Decoder:
         for t in settled:
             taken += 1
             self.generated += 1
-            if not row.taker.take(t):
+            if not (row.taker.take(t) if scores is None else row.taker.take(t, [x.tolist() for x in scores])):
                 row.done = True
                 break
             if kind != FORCED and row.taker.forced and taken < len(settled):
@@ -334,6 +341,17 @@ class Decoder:
         if not row.done and (stop or (self.group is None and row.stopped())):
             row.taker.cancel()
             row.done = True
+
+
+def _scores(logits: mx.array, token: mx.array, n: int) -> tuple:
+    """(the log-probability of `token`, the `n` likeliest ids, theirs): under the model's own distribution, as
+    OpenAI reports them (before temperature and filters)."""
+    logprobs = logits.astype(mx.float32) - mx.logsumexp(logits.astype(mx.float32))
+    if not n:
+        return logprobs[token[0]], mx.zeros((0,), dtype=mx.uint32), mx.zeros((0,))
+    best = mx.argpartition(-logprobs, kth=n - 1)[:n]  # the n best without sorting the vocabulary
+    best = best[mx.argsort(-logprobs[best])]
+    return logprobs[token[0]], best, logprobs[best]
 
 
 def generate_step(model, prompt: mx.array, cache: PromptCache, sampler, processors=(),

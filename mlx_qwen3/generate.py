@@ -11,21 +11,23 @@ from .decode import Decoder
 from .errors import UserError
 from .models.cache import CacheSetting, PromptCache, PromptCachePool
 from .options import GenerationOptions, PromptOptions, check_text
-from .reply import GenerationResult, Reply
+from .errors import show
+from .reply import GenerationResult, Reply, offers_tools
 from .sample import make_processors, make_sampler
-from .thinking import thinking_wanted
+from .thinking import starts_in_thinking, thinking_wanted
 
 
 @dataclass(frozen=True)
 class Prompt:
     """A prompt ready to generate from: its ids, the messages they render, the mode in effect, the options,
-    and how its cache is made for the context it plans (the prompt and max_tokens)."""
+    how its cache is made for the context it plans (the prompt and max_tokens), and whether it is raw text."""
 
     ids: list
     messages: list
     thinking: bool
     options: GenerationOptions
     setting: CacheSetting = CacheSetting()
+    raw: bool = False  # text fed as it is: the reply is text too (no thinking or tool-call channels)
 
 
 def to_messages(prompt, system: Optional[str] = None) -> list:
@@ -44,13 +46,13 @@ def to_messages(prompt, system: Optional[str] = None) -> list:
     return messages
 
 
-def render_prompt(tokenizer, messages: list, opts: PromptOptions) -> list:
+def render_prompt(tokenizer, messages: list, opts: PromptOptions, tools: Optional[list]) -> list:
     for i, message in enumerate(messages):
         for key, value in message.items() if isinstance(message, dict) else ():
             if isinstance(value, str):
                 check_text(value, f"message {i}'s {key}", "messages")
     text = tokenizer.apply_chat_template(
-        messages, tools=opts.tools, add_generation_prompt=True,
+        messages, tools=tools, add_generation_prompt=True,
         **{"enable_thinking": opts.enable_thinking, **opts.chat_template_kwargs},
     )
     check_text(text, "the prompt (with its tools and template arguments)", "messages")  # what the loop cannot see
@@ -66,12 +68,19 @@ def check_ids(model, ids: list):
                         "the tokenizer does not belong to this model")
 
 
-def prepare(model, tokenizer, prompt, **options) -> Prompt:
+def prepare(model, tokenizer, prompt, raw: bool = False, **options) -> Prompt:
     """Check the options, render the prompt (text or messages) with the chat template, tokenize it and
-    check it fits the model: everything that can fail before generating. Slow for a big prompt."""
+    check it fits the model: everything that can fail before generating. Slow for a big prompt. `raw`: the
+    prompt is text fed as it is (no template; its own <think> decides whether the reply starts in a thought)."""
     opts = GenerationOptions.from_kwargs(**options)
-    messages = to_messages(prompt, opts.prompt.system)
-    ids = render_prompt(tokenizer, messages, opts.prompt)
+    if raw:
+        if not isinstance(prompt, str) or not prompt:
+            raise UserError("the prompt is empty; give some text", "prompt", "empty_prompt")
+        check_text(prompt, "the prompt", "prompt")
+        messages, ids = [], tokenizer.encode(prompt)
+    else:
+        messages = to_messages(prompt, opts.prompt.system)
+        ids = render_prompt(tokenizer, messages, opts.prompt, opts.prompt.tools if offers_tools(opts) else None)
     check_ids(model, ids)
     window = model.args.context_window
     if len(ids) >= window:
@@ -80,7 +89,40 @@ def prepare(model, tokenizer, prompt, **options) -> Prompt:
     context = memory.planned_context(model.args, len(ids), opts.stopping.max_tokens)
     kv_bits, kv_start = memory.kv_setting(model, opts.cache.kv_bits, opts.cache.kv_start, len(ids), context)
     setting = CacheSetting(kv_bits, kv_start, model.args.rope_factor(context))
-    return Prompt(ids, messages, thinking_wanted(messages, opts.prompt.enable_thinking), opts, setting)
+    thinking = starts_in_thinking(ids, tokenizer) if raw else thinking_wanted(messages, opts.prompt.enable_thinking)
+    prompt = Prompt(ids, messages, thinking, opts, setting, raw)
+    constraint_for(model, tokenizer, prompt)  # a schema that cannot be compiled is refused here, before generating
+    return prompt
+
+
+def constraint_for(model, tokenizer, prompt: Prompt):
+    """The logits processor that holds the reply to its structure (options.Structure), or None: a forced call
+    (tool_choice "required" or a named function), else a JSON answer (response_format), else with tools each
+    call the model starts (at <tool_call>) held to the tools' schemas. The thought is never constrained."""
+    s, tools = prompt.options.structure, prompt.options.prompt.tools
+    forced = s.tool_choice == "required" or s.forced_tool is not None
+    if s.tool_choice != "none" and forced:
+        if not tools:
+            raise UserError(f"tool_choice {show(s.tool_choice, 60)} needs tools", "tool_choice", "invalid_value")
+        names = [(t.get("function") or t).get("name") for t in tools]
+        if s.forced_tool is not None and s.forced_tool not in names:
+            raise UserError(f"tool_choice names {show(s.forced_tool, 60)}, which is not among the tools "
+                            f"({', '.join(map(str, names))})", "tool_choice", "invalid_value")
+    if not forced and s.schema is None and not offers_tools(prompt.options):
+        return None
+    from . import structured  # the grammar engine loads on first use
+    # a thought the prompt opened is free to its end; in thinking mode the reply may open one (Qwen3 does, a
+    # Qwen3-Instruct-2507 never does: its first token must be free to be the answer's)
+    opened = starts_in_thinking(prompt.ids, tokenizer)
+    where = dict(thinking=opened, may_think=prompt.thinking and not opened)
+    if forced and s.tool_choice != "none":
+        grammar = structured.tool_grammar(tools, s.forced_tool, s.parallel_tool_calls)
+    elif s.schema is not None:
+        grammar = structured.json_grammar(s.schema)
+    else:
+        grammar = structured.tool_grammar(tools, None, s.parallel_tool_calls)
+        where["trigger"] = tokenizer.token_id("<tool_call>")
+    return structured.constraint(tokenizer, model.args.vocab_size, grammar, **where)
 
 
 class Generation:
@@ -102,12 +144,15 @@ class Generation:
         seed = opts.sampling.seed
         processors = make_processors(opts.sampling.presence_penalty, opts.sampling.repetition_penalty,
                                      opts.sampling.frequency_penalty)
+        constraint = constraint_for(model, tokenizer, prompt)
+        if constraint is not None:  # after the penalties: a token it rules out stays ruled out
+            processors.append(constraint)
         self.reply = Reply(tokenizer, prompt, max_tokens)
         check_ids(model, self.reply.budget.ending + self.reply.budget.nudge)
         # the draft model draws with the same parameters from its own random stream
         draft_sampler = None if decoder.draft_model is None else make_sampler(*draw, None if seed is None else seed + 1)
         self.row = decoder.add(todo, cache, make_sampler(*draw, seed), processors, self.reply, cancel, progress,
-                               opts.drafting, draft_sampler)
+                               opts.drafting, draft_sampler, opts.sampling.logprobs)
 
     @property
     def done(self) -> bool:

@@ -21,10 +21,12 @@ KV_BITS = ("auto", 16, 8, 4)
 MAX_DRAFT = 16  # the most tokens a draft proposes at once (num_draft's ceiling; "auto" adapts below it)  # auto: the least quantization the memory plan fits (memory.kv_setting)
 RESERVED_TEMPLATE_ARGS = frozenset({"messages", "tools", "add_generation_prompt", "bos_token", "eos_token", "self"})
 
+MAX_LOGPROBS = 20  # alternatives reported per token (OpenAI's limit)
 _INT, _NUM, _BITS, _AUTO = (int,), (int, float), (str, int), (int, str)  # _BITS, _AUTO: one kind, two names
 _KIND_NAMES = {_INT: "an integer", _NUM: "a number", _BITS: '"auto" or a number of bits', _AUTO: '"auto" or an integer',
                (bool,): "a boolean",
-               (str,): "a string", (tuple, list): "a list of strings", (list,): "a list", (dict,): "a dict"}
+               (str,): "a string", (tuple, list): "a list of strings", (list,): "a list", (dict,): "a dict",
+    (str, dict): "a string or an object"}
 # option: (types, check, the range it checks)
 _CHECKS = {
     "max_tokens": (_INT, lambda v: v >= 1, "at least 1"),
@@ -42,7 +44,7 @@ _CHECKS = {
     "stop": ((tuple, list), lambda v: all(isinstance(s, str) for s in v), "a list of strings"),
     "wrap_up": ((str,), None, ""),
     "system": ((str,), None, ""),
-    "tools": ((list,), None, ""),
+    "tools": ((list,), lambda v: all(isinstance(t, dict) for t in v), "a list of tool objects"),
     "chat_template_kwargs": ((dict,), None, ""),
     "kv_bits": (_BITS, lambda v: v in KV_BITS, '"auto", 16, 8 or 4'),
     "kv_start": (_INT, lambda v: v >= 0, ">= 0"),
@@ -52,6 +54,10 @@ _CHECKS = {
     "loop_recurring": (_INT, lambda v: v >= 2, "at least 2"),
     "loop_window": (_INT, lambda v: v >= 1, "at least 1"),
     "prompt_lookup": ((bool,), None, ""),
+    "tool_choice": ((str, dict), None, ""),  # its shape: Structure
+    "parallel_tool_calls": ((bool,), None, ""),
+    "response_format": ((dict,), None, ""),  # its shape: Structure
+    "logprobs": (_INT, lambda v: 0 <= v <= MAX_LOGPROBS, f"0 to {MAX_LOGPROBS} (alternatives per token)"),
     "num_draft": (_AUTO, lambda v: v == "auto" or isinstance(v, int) and 1 <= v <= MAX_DRAFT,
                   f'"auto" or 1 to {MAX_DRAFT}'),
 }
@@ -100,6 +106,7 @@ class Sampling:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     seed: Optional[int] = None
+    logprobs: Optional[int] = None  # report each answer token's log-probability and this many alternatives
 
     def __post_init__(self):
         _check(self)
@@ -203,8 +210,57 @@ class Drafting:
         _check(self)
 
 
+@dataclass(frozen=True)
+class Structure:
+    """What the reply must look like, enforced by constrained decoding (structured.py) from the end of the thought:
+    `tool_choice` "auto" (calls are parsed, their arguments held to the tools' schemas), "none" (the tools are not
+    offered), "required" (one call or more), or {"type": "function", "function": {"name": N}} (a call to N);
+    `parallel_tool_calls`: whether one reply may make several; `response_format` {"type": "text"},
+    {"type": "json_object"} or {"type": "json_schema", "json_schema": {"name", "schema", "strict"}}."""
+
+    tool_choice: Union[str, dict] = "auto"
+    parallel_tool_calls: bool = True
+    response_format: Optional[dict] = None
+
+    def __post_init__(self):
+        _check(self)
+        choice = self.tool_choice
+        if isinstance(choice, str) and choice not in ("auto", "none", "required"):
+            raise UserError(f'tool_choice must be "auto", "none", "required" or {{"type": "function", "function": '
+                            f'{{"name": ...}}}}, not {show(choice, 60)}', "tool_choice", "invalid_value")
+        if isinstance(choice, dict) and not isinstance(self.forced_tool, str):
+            raise UserError('tool_choice names a function as {"type": "function", "function": {"name": "NAME"}}',
+                            "tool_choice", "invalid_value")
+        kind = (self.response_format or {"type": "text"}).get("type")
+        if kind not in ("text", "json_object", "json_schema"):
+            raise UserError(f'response_format type must be "text", "json_object" or "json_schema", not {show(kind, 60)}',
+                            "response_format", "invalid_value")
+        if kind == "json_schema" and not isinstance(self.schema, dict):
+            raise UserError('response_format json_schema needs {"json_schema": {"name": ..., "schema": {...}}}',
+                            "response_format", "invalid_value")
+
+    @property
+    def forced_tool(self) -> Optional[str]:
+        """The function tool_choice names (None: it names none)."""
+        choice = self.tool_choice
+        if not isinstance(choice, dict):
+            return None
+        return (choice.get("function") or {}).get("name", choice.get("name"))  # (the Responses API's shape too)
+
+    @property
+    def schema(self) -> Optional[dict]:
+        """The JSON schema the answer must match; None: the answer is free text."""
+        fmt = self.response_format or {"type": "text"}
+        if fmt["type"] == "json_object":
+            return {"type": "object"}
+        if fmt["type"] == "json_schema":
+            return (fmt.get("json_schema") or {}).get("schema", fmt.get("schema"))
+        return None
+
+
 _GROUPS = {"sampling": Sampling, "stopping": Stopping, "prompt": PromptOptions, "cache": CacheOptions,
-           "loops": LoopOptions, "drafting": Drafting}
+           "loops": LoopOptions, "drafting": Drafting,
+           "structure": Structure}
 _GROUP_OF = {f.name: group for group, cls in _GROUPS.items() for f in fields(cls)}
 
 
@@ -218,6 +274,7 @@ class GenerationOptions:
     cache: CacheOptions = field(default_factory=CacheOptions)
     loops: LoopOptions = field(default_factory=LoopOptions)
     drafting: Drafting = field(default_factory=Drafting)
+    structure: Structure = field(default_factory=Structure)
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "GenerationOptions":

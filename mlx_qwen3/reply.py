@@ -13,6 +13,12 @@ from .stopping import AnswerLoops, StopStrings, ThinkingBudget
 from .thinking import ANSWER, THINKING, Event, ThinkingRouter, starts_in_thinking
 
 
+def offers_tools(opts) -> bool:
+    """Whether the model is offered tools (GenerationOptions): then its calls are parsed into tool_calls; else a
+    call it writes stays in the answer's text (Qwen-Agent writes the tools into the system message itself)."""
+    return bool(opts.prompt.tools) and opts.structure.tool_choice != "none"
+
+
 @dataclass
 class GenerationResult:
     """What a generation produced; also the last event of a stream, with type "done"."""
@@ -38,6 +44,8 @@ class GenerationResult:
     drafted_tokens: int = 0
     accepted_tokens: int = 0
     forward_passes: int = 0
+    logprobs: list = field(default_factory=list)  # with logprobs: OpenAI's entry for each answer token
+    stop_sequence: Optional[str] = None  # the stop string that ended the answer (Anthropic's Messages names it)
     type: str = "done"
     text: str = ""
 
@@ -50,17 +58,21 @@ class Reply:
     def __init__(self, tokenizer, prompt, max_tokens: int):
         opts = prompt.options
         self.max_tokens = max_tokens
-        self.router = ThinkingRouter(tokenizer, thinking=starts_in_thinking(prompt.ids, tokenizer))
+        self.router = ThinkingRouter(tokenizer, thinking=not prompt.raw and starts_in_thinking(prompt.ids, tokenizer),
+                                     tools=offers_tools(opts), channels=not prompt.raw)
         settings = opts.loops.settings  # None: the loop guard is off
         guards = [None, None] if settings is None else [LoopGuard(Endings.of(tokenizer), settings) for _ in range(2)]
         self.budget = ThinkingBudget(tokenizer, opts.stopping, max_tokens, guards[0])  # one guard per channel
         self.forced = self.budget.forced
         self.answer = AnswerLoops(guards[1])
-        self.special = set(self.router.ids.values())  # they change the channel: what is held goes before them
+        # they change the channel: what is held goes before them
+        self.special = {i for i in self.router.ids.values() if i is not None}
         self.stops = StopStrings(opts.stopping.stop)
         self.eos = tokenizer.eos_token_ids
         self.boundaries = frozenset(self.special | set(self.eos))  # a draft stops after one: a channel change, an end
         self.events = []
+        self.tokenizer, self.scored = tokenizer, []  # with logprobs: each answer token's, in order
+        self.unsent = 0  # of those, the ones no answer event has carried yet
         self.n = self.thinking_tokens = 0
         self.finish = None  # stop | length | cancelled, once over
         self.started, self.first = time.perf_counter(), None  # when it began; when its first token came
@@ -71,8 +83,9 @@ class Reply:
         """Tokens the reply may still take."""
         return self.max_tokens - self.n
 
-    def take(self, token: int) -> bool:
-        """One generated token; returns whether the reply goes on."""
+    def take(self, token: int, scores: Optional[tuple] = None) -> bool:
+        """One generated token; returns whether the reply goes on. `scores` (with logprobs): its log-probability,
+        and its alternatives' ids and log-probabilities, best first."""
         if self.first is None:
             self.first = time.perf_counter()
         if token in self.eos:
@@ -81,10 +94,13 @@ class Reply:
         router, stops = self.router, self.stops
         before = router.state
         events = stops.cut(router.feed(token))
+        if scores is not None and before == ANSWER == router.state and token not in self.special:
+            self.scored.append(self._logprob(token, *scores))
         if before == ANSWER and token not in self.special and not stops.hit:
             events, looped = self.answer.feed(token, events, self.n - 1)
         else:
             events, looped = self.answer.release(events), False
+        self._give_scores(events)
         self.events.extend(events)
         self.thinking_tokens += before == THINKING or router.state == THINKING
         self.budget.step(before, router.state, token, self.n - 1)
@@ -101,8 +117,25 @@ class Reply:
     def _end(self, finish: str) -> bool:
         self.finish = finish
         rest = self.router.finish() + [Event(ANSWER, "")]  # after a loop: the dropped copy's, never given out
-        self.events.extend(self.answer.release([] if self.answer.loops else self.stops.cut(rest, last=True)))
+        events = self.answer.release([] if self.answer.loops else self.stops.cut(rest, last=True))
+        self._give_scores(events)
+        self.events.extend(events)
         return False
+
+    def _logprob(self, token: int, logprob: float, ids: list, logprobs: list) -> dict:
+        """OpenAI's entry for one token: its text, bytes (a token may hold part of a character), log-probability,
+        and the alternatives'."""
+        def entry(t, lp):
+            raw = self.tokenizer.token_bytes(t)
+            return {"token": raw.decode("utf-8", "replace"), "logprob": lp, "bytes": list(raw)}
+
+        return {**entry(token, logprob), "top_logprobs": [entry(t, lp) for t, lp in zip(ids, logprobs)]}
+
+    def _give_scores(self, events: list):
+        """The answer tokens' entries not given yet go with the next answer event (text lags its tokens)."""
+        for event in events:
+            if event.type == ANSWER and self.unsent < len(self.scored):
+                event.logprobs, self.unsent = self.scored[self.unsent:], len(self.scored)
 
     def drain(self) -> list:
         events, self.events = self.events, []
@@ -126,5 +159,7 @@ class Reply:
             peak_memory=mx.get_peak_memory() / 1e9,
             cached_tokens=cached,
             loops=self.budget.loops + self.answer.loops,
+            logprobs=self.scored,
+            stop_sequence=self.stops.hit,
             **fields,
         )

@@ -115,18 +115,19 @@ def _report(channel: str, loop: Loop, position: int, action: str) -> dict:
 
 
 class StopStrings:
-    """Cuts the answer at the first stop string; text that may be the start of one is held back."""
+    """Cuts the answer at the first stop string; text that may be the start of one is held back. `hit`: the stop
+    string that ended the answer (None: none did)."""
 
     def __init__(self, stops):
         self.stops = [s for s in stops if s]
-        self.held, self.hit = "", False
+        self.held, self.hit = "", None
 
     def cut(self, events: list, last: bool = False) -> list:
         """The router's events with the answer cut (`last`: let go of what was held)."""
         out = []
         for event in events:
             if event.type == "answer":
-                text = "" if last and self.hit else self._feed(event.text) + (self._flush() if last else "")
+                text = "" if self.hit else self._feed(event.text) + (self._flush() if last else "")
                 event = Event("answer", text)
             if event.text or event.tool_call:
                 out.append(event)
@@ -134,10 +135,11 @@ class StopStrings:
 
     def _feed(self, text: str) -> str:
         buf = self.held + text
-        found = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        found = [(i, s) for i, s in ((buf.find(s), s) for s in self.stops) if i >= 0]
         if found:
-            self.hit, self.held = True, ""
-            return buf[: min(found)]
+            at, self.hit = min(found, key=lambda f: f[0])
+            self.held = ""
+            return buf[:at]
         keep = max((k for s in self.stops for k in range(1, len(s)) if buf.endswith(s[:k])), default=0)
         self.held = buf[len(buf) - keep:]
         return buf[: len(buf) - keep]

@@ -24,7 +24,7 @@ REASON = 200
 @dataclass(frozen=True)
 class Grammar:
     """What a constrained reply must match: llguidance's Lark text. `param`: the request field it comes from,
-    `tools`: the tools' names, one rule line each from line 3 on (both for the error a schema that does not
+    `tools`: the tools' names, one rule line each from line 4 on (both for the error a schema that does not
     compile gets)."""
 
     lark: str
@@ -69,16 +69,19 @@ def tool_grammar(tools: list, name: Optional[str] = None, parallel: bool = True)
         if name is not None and function["name"] != name:
             continue
         parameters = function.get("parameters") or {"type": "object"}
-        head = '{"name": ' + json.dumps(function["name"]) + ', "arguments": '
         names.append(function["name"])
-        rules.append(f"<[TOOL_CALL]> \"\\n\" {json.dumps(head)} %json {_schema(parameters, 'tools')} "
-                     f"\"}}\\n\" <[END_TOOL_CALL]>")
+        name_text = json.dumps(json.dumps(function["name"]))
+        rules.append(f'{name_text} /, ?"arguments": ?/ %json {_schema(parameters, "tools")}')
     if not rules:
         raise UserError(f"no tool is named {name!r}" if name is not None else "tools is empty: nothing to call",
                         "tools", "invalid_schema")
     calls = "call (\"\\n\" call)*" if parallel else "call"
-    lines = [f"start: /{WHITESPACE}/ {calls}", "call: " + " | ".join(f"tool_{i}" for i in range(len(rules)))]
-    lines += [f"tool_{i}: {rule}" for i, rule in enumerate(rules)]
+    # Qwen3 writes '\n{"name": "f", "arguments": {...}}\n'; a newline inside the tags and a space after ':' and
+    # ',' are the model's to write or not (never more: a weak model could pad a call with blanks)
+    lines = [f"start: /{WHITESPACE}/ {calls}",
+             'call: <[TOOL_CALL]> /\\n?\\{"name": ?/ named "}" /\\n?/ <[END_TOOL_CALL]>',
+             "named: " + " | ".join(f"tool_{i}" for i in range(len(rules)))]
+    lines += [f"tool_{i}: {rule}" for i, rule in enumerate(rules)]  # one line each, for the error that names one
     return Grammar("\n".join(lines), "tools", tuple(names))
 
 
@@ -92,25 +95,28 @@ def _schema(schema: dict, param: str) -> str:
         raise UserError(f"the JSON schema cannot be serialized ({e})", param, "invalid_schema") from None
 
 
-def constraint(tokenizer, vocab_size: int, grammar: Grammar, thinking: bool,
-               trigger: Optional[int] = None) -> "Constraint":
+def constraint(tokenizer, vocab_size: int, grammar: Grammar, thinking: bool, trigger: Optional[int] = None,
+               may_think: bool = False) -> "Constraint":
     """The logits processor that enforces `grammar`.
 
     Args:
         tokenizer: the model's mlx_qwen3.tokenizer.Tokenizer.
         vocab_size: the rows of the model's logits.
         grammar: from json_grammar or tool_grammar.
-        thinking: the reply thinks first: the grammar applies after `</think>`.
+        thinking: the reply thinks first (the prompt left a thought open): the grammar applies after `</think>`.
+        may_think: the reply may open a thought with its first token (a hybrid model in thinking mode): that
+            token may be `<think>` besides what the grammar allows, and then the grammar waits for `</think>`.
         trigger: a token id: the grammar applies from it on (it is the grammar's first token); None: from the
             first token (after the thought).
 
     Returns:
         the Constraint (one per reply: it keeps the reply's state).
     """
-    end_think = tokenizer.token_id("</think>") if thinking else None
-    if thinking and end_think is None:
+    end_think = tokenizer.token_id("</think>") if thinking or may_think else None
+    if (thinking or may_think) and end_think is None:
         raise UserError("this tokenizer has no </think> token: a thinking reply cannot be constrained")
-    return Constraint(_matcher(tokenizer, vocab_size, grammar).deep_copy(), vocab_size, end_think, trigger)
+    open_think = tokenizer.token_id("<think>") if may_think and not thinking else None
+    return Constraint(_matcher(tokenizer, vocab_size, grammar).deep_copy(), vocab_size, end_think, trigger, open_think)
 
 
 @lru_cache(maxsize=4)
@@ -129,12 +135,12 @@ def _matcher(tokenizer, vocab_size: int, grammar: Grammar):
     import llguidance
 
     lark = grammar.lark
-    if grammar.tools:  # the tags open and close each tool's rule line (a schema's own text is left alone)
+    if grammar.tools:  # the tags are in the call rule's line (a schema's own text is left alone)
         start, end = tokenizer.token_id("<tool_call>"), tokenizer.token_id("</tool_call>")
         if start is None or end is None:
             raise UserError("this tokenizer has no <tool_call> token: tool calls cannot be constrained", "tools")
-        lark = re.sub(r"^(tool_\d+: )<\[TOOL_CALL\]>(.*)<\[END_TOOL_CALL\]>$", rf"\g<1><[{start}]>\g<2><[{end}]>",
-                      lark, flags=re.MULTILINE)
+        lark = re.sub(r"^call: <\[TOOL_CALL\]>(.*)<\[END_TOOL_CALL\]>$", rf"call: <[{start}]>\g<1><[{end}]>", lark,
+                      flags=re.MULTILINE)
     matcher = llguidance.LLMatcher(_tokenizer(tokenizer, vocab_size), lark, log_level=0)
     if matcher.is_error():
         raise UserError(_reason(matcher.get_error(), grammar), grammar.param, "invalid_schema")
@@ -155,8 +161,8 @@ def _reason(error: str, grammar: Grammar) -> str:
     if where:
         reason = reason[where.end():]
         line = int(where[1])
-        if 3 <= line < 3 + len(grammar.tools):
-            whose = f"the parameters of tool {grammar.tools[line - 3]!r}"
+        if 4 <= line < 4 + len(grammar.tools):
+            whose = f"the parameters of tool {grammar.tools[line - 4]!r}"
     reason = reason if len(reason) <= REASON else reason[: REASON - 3] + "..."
     return f"{whose} cannot be enforced: {reason}"
 
@@ -168,15 +174,22 @@ class Constraint:
     drafts): the matcher rolls back. A history the grammar rejects leaves the logits as they are (such a draft
     is rejected anyway) until it is rewound."""
 
-    def __init__(self, matcher, vocab_size: int, end_think: Optional[int], trigger: Optional[int]):
+    def __init__(self, matcher, vocab_size: int, end_think: Optional[int], trigger: Optional[int],
+                 open_think: Optional[int] = None):
         self.matcher, self.vocab_size = matcher, vocab_size
         self.end_think, self.trigger = end_think, trigger
+        self.open_think = open_think  # the first token may be this id (a thought opened), besides the grammar's
         self.ids = []  # the history as far as it was read
-        self.opened = 0 if end_think is None else None  # where in ids the answer starts (None: still thinking)
-        self.start = 0 if end_think is None and trigger is None else None  # where the grammar starts
+        self._bits = np.zeros((vocab_size + 31) // 32, dtype=np.int32)
+        self._begin()
+
+    def _begin(self):
+        """The state before the reply's first token."""
+        # where in ids the answer starts (None: still thinking)
+        self.opened = 0 if self.end_think is None or self.open_think is not None else None
+        self.start = 0 if self.opened == 0 and self.trigger is None else None  # where the grammar starts
         self.fed = 0  # ids[start : start + fed] are what the matcher consumed
         self.bad = False  # ids[start + fed] was rejected
-        self._bits = np.zeros((vocab_size + 31) // 32, dtype=np.int32)
 
     def __call__(self, history: mx.array, logits: mx.array) -> mx.array:
         self._follow(history)
@@ -186,6 +199,8 @@ class Constraint:
         # each byte of the bitmask becomes 8 biases (0 or -inf) by a table lookup, added in one op: an mx.where on
         # a bool array unpacked in numpy cost two to five times as much on a CPU
         bias = _biases(logits.dtype)[mx.array(self._bits.view(np.uint8))].reshape(1, -1)
+        if not self.ids and self.open_think is not None:
+            bias[0, self.open_think] = 0
         return logits + bias[:, : logits.shape[-1]]
 
     def _follow(self, history: mx.array):
@@ -205,6 +220,11 @@ class Constraint:
         if n >= len(self.ids):
             return
         del self.ids[n:]
+        if n == 0:  # back to the start (a thought the first token opened went too)
+            if self.fed:
+                self.matcher.rollback(self.fed)
+            self._begin()
+            return
         if self.opened is not None and n < self.opened:  # the </think> went
             self.opened = None
         if self.start is None:
@@ -219,6 +239,9 @@ class Constraint:
 
     def _feed(self, token: int):
         self.ids.append(token)
+        if len(self.ids) == 1 and token == self.open_think:  # a thought after all: free until </think>
+            self.opened = self.start = None
+            return
         if self.opened is None:
             if token == self.end_think:
                 self.opened = len(self.ids)

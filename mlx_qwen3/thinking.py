@@ -18,6 +18,7 @@ class Event:
     type: str
     text: str
     tool_call: Optional[dict] = None
+    logprobs: Optional[list] = None  # answer events, with logprobs: the entries of the tokens up to this text
 
 
 def thinking_wanted(messages: list, enable_thinking: Optional[bool]) -> bool:
@@ -53,9 +54,14 @@ class ThinkingRouter:
     """A state machine over token ids. The text of each channel is the concatenation of its events;
     newlines at either end of a thought or an answer are dropped, as the chat template drops them."""
 
-    def __init__(self, tokenizer: Tokenizer, thinking: bool = False):
+    def __init__(self, tokenizer: Tokenizer, thinking: bool = False, tools: bool = True, channels: bool = True):
         self.ids = {name: tokenizer.token_id(tag) for name, tag in (
             ("think", "<think>"), ("end_think", "</think>"), ("tool", "<tool_call>"), ("end_tool", "</tool_call>"))}
+        if not tools or not channels:  # no tools were offered: a call the model writes anyway is text of the answer
+            self.ids["tool"] = self.ids["end_tool"] = None
+        if not channels:  # a raw completion: the tags are text too, and newlines are kept as they come
+            self.ids["think"] = self.ids["end_think"] = None
+        self.trim = channels
         self.state = THINKING if thinking else ANSWER
         self.texts = {THINKING: "", ANSWER: ""}
         self.tool_calls = []
@@ -101,6 +107,9 @@ class ThinkingRouter:
         if self.state == TOOL_CALL:
             self._tool_text += text
             return []
+        if not self.trim:
+            self.texts[self.state] += text
+            return [Event(self.state, text)]
         if self._fresh:
             text = text.lstrip("\n")
             if not text:

@@ -371,6 +371,8 @@ BAD_OPTIONS = [
     (["--repetition-penalty", "0.001"], "repetition_penalty must be in [0.01, 10]"),
     (["--repetition-penalty", "11"], "repetition_penalty must be in [0.01, 10]"),
     (["--seed", "0x10"], "'0x10' is not a valid integer"),
+    (["--json-schema", "/nonexistent/schema.json"], "--json-schema /nonexistent/schema.json cannot be read"),
+    (["--json-schema", __file__], f"--json-schema {__file__} is not JSON"),
 ]
 
 

@@ -159,13 +159,26 @@ def test_tool_call_after_thinking(scripted):
     assert result.thinking == "Plan" and result.answer == ""
 
 
-def test_malformed_tool_call_is_reported_not_dropped(scripted):
+def test_malformed_tool_call_is_reported_not_dropped():
+    """(With tools offered, the grammar keeps a model from writing one: this is the router's part.)"""
+    from mlx_qwen3.thinking import ThinkingRouter
+
     tok = tokenizer()
-    reply = ids_of(tok, ["<tool_call>", '{"name":"f",', "</tool_call>", "<|im_end|>"])
-    model, tok = scripted([prompt_tail(tok)] + reply)
-    result = generate(model, tok, "Use f", **GREEDY)
-    (call,) = result.tool_calls
+    router = ThinkingRouter(tok)
+    for t in ids_of(tok, ["<tool_call>", '{"name":"f",', "</tool_call>"]):
+        router.feed(t)
+    (call,) = router.tool_calls
     assert call["name"] is None and call["error"].startswith("invalid JSON")
+
+
+def test_a_call_cut_off_by_max_tokens_is_reported(scripted):
+    tok = tokenizer()
+    reply = ids_of(tok, ["<tool_call>", '\n{"name":"f","arguments":{}}\n', "</tool_call>", "<|im_end|>"])
+    model, tok = scripted([prompt_tail(tok, enable_thinking=False)] + reply)
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    result = generate(model, tok, "Use f", tools=tools, enable_thinking=False, max_tokens=6, **GREEDY)
+    (call,) = result.tool_calls
+    assert call["error"] == "the tool call was cut off" and result.finish_reason == "length"
 
 
 def test_characters_split_across_tokens_arrive_whole(scripted):

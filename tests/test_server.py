@@ -30,6 +30,24 @@ def test_models_and_health(server):
     assert {k: health[k] for k in ("status", "model", "waiting")} == {"status": "ok", "model": NAME, "waiting": 0}
 
 
+@pytest.mark.parametrize("asked", ["gpt-4o", "", None])
+def test_any_model_name_is_served_and_the_answer_names_the_real_one(server, asked):
+    body = {"messages": [{"role": "user", "content": "2+2?"}], "temperature": 0, "max_tokens": 3}
+    if asked is not None:
+        body["model"] = asked
+    r = httpx.post(f"{server}/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 200 and r.json()["model"] == NAME
+
+
+def test_served_model_names_are_listed(answering, serve):
+    with serve(*answering, served_names=["gpt-4o", NAME, "gpt-4o"]) as url:
+        assert [m.id for m in client(url).models.list().data] == [NAME, "gpt-4o"]
+        assert client(url).models.retrieve("gpt-4o").id == "gpt-4o"
+        r = client(url).chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}],
+                                                max_tokens=2, temperature=0)
+        assert r.model == NAME
+
+
 def test_chat_completion_separates_reasoning(server):
     r = client(server).chat.completions.create(model=NAME, messages=[{"role": "user", "content": "2+2?"}],
                                                temperature=0)
@@ -134,6 +152,24 @@ def test_tool_calls(tool_model, serve):
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
+def test_without_tools_a_call_stays_in_the_content(tool_model, serve):
+    """Qwen-Agent writes the tools into the system message itself and reads the call from the content."""
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    with serve(*tool_model) as url:
+        c = client(url)
+        for extra in ({}, {"tools": tools, "tool_choice": "none"}):
+            r = c.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "use f"}], temperature=0,
+                                          **extra)
+            message = r.choices[0].message
+            assert not message.tool_calls and r.choices[0].finish_reason == "stop"
+            assert message.content == '<tool_call>{"name":"f","arguments":{}}</tool_call>'
+            stream = c.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "use f"}],
+                                               temperature=0, stream=True, **extra)
+            chunks = list(stream)
+            assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == message.content
+            assert not any(ch.choices[0].delta.tool_calls for ch in chunks if ch.choices)
+
+
 def test_sixteen_concurrent_streams_each_get_their_own_answer(looping, serve):
     model, tok = looping
     expected = {n: generate(model, tok, "go", enable_thinking=False, temperature=0, max_tokens=n).answer
@@ -206,7 +242,7 @@ BAD = [
     ({"messages": [{"role": "user", "content": "x"}], "n": 2}, 422, "out_of_range"),
     ({"messages": [{"role": "user", "content": "x"}], "chat_template_kwargs": {"enable_thinking": "no"}}, 422,
      "invalid_type"),
-    ({"messages": [{"role": "user", "content": "x"}], "model": "gpt-4"}, 404, "model_not_found"),
+    ({"messages": [{"role": "user", "content": "x"}], "model": 4}, 422, "invalid_type"),
     ({"messages": [{"role": "user", "content": "word " * 300}]}, 400, "context_length_exceeded"),
     (b"{" + b'"pad": "' + b"x" * (4 * 2**20) + b'"}', 413, "body_too_large"),
 ]

@@ -7,16 +7,21 @@ import json
 import os
 import time
 import uuid
+from dataclasses import dataclass
 from functools import lru_cache, partial
 from pathlib import Path
 from typing import Optional
 
 from ..errors import UserError, show
-from ..generate import GenerationResult
+from ..generate import GenerationResult, Prompt
 from ..options import CacheOptions, Drafting
 from .engine import SHUTDOWN, CACHE_SLOTS, PARALLEL, Engine, Job
 from .guard import Guard
-from .request import RequestError, clip, prepare, serves
+from .chat import Chat
+from .completions import Completions
+from .messages import Messages
+from .request import RequestError, clip, prepare
+from .responses import Responses
 
 MAX_BODY = 4 * 2**20  # bytes of JSON a request may carry
 BIG_BODY = 2**18  # bytes: a prompt this big tokenizes for a while; those take turns on all cores but one
@@ -26,12 +31,13 @@ PAGE = Path(__file__).with_name("chat.html")
 def create_app(model, tokenizer, model_name: str, api_key: Optional[str] = None, max_body: int = MAX_BODY,
                cache_slots: int = CACHE_SLOTS, cache_bytes: Optional[int] = None, parallel: int = PARALLEL,
                host: str = "127.0.0.1", allow_origins=(), kv_bits=None, kv_start: int = 0, draft_model=None,
-               prompt_lookup: bool = False, num_draft="auto"):
+               prompt_lookup: bool = False, num_draft="auto", served_names=()):
     """The ASGI app. `host` is the address the server is bound to (Host headers are checked against it);
     `allow_origins`: web origins (scheme://host[:port], or "*") whose pages may call the API; `kv_bits`
     ("auto", the default, 16, 8 or 4), `kv_start`: how a request's KV cache is held unless the request says
     (options.CacheOptions); `draft_model`, `prompt_lookup`, `num_draft`: speculative decoding (options.Drafting),
-    unless the request says."""
+    unless the request says. A request is served whatever `model` it names (there is one); its answer names
+    `model_name`. `served_names`: more ids /v1/models lists for it (--served-model-name)."""
     import anyio
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
@@ -45,6 +51,7 @@ def create_app(model, tokenizer, model_name: str, api_key: Optional[str] = None,
     defaults = {"kv_bits": kv_bits, "kv_start": kv_start, "prompt_lookup": prompt_lookup, "num_draft": num_draft}
     engine = Engine(model, tokenizer, cache_slots, cache_bytes, parallel, draft_model)
     created = int(time.time())
+    names = [model_name] + [n for n in dict.fromkeys(served_names) if n != model_name]
     guarded = {"nudged": 0, "closed": 0, "stopped": 0}  # what the loop guard did, over every reply (/health)
 
     @lru_cache(maxsize=1)
@@ -57,11 +64,14 @@ def create_app(model, tokenizer, model_name: str, api_key: Optional[str] = None,
     def authorized(request: Request) -> bool:
         if api_key is None:
             return True
-        given = request.headers.get("authorization", "")
-        return hmac.compare_digest(given.encode("latin-1"), f"Bearer {api_key}".encode())
+        bearer = request.headers.get("authorization", "").encode("latin-1")
+        key = request.headers.get("x-api-key", "").encode("latin-1")  # Anthropic's clients send it so
+        return (hmac.compare_digest(bearer, f"Bearer {api_key}".encode())
+                | hmac.compare_digest(key, api_key.encode()))
 
     def unauthorized() -> RequestError:
-        return RequestError(401, "a valid 'Authorization: Bearer KEY' header is needed", None, "invalid_api_key")
+        return RequestError(401, "a valid 'Authorization: Bearer KEY' (or 'x-api-key: KEY') header is needed", None,
+                            "invalid_api_key")
 
     def stopping() -> RequestError:
         return RequestError(503, "the server is shutting down", None, "server_shutting_down")
@@ -94,47 +104,60 @@ def create_app(model, tokenizer, model_name: str, api_key: Optional[str] = None,
     async def models(request):
         if not authorized(request):
             return error(unauthorized())
-        served = {"id": model_name, "object": "model", "created": created, "owned_by": "mlx-qwen3"}
+        served = [{"id": name, "object": "model", "created": created, "owned_by": "mlx-qwen3"} for name in names]
         wanted = request.path_params.get("model_id")
         if wanted is None:
-            return JSONResponse({"object": "list", "data": [served]})
-        if not serves(model_name, wanted):
-            return error(RequestError(404, f"the model {show(wanted, 60)} is not served here; this server has "
-                                           f"'{model_name}'", "model", "model_not_found"))
-        return JSONResponse(served)
+            return JSONResponse({"object": "list", "data": served})
+        for entry in served:
+            if wanted in (entry["id"], entry["id"].rstrip("/").split("/")[-1]):
+                return JSONResponse(entry)
+        return error(RequestError(404, f"the model {show(wanted, 60)} is not served here; this server has "
+                                       f"'{model_name}'", "model", "model_not_found"))
 
     async def page(request):
         return HTMLResponse(PAGE.read_text().replace("{{MODEL}}", html.escape(model_name)))
 
-    async def chat(request: Request):
-        try:
-            if not authorized(request):
-                raise unauthorized()
-            if engine.closing:
-                raise stopping()
-            raw = await read_body(request)
-            # off the event loop: rendering and tokenizing a 4 MB prompt takes seconds
-            limiter = big_prompts() if len(raw) > BIG_BODY else None
-            prompt, stream, include_usage = await anyio.to_thread.run_sync(
-                partial(prepare, raw, model, tokenizer, model_name, defaults), limiter=limiter)
-            if engine.closing:
-                raise stopping()
-        except RequestError as e:
-            return error(e)
-        except ClientDisconnect:
-            return error(RequestError(400, "the client went away", None, "client_disconnected"))
+    def endpoint(api, count: bool = False):
+        """The route for one API (chat.py, completions.py, responses.py, messages.py): its request parsed and
+        prepared off the event loop, a job for the engine, its reply as one JSON or as server-sent events.
+        `count`: the request is only counted ({"input_tokens": N}, the tokens its prompt would be)."""
 
-        job = Job(prompt, asyncio.get_running_loop())
-        engine.submit(job)
-        cid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        if stream:
-            return _Stream(_sse(job, cid, now, model_name, include_usage, guarded), lambda: engine.release(job))
-        try:
-            return JSONResponse(await _complete(request, job, cid, now, model_name, guarded))
-        except RequestError as e:
-            return error(e)
-        finally:
-            engine.release(job)
+        def failed(e: RequestError):
+            return JSONResponse(api.error_body(e) if hasattr(api, "error_body") else e.body(), status_code=e.status)
+
+        async def handle(request: Request):
+            try:
+                if not authorized(request):
+                    raise unauthorized()
+                if engine.closing:
+                    raise stopping()
+                raw = await read_body(request)
+                # off the event loop: rendering and tokenizing a 4 MB prompt takes seconds
+                limiter = big_prompts() if len(raw) > BIG_BODY else None
+                call, prompt = await anyio.to_thread.run_sync(
+                    partial(prepare, raw, api, model, tokenizer, defaults), limiter=limiter)
+                if engine.closing:
+                    raise stopping()
+            except RequestError as e:
+                return failed(e)
+            except ClientDisconnect:
+                return failed(RequestError(400, "the client went away", None, "client_disconnected"))
+            if count:
+                return JSONResponse({"input_tokens": len(prompt.ids)})
+
+            job = Job(prompt, asyncio.get_running_loop())
+            engine.submit(job)
+            meta = Meta(f"{api.prefix}{uuid.uuid4().hex}", int(time.time()), model_name, prompt)
+            if call.stream:
+                return _Stream(api.stream(_items(job, guarded), call, meta), lambda: engine.release(job))
+            try:
+                return JSONResponse(api.answer(await _result(request, job, guarded), call, meta))
+            except RequestError as e:
+                return failed(e)
+            finally:
+                engine.release(job)
+
+        return handle
 
     class _Stream(StreamingResponse):
         """Server-sent events; when the response ends, however it ends (even before its first chunk), its
@@ -165,7 +188,11 @@ def create_app(model, tokenizer, model_name: str, api_key: Optional[str] = None,
         Route("/health", health),
         Route("/v1/models", models),
         Route("/v1/models/{model_id:path}", models),
-        Route("/v1/chat/completions", chat, methods=["POST"]),
+        Route("/v1/chat/completions", endpoint(Chat()), methods=["POST"]),
+        Route("/v1/completions", endpoint(Completions()), methods=["POST"]),
+        Route("/v1/responses", endpoint(Responses()), methods=["POST"]),
+        Route("/v1/messages", endpoint(Messages()), methods=["POST"]),
+        Route("/v1/messages/count_tokens", endpoint(Messages(), count=True), methods=["POST"]),
     ]
     app = Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: server_error},
                     middleware=[Middleware(Guard, host=host, allow_origins=tuple(allow_origins))])
@@ -174,8 +201,37 @@ def create_app(model, tokenizer, model_name: str, api_key: Optional[str] = None,
     return app
 
 
-async def _complete(request, job: Job, cid, now, model_name, guarded: dict) -> dict:
-    """A whole reply as one chat.completion object; a client that leaves cancels it at once."""
+@dataclass(frozen=True)
+class Meta:
+    """What an API's answer says of itself: its id, when it was made, the model, the prompt it answers."""
+
+    id: str
+    created: int
+    model: str
+    prompt: Prompt
+
+
+async def _items(job: Job, guarded: dict):
+    """A job's events, then its GenerationResult (type "done"); a failure as a RequestError in their place."""
+    while True:
+        item = await job.events.get()
+        if item is None:
+            return
+        if item is SHUTDOWN:
+            yield RequestError(503, "the server is shutting down; the generation was cancelled", None,
+                               "server_shutting_down")
+            return
+        if isinstance(item, Exception):
+            yield RequestError(400 if isinstance(item, UserError) else 500, str(item), None, "generation_failed")
+            continue
+        if item.type == "done":
+            for loop in item.loops:
+                guarded[loop["action"]] += 1
+        yield item
+
+
+async def _result(request, job: Job, guarded: dict) -> GenerationResult:
+    """A whole reply's result; a client that leaves cancels it at once."""
 
     async def watch():  # the body has been read: what `receive` says next is that the client left
         try:
@@ -186,114 +242,17 @@ async def _complete(request, job: Job, cid, now, model_name, guarded: dict) -> d
         job.cancel.set()
 
     watcher = asyncio.ensure_future(watch())
-    result, failure = None, None
+    result = failure = None
     try:
-        while True:
-            item = await job.events.get()
-            if item is None:
-                break
-            if item is SHUTDOWN:
-                raise RequestError(503, "the server is shutting down; the generation was cancelled", None,
-                                   "server_shutting_down")
-            if isinstance(item, Exception):
-                failure = item
+        async for item in _items(job, guarded):
+            if isinstance(item, RequestError):
+                failure = failure or item
             elif item.type == "done":
                 result = item
-                _count(guarded, item)
     finally:
         watcher.cancel()
-    if failure is not None or result is None:
-        message = str(failure) if failure else "the generation was cancelled"
-        raise RequestError(400 if isinstance(failure, UserError) else 500, message, None, "generation_failed")
-    message = {"role": "assistant", "content": result.answer or None}
-    if result.thinking:
-        message["reasoning_content"] = message["reasoning"] = result.thinking
-    calls = [c for c in result.tool_calls if c.get("name")]
-    if calls:
-        message["tool_calls"] = [_tool_call(c, i) for i, c in enumerate(calls)]
-    bad = [c for c in result.tool_calls if not c.get("name")]
-    if bad:  # a malformed call is reported in the content, not dropped
-        message["content"] = (message["content"] or "") + "".join(f"\n[tool call error: {c['error']}]" for c in bad)
-    return {
-        "id": cid, "object": "chat.completion", "created": now, "model": model_name,
-        "choices": [{"index": 0, "message": message, "finish_reason": _finish(result)}],
-        "usage": _usage(result),
-        "loop_guard": _loop_guard(result),
-    }
-
-
-async def _sse(job: Job, cid, now, model_name, include_usage, guarded: dict):
-    def chunk(delta=None, finish=None, usage=None, loops=None):
-        body = {"id": cid, "object": "chat.completion.chunk", "created": now, "model": model_name,
-                "choices": [] if usage else [{"index": 0, "delta": delta or {}, "finish_reason": finish}]}
-        if usage:
-            body["usage"] = usage
-        if loops is not None:
-            body["loop_guard"] = loops
-        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
-
-    def failed(status, message, code):
-        return f"data: {json.dumps(RequestError(status, message, None, code).body())}\n\n"
-
-    tools = 0
-    yield chunk({"role": "assistant", "content": ""})
-    while True:
-        item = await job.events.get()
-        if item is None:
-            break
-        if item is SHUTDOWN:
-            yield failed(503, "the server is shutting down; the generation was cancelled", "server_shutting_down")
-            break
-        if isinstance(item, Exception):
-            yield failed(500, str(item), "generation_failed")
-            continue
-        if item.type == "thinking":
-            yield chunk({"reasoning_content": item.text, "reasoning": item.text})
-        elif item.type == "answer":
-            yield chunk({"content": item.text})
-        elif item.type == "tool_call":
-            if item.tool_call.get("name"):
-                yield chunk({"tool_calls": [_tool_call(item.tool_call, tools)]})
-                tools += 1
-            else:
-                yield chunk({"content": f"\n[tool call error: {item.tool_call['error']}]"})
-        elif item.type == "done":
-            _count(guarded, item)
-            yield chunk(finish=_finish(item), loops=_loop_guard(item))
-            if include_usage:
-                yield chunk(usage=_usage(item))
-    yield "data: [DONE]\n\n"
-
-
-def _usage(result: GenerationResult) -> dict:
-    return {
-        "prompt_tokens": result.prompt_tokens,
-        "completion_tokens": result.generation_tokens,
-        "total_tokens": result.prompt_tokens + result.generation_tokens,
-        "prompt_tokens_details": {"cached_tokens": result.cached_tokens},
-        "completion_tokens_details": {"reasoning_tokens": result.thinking_tokens},
-        # ours: the YaRN factor the context was rotated with (1: plain RoPE), and the one of a cached
-        # conversation it outgrew and processed again (null: none)
-        "rope": {"factor": result.rope_factor, "rescaled_from": result.rescaled_from},
-    }
-
-
-def _loop_guard(result: GenerationResult) -> dict:
-    """Ours, beside `usage`: what the loop guard did (GenerationResult.loops; empty when it did nothing)."""
-    return {"loops": result.loops}
-
-
-def _count(guarded: dict, result: GenerationResult):
-    for loop in result.loops:
-        guarded[loop["action"]] += 1
-
-
-def _tool_call(call: dict, index: int) -> dict:
-    return {"index": index, "id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-            "function": {"name": call["name"], "arguments": json.dumps(call["arguments"], ensure_ascii=False)}}
-
-
-def _finish(result: GenerationResult) -> str:
-    if result.finish_reason == "stop" and any(c.get("name") for c in result.tool_calls):
-        return "tool_calls"
-    return result.finish_reason
+    if failure is not None:
+        raise failure
+    if result is None:
+        raise RequestError(500, "the generation was cancelled", None, "generation_failed")
+    return result

@@ -259,7 +259,7 @@ def to_wire(prompt: Prompt) -> dict:
 def from_wire(wire: dict) -> Prompt:
     """The Prompt to_wire gave."""
     options = GenerationOptions.from_kwargs(**{k: v for group in wire["options"].values() for k, v in group.items()})
-    return Prompt(wire["ids"], wire["messages"], wire["thinking"], options, CacheSetting(*wire["setting"]))
+    return Prompt(wire["ids"], wire["messages"], wire["thinking"], options, CacheSetting(*wire["setting"]), wire["raw"])
 
 
 def make_pool(model, slots: int, max_bytes: Optional[int]) -> PromptCachePool:

@@ -1,8 +1,11 @@
-"""A chat/completions request: OpenAI's shape checked here, the generation options by the generator
-(whose errors name the option), into a Prompt; every refusal is OpenAI's error JSON with its status."""
+"""What every API's request shares: the error a refusal raises, JSON checks, messages, and `Call` (a request in
+the generator's terms), which each API module (chat.py, completions.py, responses.py, messages.py) makes from
+its own shape; `prepare` turns one into a Prompt. The generation options are checked once, by the generator,
+whose errors name the option (mapped back to the request's field)."""
 
 import json
 import re
+from dataclasses import dataclass, field
 from typing import Optional
 
 from ..errors import UserError, show
@@ -36,7 +39,7 @@ def clip(text: str, limit: int = 200) -> str:
 _KINDS = {bool: "a boolean", int: "an integer", str: "a string", list: "an array", dict: "an object"}
 
 
-def _field(body: dict, key: str, kind):
+def typed(body: dict, key: str, kind):
     """A field of the request's own (not a generation option, which the generator checks), of one JSON type."""
     value = body.get(key)
     if value is None:
@@ -113,85 +116,78 @@ def parse_messages(raw) -> list:
     return out
 
 
-def serves(served: str, wanted: str) -> bool:
-    """Whether a request's `model` names the served one: as given to --model, or its last path part."""
-    return wanted in (served, served.rstrip("/").split("/")[-1])
+@dataclass
+class Call:
+    """A request in the generator's terms: the conversation (or, with `raw`, one text fed as it is, without
+    the chat template), the generation options by the generator's names, and for each option that came
+    from a field of another name, that field (errors name it). `extra`: what the API's answer needs to
+    remember of its request."""
+
+    messages: list
+    options: dict = field(default_factory=dict)
+    fields: dict = field(default_factory=dict)
+    stream: bool = False
+    raw: Optional[str] = None
+    extra: dict = field(default_factory=dict)
 
 
-# The request fields that are generation options under the same name; every option's type and range is
-# checked once, by the generator, whose errors name the option (mapped back to the request's field).
+def check_model(body: dict):
+    """`model` is taken whatever it names (one model is served; the answer names it), but it must be a string."""
+    typed(body, "model", str)
+
+
+# The request fields that are generation options under the same name, in every API that has them.
 OPTIONS = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty",
            "seed", "thinking_budget", "kv_bits", "kv_start", "loop_guard", "loop_repeats", "loop_min_tokens",
-           "loop_recurring", "loop_window", "prompt_lookup", "num_draft")
+           "loop_recurring", "loop_window", "prompt_lookup", "num_draft", "parallel_tool_calls")
 MAX_TEMPERATURE = 2  # OpenAI's API takes temperatures in [0, 2]; the generator takes any finite one
 
 
-def parse_request(body, served: str) -> tuple:
-    """-> (messages, generation options as the generator names them, the request field of each option,
-    stream, include_usage). What is checked here is OpenAI's shape of the request; `body` has been
-    through check_json."""
-    if not isinstance(body, dict):
-        raise RequestError(400, "the body must be a JSON object", None, "invalid_body")
-    model = _field(body, "model", str)
-    if model is not None and not serves(served, model):
-        raise RequestError(404, f"the model {show(model, 60)} is not served here; this server has '{served}'", "model",
-                           "model_not_found")
-    messages = parse_messages(body.get("messages"))
-    if _field(body, "n", int) not in (None, 1):
-        raise RequestError(422, f"'n' must be 1 (one choice per request), not {show(body['n'], 60)}", "n",
-                           "out_of_range")
+def same_named(body: dict) -> dict:
+    """The generation options a request names as the generator does; a temperature checked against OpenAI's range
+    (its type is the generator's to check)."""
     opts = {k: body[k] for k in OPTIONS if body.get(k) is not None}
-    temperature = opts.get("temperature")  # a number's range beyond OpenAI's; its type is the generator's to check
+    temperature = opts.get("temperature")
     if isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and temperature > MAX_TEMPERATURE:
         raise RequestError(422, f"'temperature' must be in [0, {MAX_TEMPERATURE}], not {show(temperature)}",
                            "temperature", "out_of_range")
-    fields = {}
-    for key in ("max_completion_tokens", "max_tokens"):
-        if body.get(key) is not None:
-            opts["max_tokens"], fields["max_tokens"] = body[key], key
-            break
-    stop = body.get("stop")
-    if stop is not None:
-        if isinstance(stop, str):
-            stop = [stop]
-        if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) for s in stop):
-            raise RequestError(422, "'stop' must be a string or an array of at most 4 strings", "stop", "invalid_type")
-        if any(len(s) > MAX_STOP for s in stop):
-            raise RequestError(422, f"a stop string may have at most {MAX_STOP} characters", "stop", "out_of_range")
-        opts["stop"] = stop
-    tools = _field(body, "tools", list)
-    if tools is not None and body.get("tool_choice") != "none":
-        if not all(isinstance(t, dict) for t in tools):
-            raise RequestError(422, "'tools' must be an array of objects", "tools", "invalid_type")
-        opts["tools"] = tools
-    kwargs = body.get("chat_template_kwargs")
-    if isinstance(kwargs, dict):
-        kwargs = dict(kwargs)
-        if "enable_thinking" in kwargs:
-            opts["enable_thinking"] = kwargs.pop("enable_thinking")
-            fields["enable_thinking"] = "chat_template_kwargs"
-    if kwargs is not None:
-        opts["chat_template_kwargs"] = kwargs
-    stream = bool(_field(body, "stream", bool))
-    include_usage = bool((_field(body, "stream_options", dict) or {}).get("include_usage"))
-    return messages, opts, fields, stream, include_usage
+    return opts
 
 
-def prepare(raw: bytes, model, tokenizer, served: str, defaults: Optional[dict] = None) -> tuple:
-    """A request's body -> (Prompt, stream, include_usage), or a RequestError: everything that can be known
-    before generating is checked here, the prompt rendered and tokenized included. Slow for big prompts:
-    run it off the event loop. `defaults`: the server's generation options, under the request's."""
+def stop_strings(stop, key: str = "stop", most: Optional[int] = 4) -> Optional[list]:
+    if stop is None:
+        return None
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or (most is not None and len(stop) > most) or not all(isinstance(s, str) for s in stop):
+        limit = f"at most {most} strings" if most is not None else "strings"
+        raise RequestError(422, f"'{key}' must be a string or an array of {limit}", key, "invalid_type")
+    if any(len(s) > MAX_STOP for s in stop):
+        raise RequestError(422, f"a stop string may have at most {MAX_STOP} characters", key, "out_of_range")
+    return stop
+
+
+def parse_json(raw: bytes) -> dict:
+    """The body as a JSON object whose strings are valid Unicode and whose nesting is bounded."""
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError) as e:  # also UnicodeDecodeError, and integers over 4,300 digits
-        raise RequestError(400, f"the body is not valid JSON: {clip(str(e))}", None,
-                           "invalid_json") from None
-    if isinstance(body, dict):
-        check_json(body)
-    messages, options, fields, stream, include_usage = parse_request(body, served)
+        raise RequestError(400, f"the body is not valid JSON: {clip(str(e))}", None, "invalid_json") from None
+    if not isinstance(body, dict):
+        raise RequestError(400, "the body must be a JSON object", None, "invalid_body")
+    check_json(body)
+    return body
+
+
+def prepare(raw: bytes, api, model, tokenizer, defaults: Optional[dict] = None) -> tuple:
+    """A request's body -> (Call, Prompt), or a RequestError: everything that can be known before generating is
+    checked here, the prompt rendered and tokenized included. Slow for big prompts: run it off the event loop.
+    `api` parses its own shape; `defaults`: the server's generation options, under the request's."""
+    call = api.parse(parse_json(raw))
     try:
-        prompt = prepare_prompt(model, tokenizer, messages, **{**(defaults or {}), **options})
+        prompt = prepare_prompt(model, tokenizer, call.messages if call.raw is None else call.raw,
+                                raw=call.raw is not None, **{**(defaults or {}), **call.options})
     except UserError as e:  # a bad option, a prompt too long; a template that fails on this request too
-        status = 400 if e.code == "context_length_exceeded" else 422
-        raise RequestError(status, str(e), fields.get(e.param, e.param), e.code or "invalid_value") from None
-    return prompt, stream, include_usage
+        status = 400 if e.code in ("context_length_exceeded", "invalid_schema") else 422
+        raise RequestError(status, str(e), call.fields.get(e.param, e.param), e.code or "invalid_value") from None
+    return call, prompt
