@@ -147,7 +147,8 @@ def test_held_back_text_comes_before_a_stop_string_and_a_tool_call(models):
     r = run(models, "counting", enable_thinking=False, stop=["six"], **SMALL)
     assert r.answer == "Count: one two three four five " and r.finish_reason == "stop" and r.loops == []
     model, tok = models("calling")
-    events = list(stream_generate(model, tok, "Use f", max_tokens=MAX, **SMALL, **GREEDY))
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    events = list(stream_generate(model, tok, "Use f", max_tokens=MAX, tools=tools, **SMALL, **GREEDY))
     kinds = [e.type for e in events[:-1]]
     assert kinds[-1] == "tool_call" and set(kinds[:-1]) == {"thinking", "answer"}
     assert "".join(e.text for e in events if e.type == "answer") == "Sure, now"  # all of it, before the call
