@@ -31,7 +31,7 @@ from .selftest import DEFAULT_SHAPES, environment, model_report, op_report, stor
 from .server import create_app
 from .server.engine import CACHE_SLOTS, PARALLEL
 from .server.serve import API_KEY_ENV, api_key_from, make_server
-from .terminal import Printer, note, prepare_stdout, read_stdin, repl, show_stream
+from .terminal import Printer, convert_progress, note, prepare_stdout, read_stdin, repl, show_stream
 
 # --model when none is given: Qwen's own MLX release of Qwen3-1.7B, 4-bit (about 1 GB; it thinks well
 # enough to show what the models do), so `python -m mlx_qwen3.generate --prompt hi` is a whole first run.
@@ -327,7 +327,9 @@ def convert_command(hf_path, mlx_path, quantize, bits, group_size, dtype, mixed,
     signal.signal(signal.SIGTERM, _interrupt)
     path = None
     try:
-        path = convert(hf_path, mlx_path, quantize, bits, group_size, dtype, mixed, quantize_embeddings, force)
+        with convert_progress(sys.stderr) as progress:  # a bar on a terminal, erased before anything else is said
+            path = convert(hf_path, mlx_path, quantize, bits, group_size, dtype, mixed, quantize_embeddings, force,
+                           progress=progress)
         print(f"wrote {path}")
     except Interrupted as e:
         print(f"interrupted; {e}", file=sys.stderr)

@@ -15,7 +15,7 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -100,6 +100,7 @@ def convert(
     quantize_embeddings: bool = True,
     force: bool = False,
     max_shard_bytes: int = MAX_SHARD_BYTES,
+    progress: Optional[Callable[[int, int, int, int], None]] = None,
 ) -> Path:
     """Convert a Hugging Face checkpoint (folder or Hub id) into an MLX folder at `mlx_path`.
 
@@ -111,6 +112,8 @@ def convert(
         mixed: a recipe mixed_LOW_HIGH: HIGH bits for v_proj/down_proj in the first and last
             eighth of the layers (and every third in between) and for lm_head, LOW for the rest.
         quantize_embeddings: quantize embed_tokens and lm_head too.
+        progress: called after each tensor written, with (tensors written, tensors in all, bytes
+            written, bytes in all); the CLI's bar on a terminal.
 
     Returns:
         The path of the written folder.
@@ -130,14 +133,15 @@ def convert(
 
     tensors, quant_config = _output_tensors(model, weights, policy, target)
     side_files = [src / name for name in SIDE_FILES if (src / name).is_file()]
-    _check_disk(out, sum(t.nbytes for t in tensors.values()) + sum(f.stat().st_size for f in side_files))
+    nbytes = sum(t.nbytes for t in tensors.values())
+    _check_disk(out, nbytes + sum(f.stat().st_size for f in side_files))
 
     tmp, old = (out.parent / f".{out.name}.{kind}-{os.getpid()}" for kind in ("partial", "old"))
     swapped = False
     try:
         try:
             tmp.mkdir(parents=True)
-            _write_shards(tmp, tensors, max_shard_bytes)
+            _write_shards(tmp, tensors, max_shard_bytes, _tally(len(tensors), nbytes, progress))
             _write_config(tmp / "config.json", config, quant_config, dtype if target else None)
             for f in side_files:
                 shutil.copy(f, tmp / f.name)
@@ -327,8 +331,23 @@ def _natural(name: str):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
-def _write_shards(folder: Path, tensors: dict, max_bytes: int):
-    """Split into shards of at most `max_bytes` and write each with its index."""
+def _tally(total_tensors: int, total_bytes: int, progress: Optional[Callable]) -> Optional[Callable[[int], None]]:
+    """write_safetensors' `written` callback: counts the tensors and bytes and tells `progress`."""
+    if progress is None:
+        return None
+    tensors = done = 0
+
+    def written(nbytes: int):
+        nonlocal tensors, done
+        tensors, done = tensors + 1, done + nbytes
+        progress(tensors, total_tensors, done, total_bytes)
+
+    return written
+
+
+def _write_shards(folder: Path, tensors: dict, max_bytes: int, written: Optional[Callable[[int], None]] = None):
+    """Split into shards of at most `max_bytes` and write each with its index; `written(nbytes)` after
+    each tensor."""
     shards, size = [[]], 0
     for name, t in tensors.items():
         if shards[-1] and size + t.nbytes > max_bytes:
@@ -340,15 +359,16 @@ def _write_shards(folder: Path, tensors: dict, max_bytes: int):
     weight_map = {}
     for i, names in enumerate(shards, 1):
         file = "model.safetensors" if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
-        write_safetensors(folder / file, {k: tensors.pop(k) for k in names})
+        write_safetensors(folder / file, {k: tensors.pop(k) for k in names}, written)
         weight_map.update({k: file for k in names})
     total = sum(os.path.getsize(folder / f) for f in set(weight_map.values()))
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=4))
 
 
-def write_safetensors(file: Path, tensors: dict):
-    """Write the header from the (lazy) shapes, then evaluate and write one tensor at a time."""
+def write_safetensors(file: Path, tensors: dict, written: Optional[Callable[[int], None]] = None):
+    """Write the header from the (lazy) shapes, then evaluate and write one tensor at a time;
+    `written(nbytes)` after each."""
     header, offset = {}, 0
     for name, t in tensors.items():
         header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
@@ -364,6 +384,8 @@ def write_safetensors(file: Path, tensors: dict):
                 t = t.view(mx.uint16)  # the buffer protocol has no bfloat16
             mx.eval(t)
             f.write(memoryview(t))
+            if written is not None:
+                written(t.nbytes)
             del t
 
 

@@ -10,6 +10,7 @@ import signal
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from typing import Optional
 
 from .errors import UserError
@@ -49,6 +50,53 @@ class ProgressBar:
             self.stream.write("\r\x1b[2K")
             self.stream.flush()
         self.first, self.shown = None, False
+
+
+class ConvertBar(ProgressBar):
+    """One line on a terminal while convert writes its tensors (tensors and bytes written, time left),
+    redrawn at most 10 times a second: a tensor can take a millisecond, a flush per tensor would not."""
+
+    EVERY = 0.1  # seconds between redraws
+
+    def __init__(self, stream, clock=time.perf_counter):
+        super().__init__(stream, clock)
+        self.drawn = None  # when the line was last drawn
+
+    def __call__(self, tensors: int, total_tensors: int, nbytes: int, total_bytes: int):
+        now = self.clock()
+        if self.first is None:
+            self.first = (now, nbytes)
+        elif tensors < total_tensors and now - self.drawn < self.EVERY:
+            return
+        t0, b0 = self.first
+        rate = (nbytes - b0) / (now - t0) if now > t0 and nbytes > b0 else None
+        filled = 20 * nbytes // max(1, total_bytes)
+        line = (f"convert [{'#' * filled}{'.' * (20 - filled)}] {tensors:,}/{total_tensors:,} tensors, "
+                f"{_bytes(nbytes)}/{_bytes(total_bytes)}")
+        if rate:
+            line += f", {_duration((total_bytes - nbytes) / rate)} left"
+        self.stream.write("\r\x1b[2K" + line)
+        self.stream.flush()
+        self.drawn, self.shown = now, True
+
+
+@contextmanager
+def convert_progress(stream):
+    """convert's `progress` callback: a ConvertBar where `stream` is a terminal (None elsewhere: logs and
+    pipes get nothing), erased at the end, whatever ended it."""
+    bar = ConvertBar(stream) if _isatty(stream) else None
+    try:
+        yield bar
+    finally:
+        if bar is not None:
+            bar.clear()
+
+
+def _bytes(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
 
 
 def _duration(seconds: float) -> str:

@@ -207,11 +207,11 @@ def test_an_exception_mid_conversion_leaves_nothing(checkpoint, tmp_path, monkey
     src, _ = checkpoint("qwen3_moe")
     calls = []
 
-    def failing(file, tensors):
+    def failing(file, tensors, *rest):
         calls.append(file)
         if len(calls) == 2:
             raise OSError("disk on fire")
-        return real(file, tensors)
+        return real(file, tensors, *rest)
 
     real = convert_module.write_safetensors
     monkeypatch.setattr(convert_module, "write_safetensors", failing)
@@ -225,8 +225,8 @@ SLOW = """
 import sys, time
 import mlx_qwen3.convert as c
 real = c.write_safetensors
-def slow(file, tensors):
-    real(file, tensors)
+def slow(file, tensors, *rest):
+    real(file, tensors, *rest)
     time.sleep(60)
 c.write_safetensors = slow
 sys.argv = ["convert"] + sys.argv[1:]
