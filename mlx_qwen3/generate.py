@@ -97,8 +97,9 @@ def prepare(model, tokenizer, prompt, raw: bool = False, **options) -> Prompt:
 
 def constraint_for(model, tokenizer, prompt: Prompt):
     """The logits processor that holds the reply to its structure (options.Structure), or None: a forced call
-    (tool_choice "required" or a named function), else a JSON answer (response_format), else with tools each
-    call the model starts (at <tool_call>) held to the tools' schemas. The thought is never constrained."""
+    (tool_choice "required" or a named function), else a JSON answer (response_format; with tools offered, or
+    calls), else with tools each call the model starts (at <tool_call>) held to the tools' schemas. The thought
+    is never constrained."""
     s, tools = prompt.options.structure, prompt.options.prompt.tools
     forced = s.tool_choice == "required" or s.forced_tool is not None
     if s.tool_choice != "none" and forced:
@@ -117,6 +118,11 @@ def constraint_for(model, tokenizer, prompt: Prompt):
     where = dict(thinking=opened, may_think=prompt.thinking and not opened)
     if forced and s.tool_choice != "none":
         grammar = structured.tool_grammar(tools, s.forced_tool, s.parallel_tool_calls)
+    elif s.schema is not None and offers_tools(prompt.options):  # a JSON answer, or calls
+        answer, calls = structured.json_grammar(s.schema), structured.tool_grammar(tools, None, s.parallel_tool_calls)
+        for alone in (answer, calls):  # each compiled alone too: an error names its own field
+            structured.constraint(tokenizer, model.args.vocab_size, alone, **where)
+        grammar = structured.either(answer, calls)
     elif s.schema is not None:
         grammar = structured.json_grammar(s.schema)
     else:

@@ -85,6 +85,13 @@ def tool_grammar(tools: list, name: Optional[str] = None, parallel: bool = True)
     return Grammar("\n".join(lines), "tools", tuple(names))
 
 
+def either(answer: Grammar, calls: Grammar) -> Grammar:
+    """A JSON answer (json_grammar) or tool calls (tool_grammar): response_format with tools the model may call.
+    The schemas are each compiled alone first (constraint() on each), so an error names its own field."""
+    rules = calls.lark.replace("start:", "calls:", 1) + "\n" + answer.lark.replace("start:", "answer:", 1)
+    return Grammar(rules + "\nstart: answer | calls", calls.param, calls.tools)
+
+
 def _schema(schema: dict, param: str) -> str:
     """The schema as %json takes it, with our whitespace rule."""
     if not isinstance(schema, dict):

@@ -139,6 +139,18 @@ def test_auto_tool_calls_hold_to_their_schemas(overlong_call, serve):
     assert got["finish_reason"] == "tool_calls"
 
 
+def test_with_tools_and_a_response_format_the_reply_is_a_call_or_the_json(overlong_call, random_server, serve):
+    fmt = {"type": "json_schema", "json_schema": {"name": "weather", "schema": SCHEMA}}
+    with serve(*overlong_call) as url:  # the script calls: still possible, and held to its tool's schema
+        got = chat(url, tools=TOOLS, response_format=fmt, temperature=0)
+    (call,) = got["message"]["tool_calls"]
+    jsonschema.validate(json.loads(call["function"]["arguments"]), TOOLS[0]["function"]["parameters"])
+    answer = chat(random_server, tools=TOOLS, response_format=fmt, seed=0, temperature=1.0)  # a random model answers
+    assert answer["finish_reason"] in ("stop", "tool_calls")
+    if answer["finish_reason"] == "stop":
+        jsonschema.validate(json.loads(answer["message"]["content"]), SCHEMA)
+
+
 def test_the_thought_stays_free_and_the_answer_is_held(thinking_dir, serve):
     """The scripted model thinks "Let me think", then would answer "The answer is 4.": the thought comes out as
     it is, and the answer is JSON."""
