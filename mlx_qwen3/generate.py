@@ -100,18 +100,19 @@ def constraint_for(model, tokenizer, prompt: Prompt):
     (tool_choice "required" or a named function), else a JSON answer (response_format; with tools offered, or
     calls), else with tools each call the model starts (at <tool_call>) held to the tools' schemas. The thought
     is never constrained."""
+    from . import structured  # the grammar engine loads on first use
+
     s, tools = prompt.options.structure, prompt.options.prompt.tools
     forced = s.tool_choice == "required" or s.forced_tool is not None
     if s.tool_choice != "none" and forced:
         if not tools:
             raise UserError(f"tool_choice {show(s.tool_choice, 60)} needs tools", "tool_choice", "invalid_value")
-        names = [(t.get("function") or t).get("name") for t in tools]
+        names = structured.tool_grammar(tools).tools  # (which checks them)
         if s.forced_tool is not None and s.forced_tool not in names:
             raise UserError(f"tool_choice names {show(s.forced_tool, 60)}, which is not among the tools "
                             f"({', '.join(map(str, names))})", "tool_choice", "invalid_value")
     if not forced and s.schema is None and not offers_tools(prompt.options):
         return None
-    from . import structured  # the grammar engine loads on first use
     # a thought the prompt opened is free to its end; in thinking mode the reply may open one (Qwen3 does, a
     # Qwen3-Instruct-2507 never does: its first token must be free to be the answer's)
     opened = starts_in_thinking(prompt.ids, tokenizer)

@@ -245,7 +245,8 @@ class Structure:
         choice = self.tool_choice
         if not isinstance(choice, dict):
             return None
-        return (choice.get("function") or {}).get("name", choice.get("name"))  # (the Responses API's shape too)
+        function = choice.get("function")
+        return function.get("name") if isinstance(function, dict) else choice.get("name")  # (Responses' shape too)
 
     @property
     def schema(self) -> Optional[dict]:
@@ -254,7 +255,8 @@ class Structure:
         if fmt["type"] == "json_object":
             return {"type": "object"}
         if fmt["type"] == "json_schema":
-            return (fmt.get("json_schema") or {}).get("schema", fmt.get("schema"))
+            inner = fmt.get("json_schema")
+            return inner.get("schema") if isinstance(inner, dict) else fmt.get("schema")
         return None
 
 

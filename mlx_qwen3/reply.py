@@ -71,8 +71,9 @@ class Reply:
         self.eos = tokenizer.eos_token_ids
         self.boundaries = frozenset(self.special | set(self.eos))  # a draft stops after one: a channel change, an end
         self.events = []
-        self.tokenizer, self.scored = tokenizer, []  # with logprobs: each answer token's, in order
-        self.unsent = 0  # of those, the ones no answer event has carried yet
+        self.tokenizer, self.scored = tokenizer, []  # with logprobs: the answer tokens' whose text was given out
+        self.unsent = []  # and those whose text is still held (or dropped: a stripped newline, a stop string)
+        self.owed = b""  # the text of a given token that is still to come
         self.n = self.thinking_tokens = 0
         self.finish = None  # stop | length | cancelled, once over
         self.started, self.first = time.perf_counter(), None  # when it began; when its first token came
@@ -95,7 +96,7 @@ class Reply:
         before = router.state
         events = stops.cut(router.feed(token))
         if scores is not None and before == ANSWER == router.state and token not in self.special:
-            self.scored.append(self._logprob(token, *scores))
+            self.unsent.append(self._logprob(token, *scores))
         if before == ANSWER and token not in self.special and not stops.hit:
             events, looped = self.answer.feed(token, events, self.n - 1)
         else:
@@ -132,10 +133,30 @@ class Reply:
         return {**entry(token, logprob), "top_logprobs": [entry(t, lp) for t, lp in zip(ids, logprobs)]}
 
     def _give_scores(self, events: list):
-        """The answer tokens' entries not given yet go with the next answer event (text lags its tokens)."""
+        """Each answer event carries the entries of the tokens whose text begins in it (text lags its tokens); a
+        token of newlines that is not there was stripped, and goes, as do tokens a stop string cut away."""
         for event in events:
-            if event.type == ANSWER and self.unsent < len(self.scored):
-                event.logprobs, self.unsent = self.scored[self.unsent:], len(self.scored)
+            if event.type != ANSWER or not (self.unsent or self.owed):
+                continue
+            text, at, given = event.text.encode(), 0, []
+            while at < len(text):
+                if self.owed:  # the rest of a token already given
+                    n = 0
+                    while n < min(len(self.owed), len(text) - at) and self.owed[n] == text[at + n]:
+                        n += 1
+                    at, self.owed = at + n, self.owed[n:] if n else b""
+                    continue
+                if not self.unsent:
+                    break
+                piece = bytes(self.unsent[0]["bytes"])
+                if not text.startswith(b"\n", at):  # newlines the router stripped
+                    piece = piece.lstrip(b"\n")
+                entry = self.unsent.pop(0)
+                if piece and piece[0] == text[at]:
+                    given.append(entry)
+                    self.owed = piece
+            event.logprobs = given
+            self.scored += given
 
     def drain(self) -> list:
         events, self.events = self.events, []

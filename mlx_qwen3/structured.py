@@ -62,7 +62,7 @@ def tool_grammar(tools: list, name: Optional[str] = None, parallel: bool = True)
     """
     rules, names = [], []
     for tool in tools if isinstance(tools, list) else [None]:
-        function = tool.get("function") if isinstance(tool, dict) else None
+        function = tool.get("function", tool) if isinstance(tool, dict) else None  # (or the function itself)
         if not isinstance(function, dict) or not isinstance(function.get("name"), str):
             raise UserError(f"each tool must be {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}, "
                             f"not {json.dumps(tool)[:80]}", "tools", "invalid_schema")
@@ -70,7 +70,7 @@ def tool_grammar(tools: list, name: Optional[str] = None, parallel: bool = True)
             continue
         parameters = function.get("parameters") or {"type": "object"}
         names.append(function["name"])
-        name_text = json.dumps(json.dumps(function["name"]))
+        name_text = json.dumps(json.dumps(function["name"], ensure_ascii=False), ensure_ascii=False)  # as the template
         rules.append(f'{name_text} /, ?"arguments": ?/ %json {_schema(parameters, "tools")}')
     if not rules:
         raise UserError(f"no tool is named {name!r}" if name is not None else "tools is empty: nothing to call",

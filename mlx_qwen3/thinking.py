@@ -126,7 +126,7 @@ class ThinkingRouter:
         raw = self._tool_text.strip()
         call = parse_tool_call(raw)
         if incomplete:
-            call = {"name": call.get("name"), "arguments": call.get("arguments"), "error": "the tool call was cut off"}
+            call = {"name": None, "arguments": None, "error": "the tool call was cut off"}  # not a call to make
         self.tool_calls.append(call)
         return [Event(TOOL_CALL, raw, call)]
 

@@ -118,3 +118,23 @@ def test_the_python_api_gives_logprobs_too(answering):
     result = generate(model, tok, "x", enable_thinking=False, temperature=0, logprobs=1)
     assert "".join(e["token"] for e in result.logprobs) == result.answer == "Hi there!"
     assert all(len(e["top_logprobs"]) == 1 and e["top_logprobs"][0]["token"] == e["token"] for e in result.logprobs)
+
+
+def test_logprobs_are_the_tokens_of_the_text_given(thinking_dir, serve):
+    """The newlines after the thought (stripped) and a stop string's token carry no entry; streamed, each chunk
+    carries the entries of its own text."""
+    from mlx_qwen3 import load
+
+    with serve(*load(thinking_dir)) as url:
+        c = client(url)
+        for stop, content in ((None, "The answer is 4."), ([" is"], "The answer")):
+            r = c.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "x"}], temperature=0,
+                                          logprobs=True, stop=stop)
+            assert r.choices[0].message.content == content
+            assert "".join(e.token for e in r.choices[0].logprobs.content) == content
+            stream = c.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "x"}],
+                                               temperature=0, logprobs=True, stop=stop, stream=True)
+            for ch in stream:
+                if ch.choices and ch.choices[0].delta.content:
+                    entries = ch.choices[0].logprobs.content if ch.choices[0].logprobs else []
+                    assert "".join(e.token for e in entries) == ch.choices[0].delta.content

@@ -191,12 +191,30 @@ def test_openai_parse_gets_a_pydantic_object(random_server):
     ({"tool_choice": "required"}, "tool_choice"),
     ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
     ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice"),
+    ({"response_format": {"type": "json_schema", "json_schema": "x"}}, "response_format"),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": "f"}}, "tool_choice"),
+    ({"tools": [{"type": "function", "function": "x"}], "tool_choice": "required"}, "tools"),
+    ({"tools": [{"type": "function", "function": "x"}]}, "tools"),
 ])
 def test_what_cannot_be_enforced_is_a_4xx_that_says_why(random_server, body, param):
     r = httpx.post(f"{random_server}/v1/chat/completions",
                    json={"messages": [{"role": "user", "content": "x"}], **body}, timeout=60)
     assert r.status_code in (400, 422) and r.json()["error"]["param"] == param, r.text
     assert len(r.json()["error"]["message"].splitlines()) == 1
+
+
+def test_tool_names_are_held_as_the_template_shows_them(random):
+    """A name outside ASCII is written as it is (the template's tojson does not escape it), and a tool given as the
+    function itself ({"name", "parameters"}) is taken too."""
+    from mlx_qwen3.structured import constraint, tool_grammar
+
+    _, tok = random
+    for tool in ({"type": "function", "function": {"name": "查询天气", "parameters": {"type": "object"}}},
+                 {"name": "查询天气", "parameters": {"type": "object"}}):
+        c = constraint(tok, CONFIG["vocab_size"], tool_grammar([tool]), thinking=False)
+        ids = [tok.token_id("<tool_call>")] + tok.encode('\n{"name": "查询天气", "arguments": {}}\n') + \
+            [tok.token_id("</tool_call>")]
+        assert all(c.matcher.try_consume_tokens([t]) == 1 for t in ids)
 
 
 def test_the_python_api_takes_response_format(random):

@@ -47,6 +47,8 @@ def create_app(model, tokenizer, model_name: str, api_key: Optional[str] = None,
     from starlette.routing import Route
 
     CacheOptions(kv_bits, kv_start), Drafting(prompt_lookup, num_draft)  # checked before the engine starts
+    if api_key is not None and not api_key:
+        raise UserError("the API key is empty; give a key, or None for none")
     # a request's own kv_bits, kv_start, prompt_lookup, num_draft come first
     defaults = {"kv_bits": kv_bits, "kv_start": kv_start, "prompt_lookup": prompt_lookup, "num_draft": num_draft}
     engine = Engine(model, tokenizer, cache_slots, cache_bytes, parallel, draft_model)

@@ -47,7 +47,8 @@ class Chat:
         return Call(messages, opts, fields, stream, extra={"include_usage": include_usage})
 
     def answer(self, result: GenerationResult, call: Call, meta) -> dict:
-        message = {"role": "assistant", "content": result.answer or None}
+        # (blanks the grammar allowed before a forced call are no content)
+        message = {"role": "assistant", "content": result.answer if result.answer.strip() else None}
         if result.thinking:
             message["reasoning_content"] = message["reasoning"] = result.thinking
         calls = [c for c in result.tool_calls if c.get("name")]

@@ -60,13 +60,15 @@ class Completions:
                 body["usage"] = usage
             return sse(body)
 
+        at = 0  # the text's offset, for logprobs' text_offset
         if call.extra["echo"]:
             yield chunk(call.raw)
         async for item in items:
             if isinstance(item, RequestError):
                 yield sse(item.body())
             elif item.type == "answer":
-                yield chunk(item.text, logprobs=_logprobs(item.logprobs or [], call))
+                yield chunk(item.text, logprobs=_logprobs(item.logprobs or [], call, at))
+                at += len(item.text)
             elif item.type == "done":
                 yield chunk(finish=item.finish_reason)
                 if call.extra["include_usage"]:
@@ -74,11 +76,12 @@ class Completions:
         yield "data: [DONE]\n\n"
 
 
-def _logprobs(entries: list, call: Call):
-    """The completions API's older shape of the entries chat completions reports (None: not asked for)."""
+def _logprobs(entries: list, call: Call, at: int = 0):
+    """The completions API's older shape of the entries chat completions reports (None: not asked for); `at`:
+    the text's offset of the first one."""
     if "logprobs" not in call.options:
         return None
-    offsets, at = [], 0
+    offsets = []
     for e in entries:
         offsets.append(at)
         at += len(e["token"])

@@ -56,7 +56,7 @@ class Messages:
         if result.thinking:
             content.append({"type": "thinking", "thinking": result.thinking, "signature": ""})
         text = result.answer + "".join(_error_text(c) for c in result.tool_calls if not c.get("name"))
-        if text:
+        if text.strip():  # (blanks the grammar allowed before a forced call are no text block)
             content.append({"type": "text", "text": text})
         content += [tool_use(c) for c in result.tool_calls if c.get("name")]
         return {"id": meta.id, "type": "message", "role": "assistant", "model": meta.model, "content": content,

@@ -116,7 +116,7 @@ class Responses:
         status = STATUS[result.finish_reason]
         output = [reasoning_item(result.thinking, "completed")] if result.thinking else []
         text = result.answer + call_errors(result.tool_calls)
-        if text:
+        if text.strip():  # (blanks the grammar allowed before a forced call are no message)
             output.append(message_item(text, "completed"))
         output += [call_item(c, "completed") for c in result.tool_calls if c.get("name")]
         if output and output[-1]["type"] != "function_call" and status != "completed":  # as a stream ends it
