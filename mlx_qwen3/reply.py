@@ -64,7 +64,10 @@ class Reply:
         guards = [None, None] if settings is None else [LoopGuard(Endings.of(tokenizer), settings) for _ in range(2)]
         self.budget = ThinkingBudget(tokenizer, opts.stopping, max_tokens, guards[0])  # one guard per channel
         self.forced = self.budget.forced
-        self.answer = AnswerLoops(guards[1])
+        # an answer held to a grammar is left to it: a JSON list of like records is no loop, and a cut would break it
+        s = opts.structure
+        held = s.schema is not None or (offers_tools(opts) and (s.tool_choice == "required" or s.forced_tool))
+        self.answer = AnswerLoops(None if held else guards[1])
         # they change the channel: what is held goes before them
         self.special = {i for i in self.router.ids.values() if i is not None}
         self.stops = StopStrings(opts.stopping.stop)

@@ -272,3 +272,19 @@ def test_in_thinking_mode_the_first_token_may_open_a_thought_or_start_the_answer
     assert after[brace] and not after[word]
     assert not allowed([brace])[think] and not allowed([brace])[word]  # the answer began: held, no thought now
     assert allowed([])[think]  # rewound to the start: the choice is open again
+
+
+def test_the_answer_loop_guard_leaves_a_held_answer_to_its_grammar(random):
+    """A JSON list of like records repeats itself by nature: the guard would cut it into invalid JSON."""
+    from mlx_qwen3.generate import prepare
+    from mlx_qwen3.reply import Reply
+
+    model, tok = random
+    record = tok.encode('{"unit": "C", "days": 3, "tags": ["sun"]}, ')
+    tokens = tok.encode("[") + record * 12 + tok.encode('{"unit": "C"}]')
+    guard = dict(enable_thinking=False, loop_repeats=2, loop_min_tokens=8, max_tokens=1000)
+    held = {"type": "json_schema", "json_schema": {"name": "days", "schema": {"type": "array"}}}
+    for fmt, cut in ((None, True), (held, False)):
+        reply = Reply(tok, prepare(model, tok, "Weather?", response_format=fmt, **guard), 1000)
+        going = all(reply.take(t) for t in tokens)
+        assert going != cut and bool(reply.answer.loops) == cut
