@@ -8,10 +8,9 @@ import mlx.core as mx
 
 from . import memory
 from .decode import Decoder
-from .errors import UserError
+from .errors import UserError, show
 from .models.cache import CacheSetting, PromptCache, PromptCachePool
 from .options import GenerationOptions, PromptOptions, check_text
-from .errors import show
 from .reply import GenerationResult, Reply, offers_tools
 from .sample import make_processors, make_sampler
 from .thinking import starts_in_thinking, thinking_wanted
@@ -103,23 +102,22 @@ def constraint_for(model, tokenizer, prompt: Prompt):
     from . import structured  # the grammar engine loads on first use
 
     s, tools = prompt.options.structure, prompt.options.prompt.tools
-    forced = s.tool_choice == "required" or s.forced_tool is not None
-    if s.tool_choice != "none" and forced:
+    offered = offers_tools(prompt.options)
+    if not s.forced_call and s.schema is None and not offered:
+        return None
+    # a thought the prompt opened is free to its end; in thinking mode the reply may open one (Qwen3 does, a
+    # Qwen3-Instruct-2507 never does: its first token must be free to be the answer's)
+    opened = starts_in_thinking(prompt.ids, tokenizer)
+    where = dict(thinking=opened, may_think=prompt.thinking and not opened)
+    if s.forced_call:
         if not tools:
             raise UserError(f"tool_choice {show(s.tool_choice, 60)} needs tools", "tool_choice", "invalid_value")
         names = structured.tool_grammar(tools).tools  # (which checks them)
         if s.forced_tool is not None and s.forced_tool not in names:
             raise UserError(f"tool_choice names {show(s.forced_tool, 60)}, which is not among the tools "
                             f"({', '.join(map(str, names))})", "tool_choice", "invalid_value")
-    if not forced and s.schema is None and not offers_tools(prompt.options):
-        return None
-    # a thought the prompt opened is free to its end; in thinking mode the reply may open one (Qwen3 does, a
-    # Qwen3-Instruct-2507 never does: its first token must be free to be the answer's)
-    opened = starts_in_thinking(prompt.ids, tokenizer)
-    where = dict(thinking=opened, may_think=prompt.thinking and not opened)
-    if forced and s.tool_choice != "none":
         grammar = structured.tool_grammar(tools, s.forced_tool, s.parallel_tool_calls)
-    elif s.schema is not None and offers_tools(prompt.options):  # a JSON answer, or calls
+    elif s.schema is not None and offered:  # a JSON answer, or calls
         answer, calls = structured.json_grammar(s.schema), structured.tool_grammar(tools, None, s.parallel_tool_calls)
         for alone in (answer, calls):  # each compiled alone too: an error names its own field
             structured.constraint(tokenizer, model.args.vocab_size, alone, **where)

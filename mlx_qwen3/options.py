@@ -249,6 +249,11 @@ class Structure:
         return function.get("name") if isinstance(function, dict) else choice.get("name")  # (Responses' shape too)
 
     @property
+    def forced_call(self) -> bool:
+        """Whether the reply must be tool calls (tool_choice "required" or a named function)."""
+        return self.tool_choice == "required" or self.forced_tool is not None
+
+    @property
     def schema(self) -> Optional[dict]:
         """The JSON schema the answer must match; None: the answer is free text."""
         fmt = self.response_format or {"type": "text"}

@@ -66,7 +66,7 @@ class Reply:
         self.forced = self.budget.forced
         # an answer held to a grammar is left to it: a JSON list of like records is no loop, and a cut would break it
         s = opts.structure
-        held = s.schema is not None or (offers_tools(opts) and (s.tool_choice == "required" or s.forced_tool))
+        held = s.schema is not None or (offers_tools(opts) and s.forced_call)
         self.answer = AnswerLoops(None if held else guards[1])
         # they change the channel: what is held goes before them
         self.special = {i for i in self.router.ids.values() if i is not None}

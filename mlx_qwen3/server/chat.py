@@ -6,7 +6,7 @@ import uuid
 
 from ..errors import show
 from ..reply import GenerationResult
-from .request import Call, RequestError, check_model, parse_messages, same_named, stop_strings, typed
+from .request import Call, RequestError, call_errors, check_model, parse_messages, same_named, stop_strings, typed
 
 
 class Chat:
@@ -48,15 +48,13 @@ class Chat:
 
     def answer(self, result: GenerationResult, call: Call, meta) -> dict:
         # (blanks the grammar allowed before a forced call are no content)
-        message = {"role": "assistant", "content": result.answer if result.answer.strip() else None}
+        text = (result.answer if result.answer.strip() else "") + call_errors(result.tool_calls)
+        message = {"role": "assistant", "content": text or None}
         if result.thinking:
             message["reasoning_content"] = message["reasoning"] = result.thinking
         calls = [c for c in result.tool_calls if c.get("name")]
         if calls:
             message["tool_calls"] = [tool_call(c, i) for i, c in enumerate(calls)]
-        bad = [c for c in result.tool_calls if not c.get("name")]
-        if bad:  # a malformed call is reported in the content, not dropped
-            message["content"] = (message["content"] or "") + "".join(f"\n[tool call error: {c['error']}]" for c in bad)
         choice = {"index": 0, "message": message, "finish_reason": finish_reason(result)}
         if "logprobs" in call.options:
             choice["logprobs"] = {"content": result.logprobs}
@@ -89,7 +87,7 @@ class Chat:
                     yield chunk({"tool_calls": [tool_call(item.tool_call, tools)]})
                     tools += 1
                 else:
-                    yield chunk({"content": f"\n[tool call error: {item.tool_call['error']}]"})
+                    yield chunk({"content": call_errors([item.tool_call])})
             elif item.type == "done":
                 yield chunk(finish=finish_reason(item), loops={"loops": item.loops})
                 if call.extra["include_usage"]:

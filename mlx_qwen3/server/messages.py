@@ -10,7 +10,7 @@ import uuid
 
 from ..errors import show
 from ..reply import GenerationResult
-from .request import Call, RequestError, check_model, same_named, stop_strings
+from .request import Call, RequestError, call_errors, check_model, same_named, stop_strings
 
 # Anthropic's error types by HTTP status; any other 4xx is an invalid request, any other 5xx an api_error
 ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
@@ -55,7 +55,7 @@ class Messages:
         content = []
         if result.thinking:
             content.append({"type": "thinking", "thinking": result.thinking, "signature": ""})
-        text = result.answer + "".join(_error_text(c) for c in result.tool_calls if not c.get("name"))
+        text = result.answer + call_errors(result.tool_calls)
         if text.strip():  # (blanks the grammar allowed before a forced call are no text block)
             content.append({"type": "text", "text": text})
         content += [tool_use(c) for c in result.tool_calls if c.get("name")]
@@ -110,7 +110,7 @@ class Messages:
                 yield delta({"type": "thinking_delta", "thinking": item.text})
             else:
                 yield delta({"type": "text_delta", "text": item.text if item.type == "answer" else
-                             _error_text(item.tool_call)})
+                             call_errors([item.tool_call])})
 
     def error_body(self, e: RequestError) -> dict:
         kind = ERROR_TYPES.get(e.status, "api_error" if e.status >= 500 else "invalid_request_error")
@@ -312,8 +312,6 @@ def tool_use(call: dict) -> dict:
             "input": call["arguments"]}
 
 
-def _error_text(call: dict) -> str:  # a malformed call is reported in the text, not dropped
-    return f"\n[tool call error: {call['error']}]"
 
 
 def stopped(result: GenerationResult) -> dict:

@@ -131,6 +131,11 @@ class Call:
     extra: dict = field(default_factory=dict)
 
 
+def call_errors(calls: list) -> str:
+    """The malformed calls among `calls`, reported in the text (not dropped)."""
+    return "".join(f"\n[tool call error: {c['error']}]" for c in calls if not c.get("name"))
+
+
 def check_model(body: dict):
     """`model` is taken whatever it names (one model is served; the answer names it), but it must be a string."""
     typed(body, "model", str)

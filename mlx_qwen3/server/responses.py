@@ -8,7 +8,7 @@ from collections import OrderedDict
 
 from ..errors import show
 from ..reply import GenerationResult
-from .request import Call, RequestError, check_model, same_named, typed
+from .request import Call, RequestError, call_errors, check_model, same_named, typed
 
 STORED = 256  # responses whose conversations are kept (in memory, the least recently used dropped first)
 STORED_CHARS = 2**26  # and their text at most (each counted whole, though a chain's shares its earlier turns)
@@ -343,11 +343,6 @@ def message_item(text: str, status: str) -> dict:
 def call_item(call: dict, status: str) -> dict:
     return {"type": "function_call", "id": new_id("fc_"), "call_id": new_id("call_"), "name": call["name"],
             "arguments": json.dumps(call["arguments"], ensure_ascii=False), "status": status}
-
-
-def call_errors(calls: list) -> str:
-    """A malformed call is reported in the text, not dropped."""
-    return "".join(f"\n[tool call error: {c['error']}]" for c in calls if not c.get("name"))
 
 
 def usage(result: GenerationResult) -> dict:
