@@ -467,7 +467,8 @@ def test_wrong_keys_are_refused_with_401_json(answering):
            "Bearer " + "k" * 10000, "Bearer \xe9\xe8", f"Bearer {KEY[:-1]}\xe9"]
     with live(*answering, api_key=KEY) as port:
         for given in bad:
-            for method, path in (("POST", "/v1/chat/completions"), ("GET", "/v1/models"), ("GET", "/v1/models/x")):
+            for method, path in (("POST", "/v1/chat/completions"), ("GET", "/v1/models"), ("GET", "/v1/models/x"),
+                                 ("GET", "/v1/responses/resp_x"), ("DELETE", "/v1/responses/resp_x")):
                 data = request(port, method, path, body=chat({}) if method == "POST" else b"",
                                headers=[f"Authorization: {given}".encode("latin-1")])
                 (status, _, body), = parse(exchange(port, data, False)[0])

@@ -138,19 +138,46 @@ def test_unknown_or_unstored_previous_response_id_is_404(server):
 
 
 def test_the_store_keeps_the_latest_used():
+    def keep(store, name):
+        store.keep(store.parse({"input": name}), {"id": name, "output": []})
+
     store = Responses(stored=2)
     for name in ("resp_a", "resp_b"):
-        store.keep(store.parse({"input": name}), SimpleNamespace(id=name), [])
+        keep(store, name)
     store.parse({"input": "x", "previous_response_id": "resp_a"})  # a is used: b is now the oldest
-    store.keep(store.parse({"input": "c"}), SimpleNamespace(id="resp_c"), [])
+    keep(store, "resp_c")
     assert store.earlier("resp_a") == [{"role": "user", "content": "resp_a"}]
     with pytest.raises(RequestError) as e:
         store.earlier("resp_b")
     assert e.value.status == 404
-    small = Responses(stored_chars=10)  # text counts too: the newest is kept whatever its size
+    small = Responses(stored_chars=40)  # text counts too: the newest is kept whatever its size
     for name in ("resp_1234", "resp_5678", "resp_long_long"):
-        small.keep(small.parse({"input": name}), SimpleNamespace(id=name), [])
-    assert list(small.conversations) == ["resp_long_long"] and small.chars == len("resp_long_long")
+        keep(small, name)
+    assert list(small.kept) == ["resp_long_long"]
+    assert small.chars == len("resp_long_long") + len('{"id": "resp_long_long", "output": []}')
+    small.delete("resp_long_long")
+    assert small.chars == 0 and not small.kept
+
+
+def test_a_stored_response_is_retrieved_and_deleted(server):
+    from openai import NotFoundError
+
+    c = client(server)
+    made = c.responses.create(model=NAME, input="2+2?", temperature=0)
+    again = c.responses.retrieve(made.id)
+    assert again.model_dump() == made.model_dump() and again.output_text == "The answer is 4."
+    streamed = [e for e in c.responses.create(model=NAME, input="2+2?", temperature=0, stream=True)][-1].response
+    assert c.responses.retrieve(streamed.id).model_dump() == streamed.model_dump()
+    unstored = c.responses.create(model=NAME, input="hi", store=False, max_output_tokens=2)
+    c.responses.delete(made.id)
+    for gone in (made.id, unstored.id):
+        with pytest.raises(NotFoundError) as e:
+            c.responses.retrieve(gone)
+        assert e.value.body["code"] == "not_found" and e.value.status_code == 404
+    with pytest.raises(NotFoundError):
+        c.responses.create(model=NAME, previous_response_id=made.id, input="and?")
+    with pytest.raises(NotFoundError):
+        c.responses.delete(made.id)
 
 
 def test_tool_round_trip_by_previous_response_id_and_by_full_input(weather):

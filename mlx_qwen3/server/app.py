@@ -116,6 +116,19 @@ def create_app(model, tokenizer, model_name: str, api_key: Optional[str] = None,
         return error(RequestError(404, f"the model {show(wanted, 60)} is not served here; this server has "
                                        f"'{model_name}'", "model", "model_not_found"))
 
+    responses = Responses()
+
+    async def stored_response(request):
+        if not authorized(request):
+            return error(unauthorized())
+        response_id = request.path_params["response_id"]
+        try:
+            if request.method == "DELETE":
+                return JSONResponse(responses.delete(response_id))
+            return JSONResponse(responses.retrieve(response_id))
+        except RequestError as e:
+            return error(e)
+
     async def page(request):
         return HTMLResponse(PAGE.read_text().replace("{{MODEL}}", html.escape(model_name)))
 
@@ -192,7 +205,8 @@ def create_app(model, tokenizer, model_name: str, api_key: Optional[str] = None,
         Route("/v1/models/{model_id:path}", models),
         Route("/v1/chat/completions", endpoint(Chat()), methods=["POST"]),
         Route("/v1/completions", endpoint(Completions()), methods=["POST"]),
-        Route("/v1/responses", endpoint(Responses()), methods=["POST"]),
+        Route("/v1/responses", endpoint(responses), methods=["POST"]),
+        Route("/v1/responses/{response_id}", stored_response, methods=["GET", "DELETE"]),
         Route("/v1/messages", endpoint(Messages()), methods=["POST"]),
         Route("/v1/messages/count_tokens", endpoint(Messages(), count=True), methods=["POST"]),
     ]

@@ -10,7 +10,7 @@ from ..errors import show
 from ..reply import GenerationResult
 from .request import Call, RequestError, call_errors, check_model, same_named, typed
 
-STORED = 256  # responses whose conversations are kept (in memory, the least recently used dropped first)
+STORED = 256  # responses kept with their conversations (in memory, the least recently used dropped first)
 STORED_CHARS = 2**26  # and their text at most (each counted whole, though a chain's shares its earlier turns)
 # reasoning.effort -> our thinking: "none"/"minimal" turn it off, "low"/"medium" bound it (tokens), "high" does not
 EFFORT = {"none": False, "minimal": False, "low": 1024, "medium": 4096, "high": None, "xhigh": None}
@@ -19,14 +19,14 @@ STATUS = {"stop": "completed", "length": "incomplete", "cancelled": "cancelled"}
 
 
 class Responses:
-    """OpenAI's Responses API, with the conversations of stored responses (the last STORED) for
-    previous_response_id."""
+    """OpenAI's Responses API, with the stored responses (the last STORED) and their conversations, for
+    previous_response_id and GET / DELETE /v1/responses/{id}."""
 
     prefix = "resp_"
 
     def __init__(self, stored: int = STORED, stored_chars: int = STORED_CHARS):
         self.stored, self.stored_chars, self.chars = stored, stored_chars, 0
-        self.conversations, self.lock = OrderedDict(), threading.Lock()  # id -> (messages, their characters)
+        self.kept, self.lock = OrderedDict(), threading.Lock()  # id -> (response, conversation, characters)
 
     def parse(self, body: dict) -> Call:
         check_model(body)
@@ -87,24 +87,41 @@ class Responses:
         """The conversation a stored response ended (its input and its output), to go on from."""
         if response_id is None:
             return []
-        with self.lock:
-            if response_id not in self.conversations:
-                raise RequestError(404, f"no stored response has the id {show(response_id, 60)}; the last "
-                                        f"{self.stored} responses are kept, in memory, unless sent with store false",
-                                   "previous_response_id", "previous_response_not_found")
-            self.conversations.move_to_end(response_id)
-            return list(self.conversations[response_id][0])
+        return list(self.stored_one(response_id, "previous_response_id")[1])
 
-    def keep(self, call: Call, meta, output: list):
+    def retrieve(self, response_id: str) -> dict:
+        """GET /v1/responses/{id}: the response as it was answered."""
+        return self.stored_one(response_id)[0]
+
+    def delete(self, response_id: str) -> dict:
+        """DELETE /v1/responses/{id}: it, and its conversation, are forgotten."""
+        with self.lock:
+            if response_id not in self.kept:
+                raise self.missing(response_id)
+            self.chars -= self.kept.pop(response_id)[2]
+        return {"id": response_id, "object": "response", "deleted": True}
+
+    def stored_one(self, response_id: str, param=None) -> tuple:
+        with self.lock:
+            if response_id not in self.kept:
+                raise self.missing(response_id, param)
+            self.kept.move_to_end(response_id)
+            return self.kept[response_id]
+
+    def missing(self, response_id: str, param=None) -> RequestError:
+        return RequestError(404, f"no stored response has the id {show(response_id, 60)}; the last {self.stored} "
+                                 "responses are kept, in memory, unless sent with store false", param,
+                            "previous_response_not_found" if param else "not_found")
+
+    def keep(self, call: Call, response: dict):
         if not call.extra["store"]:
             return
-        messages = call.extra["conversation"] + to_messages(output)
-        size = sum(map(chars, messages))
+        messages = call.extra["conversation"] + to_messages(response["output"])
+        size = sum(map(chars, messages)) + len(json.dumps(response))
         with self.lock:
-            self.conversations[meta.id], self.chars = (messages, size), self.chars + size
-            while len(self.conversations) > self.stored or (self.chars > self.stored_chars and
-                                                            len(self.conversations) > 1):
-                self.chars -= self.conversations.popitem(last=False)[1][1]
+            self.kept[response["id"]], self.chars = (response, messages, size), self.chars + size
+            while len(self.kept) > self.stored or (self.chars > self.stored_chars and len(self.kept) > 1):
+                self.chars -= self.kept.popitem(last=False)[1][2]
 
     def response(self, call: Call, meta, status: str, output: list, result=None, error=None) -> dict:
         incomplete = {"reason": "max_output_tokens"} if status == "incomplete" else None
@@ -121,8 +138,9 @@ class Responses:
         output += [call_item(c, "completed") for c in result.tool_calls if c.get("name")]
         if output and output[-1]["type"] != "function_call" and status != "completed":  # as a stream ends it
             output[-1]["status"] = "incomplete"
-        self.keep(call, meta, output)
-        return self.response(call, meta, status, output, result)
+        response = self.response(call, meta, status, output, result)
+        self.keep(call, response)
+        return response
 
     async def stream(self, items, call: Call, meta):
         out = _Events()
@@ -147,9 +165,10 @@ class Responses:
             else:  # done
                 status = STATUS[item.finish_reason]
                 chunks = out.close(status)
-                self.keep(call, meta, out.output)
+                response = self.response(call, meta, status, out.output, item)
+                self.keep(call, response)
                 kind = "response.completed" if status == "completed" else "response.incomplete"
-                chunks.append(out.event(kind, response=self.response(call, meta, status, out.output, item)))
+                chunks.append(out.event(kind, response=response))
             for chunk in chunks:
                 yield chunk
 
