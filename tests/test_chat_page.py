@@ -192,6 +192,29 @@ def test_html_in_a_reply_stays_text(hostile, serve, browser):
             _answer(browser, 1, HOSTILE)
 
 
+def test_the_page_runs_its_own_script_and_nothing_else(answering, serve, browser):
+    """Its Content-Security-Policy names its script and style by hash: HTML that ever got into the page (here put
+    there on purpose) runs nothing, while the page itself, its Markdown and its copy button work without a
+    complaint from the browser."""
+    import time
+
+    with serve(*answering) as url:
+        policy = httpx.get(url + "/").headers["content-security-policy"]
+        assert "script-src 'sha256-" in policy and "unsafe-inline" not in policy and "connect-src 'self'" in policy
+        _open(browser, url)
+        browser.get_log("browser")  # what came before
+        _send(browser, "What is 2+2?")
+        _answer(browser, 1, "The answer is 4.")
+        assert not [e["message"] for e in browser.get_log("browser") if "Content Security Policy" in e["message"]]
+        browser.execute_script("document.getElementById('log').insertAdjacentHTML('beforeend', "
+                               "'<img src=/nothing onerror=\"window.pwned = 1\">')")
+        deadline = time.time() + 10
+        while not (refused := [e for e in browser.get_log("browser") if "Content Security Policy" in e["message"]]):
+            assert time.time() < deadline, "the browser never refused the injected handler"
+            time.sleep(0.1)
+        assert browser.execute_script("return window.pwned === undefined"), refused
+
+
 def test_conversations_are_kept_across_reloads(answering, serve, browser):
     titles = "return [...document.querySelectorAll('#chats li')].map((li) => [li.textContent, li.className])"
     with serve(*answering) as url:

@@ -1,10 +1,13 @@
 """The ASGI app: the routes, and OpenAI's response shapes (one JSON, or server-sent events)."""
 
 import asyncio
+import base64
+import hashlib
 import hmac
 import html
 import json
 import os
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -129,8 +132,11 @@ def create_app(model, tokenizer, model_name: str, api_key: Optional[str] = None,
         except RequestError as e:
             return error(e)
 
+    chat_page = PAGE.read_text().replace("{{MODEL}}", html.escape(model_name))
+    page_headers = page_policy(chat_page)
+
     async def page(request):
-        return HTMLResponse(PAGE.read_text().replace("{{MODEL}}", html.escape(model_name)))
+        return HTMLResponse(chat_page, headers=page_headers)
 
     def endpoint(api, count: bool = False):
         """The route for one API (chat.py, completions.py, responses.py, messages.py): its request parsed and
@@ -215,6 +221,20 @@ def create_app(model, tokenizer, model_name: str, api_key: Optional[str] = None,
     app.router.redirect_slashes = False  # Guard serves /v1/models/ as /v1/models; no plain-text redirects
     app.state.engine = engine
     return app
+
+
+def page_policy(page: str) -> dict:
+    """The chat page's headers: a Content-Security-Policy that runs its own script and style (by their hashes) and
+    nothing else, talks to this server only (its icon is an empty data: URL) and cannot be framed; HTML in a reply
+    that the renderer ever let through would still run nothing and load nothing."""
+
+    def digest(tag):
+        body, = re.findall(f"<{tag}>(.*?)</{tag}>", page, re.S)
+        return "'sha256-" + base64.b64encode(hashlib.sha256(body.encode()).digest()).decode() + "'"
+
+    policy = (f"default-src 'none'; script-src {digest('script')}; style-src {digest('style')}; connect-src 'self'; "
+              "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+    return {"Content-Security-Policy": policy, "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
 
 
 @dataclass(frozen=True)
