@@ -246,6 +246,24 @@ def test_the_client_raises_its_own_errors(url):
     assert e.value.status_code == 413 and e.value.body["error"]["type"] == "request_too_large"
 
 
+def test_refusals_before_the_route_are_in_anthropics_shape_too(url):
+    """A wrong method, an unknown path under /v1/messages and a Host the server does not answer to: the anthropic
+    client reads each as its own error; the OpenAI routes keep OpenAI's shape."""
+    for method, path, host, status, kind in (
+            ("GET", "/v1/messages", None, 405, "invalid_request_error"),
+            ("POST", "/v1/messages/batches", None, 404, "not_found_error"),
+            ("POST", "/v1/messages", "evil.example:80", 403, "permission_error")):
+        headers = {"Host": host} if host else {}
+        r = httpx.request(method, f"{url}{path}", json={}, headers=headers, timeout=30)
+        assert r.status_code == status and r.json()["type"] == "error", (path, r.text)
+        assert r.json()["error"]["type"] == kind and r.json()["error"]["message"], (path, r.text)
+    openai_shaped = httpx.get(f"{url}/v1/chat/completions", timeout=30)
+    assert openai_shaped.status_code == 405 and openai_shaped.json()["error"]["code"] == "method_not_allowed"
+    with pytest.raises(anthropic.NotFoundError) as e:
+        client(url).messages.batches.list()
+    assert e.value.body["error"]["type"] == "not_found_error"
+
+
 def test_a_failure_mid_stream_is_an_error_event(weather, serve, monkeypatch):
     import mlx_qwen3.server.engine as engine
 

@@ -22,7 +22,7 @@ from .engine import SHUTDOWN, CACHE_SLOTS, PARALLEL, Engine, Job
 from .guard import Guard
 from .chat import Chat
 from .completions import Completions
-from .messages import Messages
+from .messages import Messages, error_for
 from .request import RequestError, clip, prepare
 from .responses import Responses
 
@@ -63,8 +63,8 @@ def create_app(model, tokenizer, model_name: str, api_key: Optional[str] = None,
     def big_prompts():  # made on the event loop, where anyio wants it
         return anyio.CapacityLimiter(max(1, (os.cpu_count() or 2) - 1))
 
-    def error(e: RequestError):
-        return JSONResponse(e.body(), status_code=e.status)
+    def error(request, e: RequestError):
+        return JSONResponse(error_for(request.url.path, e), status_code=e.status)
 
     def authorized(request: Request) -> bool:
         if api_key is None:
@@ -108,7 +108,7 @@ def create_app(model, tokenizer, model_name: str, api_key: Optional[str] = None,
 
     async def models(request):
         if not authorized(request):
-            return error(unauthorized())
+            return error(request, unauthorized())
         served = [{"id": name, "object": "model", "created": created, "owned_by": "mlx-qwen3"} for name in names]
         wanted = request.path_params.get("model_id")
         if wanted is None:
@@ -116,21 +116,21 @@ def create_app(model, tokenizer, model_name: str, api_key: Optional[str] = None,
         for entry in served:
             if wanted in (entry["id"], entry["id"].rstrip("/").split("/")[-1]):
                 return JSONResponse(entry)
-        return error(RequestError(404, f"the model {show(wanted, 60)} is not served here; this server has "
+        return error(request, RequestError(404, f"the model {show(wanted, 60)} is not served here; this server has "
                                        f"'{model_name}'", "model", "model_not_found"))
 
     responses = Responses()
 
     async def stored_response(request):
         if not authorized(request):
-            return error(unauthorized())
+            return error(request, unauthorized())
         response_id = request.path_params["response_id"]
         try:
             if request.method == "DELETE":
                 return JSONResponse(responses.delete(response_id))
             return JSONResponse(responses.retrieve(response_id))
         except RequestError as e:
-            return error(e)
+            return error(request, e)
 
     chat_page = PAGE.read_text().replace("{{MODEL}}", html.escape(model_name))
     page_headers = page_policy(chat_page)
@@ -142,9 +142,6 @@ def create_app(model, tokenizer, model_name: str, api_key: Optional[str] = None,
         """The route for one API (chat.py, completions.py, responses.py, messages.py): its request parsed and
         prepared off the event loop, a job for the engine, its reply as one JSON or as server-sent events.
         `count`: the request is only counted ({"input_tokens": N}, the tokens its prompt would be)."""
-
-        def failed(e: RequestError):
-            return JSONResponse(api.error_body(e) if hasattr(api, "error_body") else e.body(), status_code=e.status)
 
         async def handle(request: Request):
             try:
@@ -160,9 +157,9 @@ def create_app(model, tokenizer, model_name: str, api_key: Optional[str] = None,
                 if engine.closing:
                     raise stopping()
             except RequestError as e:
-                return failed(e)
+                return error(request, e)
             except ClientDisconnect:
-                return failed(RequestError(400, "the client went away", None, "client_disconnected"))
+                return error(request, RequestError(400, "the client went away", None, "client_disconnected"))
             if count:
                 return JSONResponse({"input_tokens": len(prompt.ids)})
 
@@ -174,7 +171,7 @@ def create_app(model, tokenizer, model_name: str, api_key: Optional[str] = None,
             try:
                 return JSONResponse(api.answer(await _result(request, job, guarded), call, meta))
             except RequestError as e:
-                return failed(e)
+                return error(request, e)
             finally:
                 engine.release(job)
 
@@ -198,11 +195,11 @@ def create_app(model, tokenizer, model_name: str, api_key: Optional[str] = None,
     async def http_error(request, exc):
         status = getattr(exc, "status_code", 404)
         code = {404: "not_found", 405: "method_not_allowed"}.get(status, "invalid_request")
-        return JSONResponse(RequestError(status, f"{request.method} {clip(request.url.path, 100)}: {exc.detail}",
-                                         None, code).body(), status_code=status, headers=getattr(exc, "headers", None))
+        e = RequestError(status, f"{request.method} {clip(request.url.path, 100)}: {exc.detail}", None, code)
+        return JSONResponse(error_for(request.url.path, e), status_code=status, headers=getattr(exc, "headers", None))
 
     async def server_error(request, exc):  # a bug: logged with its traceback by uvicorn; the client gets JSON
-        return error(RequestError(500, f"internal error: {type(exc).__name__}", None, "internal_error"))
+        return error(request, RequestError(500, f"internal error: {type(exc).__name__}", None, "internal_error"))
 
     routes = [
         Route("/", page),

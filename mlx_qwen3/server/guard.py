@@ -6,6 +6,7 @@ from typing import Optional
 from urllib.parse import urlsplit
 
 from ..errors import show
+from .messages import error_for
 from .request import RequestError
 
 def _split_host(value: str):
@@ -104,7 +105,8 @@ class Guard:
         headers = Headers(scope=scope)
         refused = self.refusal(scope, headers)
         if refused is not None:
-            return await JSONResponse(refused.body(), refused.status)(scope, receive, send)
+            body = error_for(scope["path"], refused)  # in the shape the path's client reads
+            return await JSONResponse(body, refused.status)(scope, receive, send)
         origin = headers.get("origin")
         if origin is None or not self.cross_origin_allowed(origin):
             return await self.app(scope, receive, send)

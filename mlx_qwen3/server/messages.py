@@ -82,7 +82,7 @@ class Messages:
         yield event({"type": "message_start", "message": message})
         async for item in items:
             if isinstance(item, RequestError):  # the anthropic client raises it as an APIStatusError
-                yield event(self.error_body(item))
+                yield event(error_body(item))
                 return
             if item.type == "done":
                 if open_:
@@ -112,9 +112,17 @@ class Messages:
                 yield delta({"type": "text_delta", "text": item.text if item.type == "answer" else
                              call_errors([item.tool_call])})
 
-    def error_body(self, e: RequestError) -> dict:
-        kind = ERROR_TYPES.get(e.status, "api_error" if e.status >= 500 else "invalid_request_error")
-        return {"type": "error", "error": {"type": kind, "message": e.message}}
+
+
+def error_body(e: RequestError) -> dict:
+    """Anthropic's error shape."""
+    kind = ERROR_TYPES.get(e.status, "api_error" if e.status >= 500 else "invalid_request_error")
+    return {"type": "error", "error": {"type": kind, "message": e.message}}
+
+
+def error_for(path: str, e: RequestError) -> dict:
+    """An error's JSON as the client of `path` reads it: Anthropic's under /v1/messages, else OpenAI's."""
+    return error_body(e) if path == "/v1/messages" or path.startswith("/v1/messages/") else e.body()
 
 
 # ---- the request ----
