@@ -118,12 +118,13 @@ def constraint_for(model, tokenizer, prompt: Prompt):
                             f"({', '.join(map(str, names))})", "tool_choice", "invalid_value")
         grammar = structured.tool_grammar(tools, s.forced_tool, s.parallel_tool_calls)
     elif s.schema is not None and offered:  # a JSON answer, or calls
-        answer, calls = structured.json_grammar(s.schema), structured.tool_grammar(tools, None, s.parallel_tool_calls)
+        answer = structured.json_grammar(s.schema, s.strict)
+        calls = structured.tool_grammar(tools, None, s.parallel_tool_calls)
         for alone in (answer, calls):  # each compiled alone too: an error names its own field
             structured.constraint(tokenizer, model.args.vocab_size, alone, **where)
         grammar = structured.either(answer, calls)
     elif s.schema is not None:
-        grammar = structured.json_grammar(s.schema)
+        grammar = structured.json_grammar(s.schema, s.strict)
     else:
         grammar = structured.tool_grammar(tools, None, s.parallel_tool_calls)
         where["trigger"] = tokenizer.token_id("<tool_call>")

@@ -254,6 +254,14 @@ class Structure:
         return self.tool_choice == "required" or self.forced_tool is not None
 
     @property
+    def strict(self) -> bool:
+        """json_schema's "strict": true: every keyword of the schema is enforced (one the grammar engine does not
+        implement is refused); else those are left unchecked (structured.json_grammar)."""
+        fmt = self.response_format or {}
+        inner = fmt.get("json_schema")
+        return (inner if isinstance(inner, dict) else fmt).get("strict") is True
+
+    @property
     def schema(self) -> Optional[dict]:
         """The JSON schema the answer must match; None: the answer is free text."""
         fmt = self.response_format or {"type": "text"}

@@ -32,18 +32,21 @@ class Grammar:
     tools: tuple = ()
 
 
-def json_grammar(schema: Optional[dict] = None) -> Grammar:
+def json_grammar(schema: Optional[dict] = None, strict: bool = False) -> Grammar:
     """A JSON value, after at most a little whitespace (WHITESPACE).
 
     Args:
         schema: a JSON Schema; None: any JSON object (response_format json_object).
+        strict: every keyword is enforced, and a schema with one the engine does not implement is refused;
+            False: those (uniqueItems, not, dependentRequired, a format it does not know) are left unchecked and
+            the rest enforced.
 
     Returns:
         the Grammar.
     """
     if schema is None:
         schema = {"type": "object"}
-    return Grammar(f"start: /{WHITESPACE}/ %json {_schema(schema, 'response_format')}")
+    return Grammar(f"start: /{WHITESPACE}/ %json {_schema(schema, 'response_format', strict)}")
 
 
 def tool_grammar(tools: list, name: Optional[str] = None, parallel: bool = True) -> Grammar:
@@ -53,7 +56,8 @@ def tool_grammar(tools: list, name: Optional[str] = None, parallel: bool = True)
 
     Args:
         tools: OpenAI function tools, [{"type": "function", "function": {"name", "parameters", ...}}]; ARGS
-            must match the named tool's "parameters" (missing or empty: any object).
+            must match the named tool's "parameters" (missing or empty: any object), strictly where the
+            function says "strict": true (json_grammar's `strict`).
         name: only this tool may be called.
         parallel: one call or more; False: exactly one.
 
@@ -71,7 +75,8 @@ def tool_grammar(tools: list, name: Optional[str] = None, parallel: bool = True)
         parameters = function.get("parameters") or {"type": "object"}
         names.append(function["name"])
         name_text = json.dumps(json.dumps(function["name"], ensure_ascii=False), ensure_ascii=False)  # as the template
-        rules.append(f'{name_text} /, ?"arguments": ?/ %json {_schema(parameters, "tools")}')
+        strict = function.get("strict") is True
+        rules.append(f'{name_text} /, ?"arguments": ?/ %json {_schema(parameters, "tools", strict)}')
     if not rules:
         raise UserError(f"no tool is named {name!r}" if name is not None else "tools is empty: nothing to call",
                         "tools", "invalid_schema")
@@ -92,12 +97,13 @@ def either(answer: Grammar, calls: Grammar) -> Grammar:
     return Grammar(rules + "\nstart: answer | calls", calls.param, calls.tools)
 
 
-def _schema(schema: dict, param: str) -> str:
-    """The schema as %json takes it, with our whitespace rule."""
+def _schema(schema: dict, param: str, strict: bool) -> str:
+    """The schema as %json takes it, with our whitespace rule; not strict: lenient (keywords not implemented
+    are ignored; a schema that is wrong is still refused)."""
     if not isinstance(schema, dict):
         raise UserError(f"a JSON schema must be an object, not {type(schema).__name__}", param, "invalid_schema")
     try:
-        return json.dumps({**schema, "x-guidance": {"whitespace_pattern": WHITESPACE}})
+        return json.dumps({**schema, "x-guidance": {"whitespace_pattern": WHITESPACE, "lenient": not strict}})
     except (TypeError, ValueError) as e:
         raise UserError(f"the JSON schema cannot be serialized ({e})", param, "invalid_schema") from None
 

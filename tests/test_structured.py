@@ -262,10 +262,12 @@ def test_rewound_histories_give_the_masks_of_a_fresh_constraint(tok):
 
 
 def test_a_schema_that_does_not_compile_is_one_user_error(tok):
-    for schema, reason in [({"type": "nonsense"}, "nonsense"), ({"type": "string", "pattern": "(["}, "regex"),
-                           ({"type": "array", "uniqueItems": True}, "uniqueItems")]:
+    for schema, reason, strict in [({"type": "nonsense"}, "nonsense", False),
+                                   ({"type": "string", "pattern": "(["}, "regex", False),
+                                   ({"$ref": "#/$defs/nowhere"}, "nowhere", False),
+                                   ({"type": "array", "uniqueItems": True}, "uniqueItems", True)]:
         with pytest.raises(UserError, match=reason) as e:
-            constraint(tok, VOCAB, json_grammar(schema), thinking=False)
+            constraint(tok, VOCAB, json_grammar(schema, strict), thinking=False)
         assert (e.value.param, e.value.code) == ("response_format", "invalid_schema")
         assert "\n" not in str(e.value)
     tools = TOOLS + [{"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}]
@@ -280,6 +282,28 @@ def test_a_schema_that_does_not_compile_is_one_user_error(tok):
     with pytest.raises(UserError) as e:
         json_grammar(["not", "a", "schema"])
     assert e.value.code == "invalid_schema"
+
+
+def test_keywords_the_engine_lacks_are_refused_when_strict_else_left_unchecked(tok):
+    """pydantic writes a set as uniqueItems, an MCP tool may say "not" or an unknown format: without "strict" the
+    rest of the schema is still enforced and those go unchecked; with it, the request is refused."""
+    schema = {"type": "object", "properties": {
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 3}, "maxItems": 2, "uniqueItems": True},
+        "color": {"type": "string", "format": "color-hex", "not": {"const": ""}}},
+        "required": ["tags"], "additionalProperties": False}
+    c = lambda: constraint(tok, VOCAB, json_grammar(schema), thinking=False)
+    assert accepts(c(), tok.encode('{"tags": ["a", "a"], "color": "red"}'))  # uniqueItems and format unchecked
+    for wrong in ('{"tags": ["toolong"]}', '{"tags": ["a", "b", "c"]}', '{"color": "red"}', '{"tags": [], "x": 1}'):
+        assert not accepts(c(), tok.encode(wrong)), wrong
+    with pytest.raises(UserError, match="uniqueItems"):
+        constraint(tok, VOCAB, json_grammar(schema, strict=True), thinking=False)
+    tool = {"type": "function", "function": {"name": "tag", "parameters": schema}}
+    call = tok.encode('<tool_call>\n{"name": "tag", "arguments": {"tags": ["a", "a"]}}\n</tool_call>')
+    assert accepts(constraint(tok, VOCAB, tool_grammar([tool]), thinking=False), call)
+    with pytest.raises(UserError, match="tool 'tag' cannot be enforced.*uniqueItems") as e:
+        constraint(tok, VOCAB, tool_grammar([{"type": "function", "function": {**tool["function"], "strict": True}}]),
+                   thinking=False)
+    assert e.value.param == "tools"
 
 
 def test_each_grammar_compiles_once(tok):

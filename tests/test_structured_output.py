@@ -187,6 +187,10 @@ def test_openai_parse_gets_a_pydantic_object(random_server):
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {
         "a": {"type": "string", "pattern": "(unclosed"}}}}}}, "response_format"),
     ({"response_format": {"type": "yaml"}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "strict": True, "schema": {
+        "type": "array", "uniqueItems": True}}}}, "response_format"),  # strict: a keyword the engine lacks
+    ({"tools": [{"type": "function", "function": {"name": "f", "strict": True, "parameters": {
+        "type": "object", "not": {"required": ["a"]}}}}]}, "tools"),
     ({"response_format": {"type": "json_schema"}}, "response_format"),
     ({"tool_choice": "required"}, "tool_choice"),
     ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
@@ -201,6 +205,24 @@ def test_what_cannot_be_enforced_is_a_4xx_that_says_why(random_server, body, par
                    json={"messages": [{"role": "user", "content": "x"}], **body}, timeout=60)
     assert r.status_code in (400, 422) and r.json()["error"]["param"] == param, r.text
     assert len(r.json()["error"]["message"].splitlines()) == 1
+
+
+def test_without_strict_keywords_the_engine_lacks_go_unchecked(random_server):
+    """A schema with uniqueItems (pydantic's set) and an unknown format, not strict: answered, and held to the rest
+    of the schema; a tool that says the same is offered and called."""
+    schema = {"type": "object", "properties": {
+        "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 2, "uniqueItems": True},
+        "color": {"type": "string", "format": "color-hex", "maxLength": 6}},
+        "required": ["tags", "color"], "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "tags", "schema": schema}}
+    choice = chat(random_server, response_format=fmt, seed=3, temperature=1.0)
+    answer = json.loads(choice["message"]["content"])
+    jsonschema.validate(answer, {**schema, "properties": {**schema["properties"], "tags": {
+        "type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 2}}})
+    tools = [{"type": "function", "function": {"name": "tag", "parameters": schema}}]
+    call = chat(random_server, tools=tools, tool_choice="required", seed=3, temperature=1.0)["message"]["tool_calls"]
+    assert call and call[0]["function"]["name"] == "tag"
+    assert set(json.loads(call[0]["function"]["arguments"])) == {"tags", "color"}
 
 
 def test_tool_names_are_held_as_the_template_shows_them(random):

@@ -276,6 +276,8 @@ def _tools(tools):
         function = {"name": t["name"], "parameters": t["input_schema"]}
         if isinstance(t.get("description"), str):
             function["description"] = t["description"]
+        if t.get("strict") is True:  # Anthropic's strict tool use: every keyword of the schema enforced
+            function["strict"] = True
         out.append({"type": "function", "function": function})
     return out
 
