@@ -116,8 +116,8 @@ def create_app(model, tokenizer, model_name: str, api_key: Optional[str] = None,
         for entry in served:
             if wanted in (entry["id"], entry["id"].rstrip("/").split("/")[-1]):
                 return JSONResponse(entry)
-        return error(request, RequestError(404, f"the model {show(wanted, 60)} is not served here; this server has "
-                                       f"'{model_name}'", "model", "model_not_found"))
+        return error(request, RequestError(404, f"the model {show(wanted, 60)} is not served here; this server "
+                                                f"has '{model_name}'", "model", "model_not_found"))
 
     responses = Responses()
 

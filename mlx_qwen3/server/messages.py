@@ -113,7 +113,6 @@ class Messages:
                              call_errors([item.tool_call])})
 
 
-
 def error_body(e: RequestError) -> dict:
     """Anthropic's error shape."""
     kind = ERROR_TYPES.get(e.status, "api_error" if e.status >= 500 else "invalid_request_error")
