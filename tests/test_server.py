@@ -85,6 +85,25 @@ def test_enable_thinking_off_and_reasoning_accepted_on_input(server):
     assert getattr(r.choices[0].message, "reasoning_content", None) is None
 
 
+def test_reasoning_effort_sets_the_thinking(server):
+    """OpenAI's reasoning_effort, as any client sends it: none / minimal turn the thought off; low and medium bound
+    it (the request's own thinking_budget first); high leaves it free."""
+    from mlx_qwen3.server.chat import Chat
+
+    c, ask = client(server), [{"role": "user", "content": "2+2?"}]
+    off = c.chat.completions.create(model=NAME, messages=ask, temperature=0, reasoning_effort="none")
+    assert off.choices[0].message.content == "Hi there!" and getattr(off.choices[0].message, "reasoning_content",
+                                                                     None) is None
+    high = c.chat.completions.create(model=NAME, messages=ask, temperature=0, reasoning_effort="high")
+    assert high.choices[0].message.reasoning_content == "Let me think"
+    parse = lambda **body: Chat().parse({"messages": ask, **body}).options
+    assert parse(reasoning_effort="minimal") == {"enable_thinking": False}
+    assert parse(reasoning_effort="low") == {"thinking_budget": 1024}
+    assert parse(reasoning_effort="medium", thinking_budget=7) == {"thinking_budget": 7}
+    asked = parse(reasoning_effort="none", chat_template_kwargs={"enable_thinking": True})  # the explicit switch wins
+    assert asked["enable_thinking"] is True
+
+
 def test_stop_and_max_tokens(server):
     c = client(server)
     r = c.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "x"}], temperature=0,
@@ -243,6 +262,7 @@ BAD = [
     ({"messages": [{"role": "user", "content": "x"}], "chat_template_kwargs": {"enable_thinking": "no"}}, 422,
      "invalid_type"),
     ({"messages": [{"role": "user", "content": "x"}], "model": 4}, 422, "invalid_type"),
+    ({"messages": [{"role": "user", "content": "x"}], "reasoning_effort": "extreme"}, 422, "invalid_value"),
     ({"messages": [{"role": "user", "content": "word " * 300}]}, 400, "context_length_exceeded"),
     (b"{" + b'"pad": "' + b"x" * (4 * 2**20) + b'"}', 413, "body_too_large"),
 ]

@@ -6,7 +6,8 @@ import uuid
 
 from ..errors import show
 from ..reply import GenerationResult
-from .request import Call, RequestError, call_errors, check_model, parse_messages, same_named, stop_strings, typed
+from .request import (Call, RequestError, call_errors, check_model, parse_messages, reasoning_effort, same_named,
+                      stop_strings, typed)
 
 
 class Chat:
@@ -34,6 +35,7 @@ class Chat:
         if typed(body, "logprobs", bool):
             opts["logprobs"] = typed(body, "top_logprobs", int) or 0
             fields["logprobs"] = "top_logprobs"
+        reasoning_effort(body.get("reasoning_effort"), opts, fields, "reasoning_effort")
         kwargs = body.get("chat_template_kwargs")
         if isinstance(kwargs, dict):
             kwargs = dict(kwargs)

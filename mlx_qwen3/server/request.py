@@ -159,6 +159,24 @@ def same_named(body: dict) -> dict:
     return opts
 
 
+# a reasoning effort -> our thinking: "none"/"minimal" turn it off, "low"/"medium" bound it (tokens), "high" does not
+EFFORT = {"none": False, "minimal": False, "low": 1024, "medium": 4096, "high": None, "xhigh": None}
+
+
+def reasoning_effort(effort, opts: dict, fields: dict, key: str):
+    """OpenAI's reasoning effort (chat's `reasoning_effort`, Responses' `reasoning.effort`) as our thinking
+    options, put into `opts`; a request's own `thinking_budget` comes first."""
+    if effort is None:
+        return
+    if not isinstance(effort, str) or effort not in EFFORT:
+        raise RequestError(422, f"'{key}' must be one of {', '.join(EFFORT)}, not {show(effort)}", key.split(".")[0],
+                           "invalid_value")
+    if EFFORT[effort] is False:
+        opts["enable_thinking"], fields["enable_thinking"] = False, key.split(".")[0]
+    elif EFFORT[effort] is not None:
+        opts.setdefault("thinking_budget", EFFORT[effort])
+
+
 def stop_strings(stop, key: str = "stop", most: Optional[int] = 4) -> Optional[list]:
     if stop is None:
         return None

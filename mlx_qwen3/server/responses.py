@@ -8,12 +8,10 @@ from collections import OrderedDict
 
 from ..errors import show
 from ..reply import GenerationResult
-from .request import Call, RequestError, call_errors, check_model, same_named, typed
+from .request import Call, RequestError, call_errors, check_model, reasoning_effort, same_named, typed
 
 STORED = 256  # responses kept with their conversations (in memory, the least recently used dropped first)
 STORED_CHARS = 2**26  # and their text at most (each counted whole, though a chain's shares its earlier turns)
-# reasoning.effort -> our thinking: "none"/"minimal" turn it off, "low"/"medium" bound it (tokens), "high" does not
-EFFORT = {"none": False, "minimal": False, "low": 1024, "medium": 4096, "high": None, "xhigh": None}
 TEXT_PARTS = ("input_text", "output_text", "text")
 STATUS = {"stop": "completed", "length": "incomplete", "cancelled": "cancelled"}
 
@@ -59,14 +57,7 @@ class Responses:
         if fmt is not None:
             opts["response_format"], fields["response_format"] = to_format(fmt), "text.format"
         effort = (typed(body, "reasoning", dict) or {}).get("effort")
-        if effort is not None:
-            if not isinstance(effort, str) or effort not in EFFORT:
-                raise RequestError(422, f"'reasoning.effort' must be one of {', '.join(EFFORT)}, not {show(effort)}",
-                                   "reasoning", "invalid_value")
-            if EFFORT[effort] is False:
-                opts["enable_thinking"] = False
-            elif EFFORT[effort] is not None:
-                opts.setdefault("thinking_budget", EFFORT[effort])  # the request's own thinking_budget comes first
+        reasoning_effort(effort, opts, fields, "reasoning.effort")
         metadata = typed(body, "metadata", dict) or {}
         if len(metadata) > 16 or not all(isinstance(v, str) for v in metadata.values()):
             raise RequestError(422, "'metadata' must be an object of at most 16 string values", "metadata",
