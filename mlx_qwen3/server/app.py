@@ -5,7 +5,6 @@ import base64
 import hashlib
 import hmac
 import html
-import json
 import os
 import re
 import time
