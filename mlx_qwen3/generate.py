@@ -83,8 +83,9 @@ def prepare(model, tokenizer, prompt, raw: bool = False, **options) -> Prompt:
     check_ids(model, ids)
     window = model.args.context_window
     if len(ids) >= window:
-        raise UserError(f"the prompt is {len(ids)} tokens; the context window is {window}", "messages",
-                        "context_length_exceeded")
+        # (worded as Anthropic's API words it: Claude Code reads the two numbers to compact its conversation)
+        raise UserError(f"the prompt is too long: {len(ids)} tokens > {window} maximum (the context window); shorten "
+                        "it", "messages", "context_length_exceeded")
     context = memory.planned_context(model.args, len(ids), opts.stopping.max_tokens)
     kv_bits, kv_start = memory.kv_setting(model, opts.cache.kv_bits, opts.cache.kv_start, len(ids), context)
     setting = CacheSetting(kv_bits, kv_start, model.args.rope_factor(context))

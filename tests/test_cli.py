@@ -164,7 +164,7 @@ def test_the_warm_runs_read_as_fresh_processes(warm):
 BAD_INPUT = [
     (["--prompt", ""], None, ["the prompt is empty"]),
     (["--prompt", "-"], "  \n", ["the prompt is empty"]),
-    (["--prompt", "word " * 300], None, ["the prompt is", "the context window is 256"]),
+    (["--prompt", "word " * 300], None, ["the prompt is too long", "> 256 maximum (the context window)"]),
     (["--prompt", "hi", "--temp", "-1"], None, ["temperature must be >= 0"]),
     (["--prompt", "hi", "--top-p", "1.5"], None, ["top_p must be in (0, 1]"]),
     (["--prompt", "hi", "--max-tokens", "many"], None, ["'many' is not a valid integer"]),

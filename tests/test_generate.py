@@ -318,7 +318,7 @@ def test_empty_and_too_long_prompts(scripted):
         generate(model, tok, "   ")
     with pytest.raises(UserError, match="the conversation is empty"):
         generate(model, tok, [])
-    with pytest.raises(UserError, match=r"the prompt is \d+ tokens; the context window is 64"):
+    with pytest.raises(UserError, match=r"the prompt is too long: \d+ tokens > 64 maximum \(the context window\)"):
         generate(model, tok, "word " * 100)
 
 

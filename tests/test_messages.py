@@ -186,6 +186,33 @@ def test_the_request_in_the_generators_terms():
                                            "parallel_tool_calls": "tool_choice", "response_format": "output_config"}
 
 
+def test_what_claude_code_sends(url):
+    """As Claude Code (2.1) sends it: a system message after the user's (its list of agents and skills), a system
+    prompt of blocks with cache_control, adaptive thinking with output_config.effort, a beta query; and a prompt
+    past the window refused in the words Claude Code reads to compact its conversation."""
+    import re
+
+    body = {"model": "qwen3", "max_tokens": 100, "stream": False, "temperature": 0, "metadata": {"user_id": "u"},
+            "system": [{"type": "text", "text": "You are Claude Code.", "cache_control": {"type": "ephemeral"}}],
+            "messages": ASK + [{"role": "system", "content": [{"type": "text", "text": "Agents: none."}]}],
+            "thinking": {"type": "disabled"}, "output_config": {"effort": "high"}, "context_management": {}}
+    r = httpx.post(f"{url}/v1/messages?beta=true", json=body, headers={"anthropic-beta": "x"}, timeout=60)
+    assert r.status_code == 200 and r.json()["content"][0]["text"] == ANSWER, r.text
+    call = Messages().parse(body)
+    assert call.messages[1:] == ASK + [{"role": "system", "content": "Agents: none."}]
+    effort = lambda effort, thinking: Messages().parse({**body, "thinking": thinking,
+                                                        "output_config": {"effort": effort}}).options
+    assert effort("low", {"type": "adaptive"})["thinking_budget"] == 1024
+    assert effort("medium", THINK)["thinking_budget"] == 1024  # budget_tokens first
+    assert "thinking_budget" not in effort("max", {"type": "adaptive"})
+    assert "thinking_budget" not in effort("low", {"type": "disabled"})
+    too_long = httpx.post(f"{url}/v1/messages", json={**body, "messages": [
+        {"role": "user", "content": "word " * 600}]}, timeout=60)
+    assert too_long.status_code == 400 and too_long.json()["error"]["type"] == "invalid_request_error"
+    n, m = map(int, re.search(r"prompt is too long: (\d+) tokens > (\d+)", too_long.json()["error"]["message"]).groups())
+    assert n > m == 512
+
+
 def test_the_api_key_as_x_api_key(weather, serve):
     with serve(*weather, api_key="sekrit") as u:
         r = client(u, "sekrit").messages.create(model=NAME, max_tokens=100, messages=ASK, extra_body=T0)
@@ -205,7 +232,9 @@ def user(content):
 
 BAD = [
     (user([{"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AA=="}}]), 400, "image"),
-    ({"model": NAME, "max_tokens": 10, "messages": [{"role": "system", "content": "x"}]}, 400, "top-level 'system'"),
+    ({"model": NAME, "max_tokens": 10, "messages": [{"role": "tool", "content": "x"}]}, 400, "user, assistant or system"),
+    ({"model": NAME, "max_tokens": 10, "messages": ASK + [{"role": "system", "content": [
+        {"type": "tool_result", "tool_use_id": "t", "content": "x"}]}]}, 400, "only text blocks"),
     ({"model": NAME, "max_tokens": 10, "messages": ASK + [{"role": "assistant", "content": "The"}]}, 400, "prefill"),
     ({"model": NAME, "max_tokens": 10, "messages": []}, 400, "empty"),
     (user([{"type": "tool_use", "id": "t", "name": "f", "input": {}}]), 400, "tool_result"),

@@ -132,7 +132,7 @@ def test_prepare_plans_the_context_and_the_cache_follows(yarn_dir):
     assert short.setting.rope_factor == 1.0 and len(short.ids) + 4 <= ORIGINAL
     long = prepare(model, tok, "hello", enable_thinking=False, max_tokens=60)
     assert long.setting.rope_factor == 4.0
-    with pytest.raises(UserError, match="context window is 256"):
+    with pytest.raises(UserError, match="> 256 maximum"):
         prepare(model, tok, "hello " * 300, enable_thinking=False)
     assert generate(model, tok, "hello", enable_thinking=False, temperature=0, max_tokens=60).rope_factor == 4.0
 

@@ -10,7 +10,7 @@ import uuid
 
 from ..errors import show
 from ..reply import GenerationResult
-from .request import Call, RequestError, call_errors, check_model, same_named, stop_strings
+from .request import EFFORT, Call, RequestError, call_errors, check_model, same_named, stop_strings
 
 # Anthropic's error types by HTTP status; any other 4xx is an invalid request, any other 5xx an api_error
 ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
@@ -37,6 +37,7 @@ class Messages:
         if stop is not None:
             opts["stop"], fields["stop"] = stop, "stop_sequences"
         opts.update(_thinking(body.get("thinking")))
+        _effort(body.get("output_config"), opts)
         tools = _tools(body.get("tools"))
         if tools is not None:
             opts["tools"] = tools
@@ -172,11 +173,13 @@ def _messages(raw) -> list:
     out = []
     for i, m in enumerate(raw):
         where = f"messages[{i}]"
-        if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
-            raise bad(f"{where} needs a role of user or assistant (a system prompt goes in the top-level 'system')",
-                      where)
+        if not isinstance(m, dict) or m.get("role") not in ("user", "assistant", "system"):
+            raise bad(f"{where} needs a role of user, assistant or system", where)
         blocks = _blocks(m.get("content"), where)
-        out += _user(blocks, where) if m["role"] == "user" else [_assistant(blocks, where)]
+        if m["role"] == "system":  # a system message mid-conversation (Claude Code sends one): Qwen3's template
+            out.append({"role": "system", "content": _texts(blocks, f"{where}.content")})  # keeps it in its place
+        else:
+            out += _user(blocks, where) if m["role"] == "user" else [_assistant(blocks, where)]
     if raw[-1]["role"] == "assistant":  # the template would close it and start a new reply, not continue it
         raise bad("the last message is the assistant's: prefilling a reply is not supported; end with a user "
                   "message", f"messages[{len(raw) - 1}]")
@@ -255,6 +258,18 @@ def _thinking(thinking) -> dict:
         return {"enable_thinking": kind == "adaptive"}
     raise bad('\'thinking\' must be {"type": "enabled", "budget_tokens": N}, {"type": "adaptive"} or '
               '{"type": "disabled"}', "thinking")
+
+
+def _effort(config, opts: dict):
+    """output_config.effort: with thinking on, "low" / "medium" bound the thought as OpenAI's reasoning effort does
+    (1,024 / 4,096 tokens; budget_tokens first); "high" and "max" leave it free."""
+    effort = config.get("effort") if isinstance(config, dict) else None
+    if effort is None:
+        return
+    if effort not in ("low", "medium", "high", "max"):
+        raise bad(f"'output_config.effort' must be low, medium, high or max, not {show(effort, 40)}", "output_config")
+    if opts["enable_thinking"] and effort in ("low", "medium"):
+        opts.setdefault("thinking_budget", EFFORT[effort])
 
 
 def _tools(tools):
