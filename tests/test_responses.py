@@ -196,6 +196,27 @@ def test_tool_round_trip_by_previous_response_id_and_by_full_input(weather):
     assert full.output_text == "It is sunny in Paris." and full.usage.input_tokens == chained.usage.input_tokens
 
 
+def test_codex_tools_namespaces_and_kinds_not_served(weather):
+    """As Codex (0.169) sends its tools: function tools inside a namespace are offered, and a call to one names its
+    namespace; hosted and custom tools are left out and the request is served (it was a 400)."""
+    tools = [{"type": "function", "name": "exec_command", "parameters": {"type": "object"}},
+             {"type": "namespace", "name": "weather_v1", "description": "Weather", "tools": TOOLS},
+             {"type": "web_search", "external_web_access": False},
+             {"type": "custom", "name": "apply_patch", "format": {"type": "grammar", "syntax": "lark",
+                                                                   "definition": "start: /.+/"}}]
+    body = {"model": "qwen3", "input": ASK, "tools": tools, "temperature": 0, "store": False,
+            "include": ["reasoning.encrypted_content"], "reasoning": {"summary": "auto"}, "prompt_cache_key": "k"}
+    r = client(weather).responses.create(**body)
+    call = r.output[-1]
+    assert (call.type, call.name, call.namespace, json.loads(call.arguments)) == (
+        "function_call", "get_weather", "weather_v1", {"city": "Paris"})
+    streamed = [e for e in client(weather).responses.create(**body, stream=True)
+                if e.type == "response.output_item.done"][-1].item
+    assert (streamed.name, streamed.namespace) == ("get_weather", "weather_v1")
+    hosted_only = client(weather).responses.create(**{**body, "tools": tools[2:]})
+    assert hosted_only.status == "completed" and "function_call" not in [i.type for i in hosted_only.output]
+
+
 def test_streamed_function_call(weather):
     events = list(client(weather).responses.create(model=NAME, input=ASK, tools=TOOLS, temperature=0, stream=True))
     kinds = [e.type for e in events]
@@ -259,7 +280,10 @@ def test_tool_items_become_one_assistant_turn():
      "unsupported_content", "input"),
     ({"input": [{"type": "function_call", "name": "f", "arguments": {}}]}, 422, "invalid_tool_call", "input"),
     ({"input": [{"type": "function_call_output", "output": "1"}]}, 422, "invalid_tool_call", "input"),
-    ({"input": "x", "tools": [{"type": "web_search"}]}, 400, "unsupported_tool", "tools"),
+    ({"input": "x", "tools": [{"type": "namespace", "name": "n"}]}, 422, "invalid_tool", "tools"),
+    ({"input": "x", "tools": [{"name": "f"}]}, 422, "invalid_tool", "tools"),
+    ({"input": "x", "tools": TOOLS + [{"type": "namespace", "name": "n", "tools": TOOLS}]}, 400, "invalid_tool",
+     "tools"),
     ({"input": "x", "tools": [{"type": "function"}]}, 422, "invalid_tool", "tools"),
     ({"input": "x", "tool_choice": {"type": "file_search"}}, 400, "unsupported_tool_choice", "tool_choice"),
     ({"input": "x", "tool_choice": "sometimes"}, 422, "invalid_value", "tool_choice"),

@@ -47,7 +47,7 @@ class Responses:
         opts, fields = same_named(body), {}
         if body.get("max_output_tokens") is not None:
             opts["max_tokens"], fields["max_tokens"] = body["max_output_tokens"], "max_output_tokens"
-        tools = to_tools(body.get("tools"))
+        tools, namespaces = to_tools(body.get("tools"))
         if tools is not None:
             opts["tools"] = tools
         choice = body.get("tool_choice")
@@ -72,7 +72,7 @@ class Responses:
                 "reasoning": {"effort": effort, "summary": None}, "text": {"format": fmt or {"type": "text"}},
                 "store": store, "truncation": "disabled"}
         return Call(messages, opts, fields, stream,
-                    extra={"conversation": conversation, "store": store, "echo": echo})
+                    extra={"conversation": conversation, "store": store, "echo": echo, "namespaces": namespaces})
 
     def earlier(self, response_id) -> list:
         """The conversation a stored response ended (its input and its output), to go on from."""
@@ -126,7 +126,7 @@ class Responses:
         text = result.answer + call_errors(result.tool_calls)
         if text.strip():  # (blanks the grammar allowed before a forced call are no message)
             output.append(message_item(text, "completed"))
-        output += [call_item(c, "completed") for c in result.tool_calls if c.get("name")]
+        output += [call_item(c, "completed", call.extra["namespaces"]) for c in result.tool_calls if c.get("name")]
         if output and output[-1]["type"] != "function_call" and status != "completed":  # as a stream ends it
             output[-1]["status"] = "incomplete"
         response = self.response(call, meta, status, output, result)
@@ -134,7 +134,7 @@ class Responses:
         return response
 
     async def stream(self, items, call: Call, meta):
-        out = _Events()
+        out = _Events(call.extra["namespaces"])
         yield out.event("response.created", response=self.response(call, meta, "in_progress", []))
         yield out.event("response.in_progress", response=self.response(call, meta, "in_progress", []))
         async for item in items:
@@ -169,7 +169,8 @@ class _Events:
 
     DELTA = {"reasoning": "response.reasoning_text", "message": "response.output_text"}
 
-    def __init__(self):
+    def __init__(self, namespaces: dict):
+        self.namespaces = namespaces  # a namespaced tool's name -> its namespace, which its calls name
         self.seq, self.output, self.open = 0, [], None  # open: the reasoning or message item text goes to
 
     def event(self, kind: str, **fields) -> str:
@@ -202,7 +203,7 @@ class _Events:
 
     def call(self, call: dict) -> list:
         events = self.close()
-        item = call_item(call, "in_progress")
+        item = call_item(call, "in_progress", self.namespaces)
         arguments, item["arguments"] = item["arguments"], ""
         events += self.added(item)
         where = {"item_id": item["id"], "output_index": len(self.output) - 1}
@@ -299,23 +300,45 @@ def text_of(content, where: str) -> str:
     raise RequestError(422, f"{where}: content must be a string or an array of text parts", "input", "invalid_type")
 
 
-def to_tools(tools):
-    """Responses' function tools ({"type", "name", "description", "parameters", "strict"}) in the chat form."""
+def to_tools(tools) -> tuple:
+    """Responses' tools -> (the chat form's function tools or None, {a namespaced function's name: its namespace}).
+    Function tools ({"type", "name", "description", "parameters", "strict"}) are offered, those of a namespace
+    ({"type": "namespace", "name", "tools"}, as Codex groups some) too; tools of other kinds (OpenAI's hosted
+    web_search, file_search..., and custom or local_shell tools, whose calls are not function calls) are left out
+    of the prompt: the model never calls them, and the request is served with the rest."""
     if tools is None:
-        return None
+        return None, {}
     if not isinstance(tools, list):
         raise RequestError(422, "'tools' must be an array of tools", "tools", "invalid_type")
-    out = []
+    out, namespaces = [], {}
     for j, tool in enumerate(tools):
         kind = tool.get("type") if isinstance(tool, dict) else None
-        if kind != "function":
-            raise RequestError(400, f"tools[{j}]: only function tools are served here, not {show(kind, 60)}; give "
-                                    '{"type": "function", "name", "parameters"}', "tools", "unsupported_tool")
-        if not isinstance(tool.get("name"), str) or not tool["name"]:
-            raise RequestError(422, f"tools[{j}] needs a 'name'", "tools", "invalid_tool")
-        function = {k: tool[k] for k in ("name", "description", "parameters", "strict") if tool.get(k) is not None}
-        out.append({"type": "function", "function": function})
-    return out
+        if kind == "namespace":
+            members = tool.get("tools")
+            if not isinstance(tool.get("name"), str) or not isinstance(members, list):
+                raise RequestError(422, f"tools[{j}]: a namespace needs a 'name' and its 'tools'", "tools",
+                                   "invalid_tool")
+            functions = [_function(m, f"tools[{j}].tools[{k}]") for k, m in enumerate(members)
+                         if isinstance(m, dict) and m.get("type") == "function"]
+            namespaces.update((f["function"]["name"], tool["name"]) for f in functions)
+            out += functions
+        elif kind == "function":
+            out.append(_function(tool, f"tools[{j}]"))
+        elif not isinstance(kind, str):
+            raise RequestError(422, f"tools[{j}] needs a 'type'", "tools", "invalid_tool")
+    names = [f["function"]["name"] for f in out]
+    if len(set(names)) < len(names):
+        twice = next(n for n in names if names.count(n) > 1)
+        raise RequestError(400, f"two tools are named {show(twice, 60)}; each tool's name must be its own", "tools",
+                           "invalid_tool")
+    return out or None, namespaces  # (none left: no tools)
+
+
+def _function(tool: dict, where: str) -> dict:
+    if not isinstance(tool.get("name"), str) or not tool["name"]:
+        raise RequestError(422, f"{where} needs a 'name'", "tools", "invalid_tool")
+    function = {k: tool[k] for k in ("name", "description", "parameters", "strict") if tool.get(k) is not None}
+    return {"type": "function", "function": function}
 
 
 def to_tool_choice(choice):
@@ -350,9 +373,12 @@ def message_item(text: str, status: str) -> dict:
             "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]}
 
 
-def call_item(call: dict, status: str) -> dict:
-    return {"type": "function_call", "id": new_id("fc_"), "call_id": new_id("call_"), "name": call["name"],
+def call_item(call: dict, status: str, namespaces: dict) -> dict:
+    item = {"type": "function_call", "id": new_id("fc_"), "call_id": new_id("call_"), "name": call["name"],
             "arguments": json.dumps(call["arguments"], ensure_ascii=False), "status": status}
+    if call["name"] in namespaces:
+        item["namespace"] = namespaces[call["name"]]
+    return item
 
 
 def usage(result: GenerationResult) -> dict:
