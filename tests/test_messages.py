@@ -97,6 +97,17 @@ def test_streaming_events_in_order(url):
     assert events[0].message.id.startswith("msg_") and events[0].message.usage.input_tokens > 0
 
 
+def test_quiet_streams_get_anthropics_ping(url, monkeypatch):
+    from mlx_qwen3.server import app
+
+    monkeypatch.setattr(app, "KEEPALIVE", 0.0005)
+    body = {"model": NAME, "max_tokens": 100, "messages": ASK, "temperature": 0, "stream": True}
+    raw = httpx.post(f"{url}/v1/messages", json=body, timeout=60).text
+    assert 'event: ping\ndata: {"type": "ping"}' in raw
+    with client(url).messages.stream(model=NAME, max_tokens=100, messages=ASK, extra_body=T0) as s:
+        assert s.get_final_message().content[0].text == ANSWER
+
+
 def test_text_stream_and_final_message(url):
     with client(url).messages.stream(model=NAME, max_tokens=100, messages=ASK, extra_body=T0) as s:
         assert "".join(s.text_stream) == ANSWER

@@ -73,6 +73,51 @@ def test_streaming_with_usage(server):
     assert usage.completion_tokens == 11 and usage.total_tokens == usage.prompt_tokens + 11
 
 
+def test_a_quiet_stream_gets_keep_alives():
+    """keepalive(): a ping whenever the stream is quiet for `every` seconds, the chunks in order, and the inner
+    generator closed (not left running) when the client leaves."""
+    import asyncio
+
+    from mlx_qwen3.server.app import keepalive
+
+    closed = []
+
+    async def slow():
+        try:
+            yield "a"
+            await asyncio.sleep(0.35)
+            yield "b"
+            await asyncio.sleep(10)
+            yield "never"
+        finally:
+            closed.append(True)
+
+    async def run():
+        got, stream = [], keepalive(slow(), "P", 0.1)
+        async for chunk in stream:
+            got.append(chunk)
+            if chunk == "b":
+                break
+        await stream.aclose()  # the client left
+        return got
+
+    got = asyncio.run(run())
+    assert got[0] == "a" and got[-1] == "b" and 2 <= got.count("P") <= 4 and set(got[1:-1]) == {"P"}
+    assert closed == [True]
+
+
+def test_clients_skip_the_keep_alives(server, monkeypatch):
+    from mlx_qwen3.server import app
+
+    monkeypatch.setattr(app, "KEEPALIVE", 0.0005)  # between every two tokens
+    body = {"model": NAME, "messages": [{"role": "user", "content": "2+2?"}], "temperature": 0, "stream": True}
+    raw = httpx.post(f"{server}/v1/chat/completions", json=body, timeout=60).text
+    assert ": keep-alive\n\n" in raw
+    content = "".join(c.choices[0].delta.content or "" for c in client(server).chat.completions.create(**body)
+                      if c.choices)
+    assert content == "The answer is 4."
+
+
 def test_enable_thinking_off_and_reasoning_accepted_on_input(server):
     messages = [
         {"role": "user", "content": "2+2?"},

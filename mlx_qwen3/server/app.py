@@ -28,6 +28,10 @@ from .responses import Responses
 MAX_BODY = 4 * 2**20  # bytes of JSON a request may carry
 BIG_BODY = 2**18  # bytes: a prompt this big tokenizes for a while; those take turns on all cores but one
 PAGE = Path(__file__).with_name("chat.html")
+# seconds a stream may go without a byte before a keep-alive is sent: a long prompt is read, or a tool call written,
+# in silence, and clients and proxies give up on a quiet stream (Claude Code after five minutes)
+KEEPALIVE = 10.0
+PING = ": keep-alive\n\n"  # an SSE comment: every client skips it (Anthropic's API sends a ping event instead)
 
 
 def create_app(model, tokenizer, model_name: str, api_key: Optional[str] = None, max_body: int = MAX_BODY,
@@ -166,7 +170,8 @@ def create_app(model, tokenizer, model_name: str, api_key: Optional[str] = None,
             engine.submit(job)
             meta = Meta(f"{api.prefix}{uuid.uuid4().hex}", int(time.time()), model_name, prompt)
             if call.stream:
-                return _Stream(api.stream(_items(job, guarded), call, meta), lambda: engine.release(job))
+                events = keepalive(api.stream(_items(job, guarded), call, meta), getattr(api, "ping", PING), KEEPALIVE)
+                return _Stream(events, lambda: engine.release(job))
             try:
                 return JSONResponse(api.answer(await _result(request, job, guarded), call, meta))
             except RequestError as e:
@@ -241,6 +246,31 @@ class Meta:
     created: int
     model: str
     prompt: Prompt
+
+
+async def keepalive(chunks, ping: str, every: float):
+    """`chunks` (an async generator), with `ping` sent whenever `every` seconds pass without one."""
+    pending = asyncio.ensure_future(chunks.__anext__())
+    try:
+        while True:
+            done, _ = await asyncio.wait({pending}, timeout=every)
+            if not done:
+                yield ping
+                continue
+            try:
+                chunk = pending.result()
+            except StopAsyncIteration:
+                return
+            yield chunk
+            pending = asyncio.ensure_future(chunks.__anext__())
+    finally:  # the client left, or the stream ended: the generator is closed, not left running
+        if not pending.done():
+            pending.cancel()
+            try:
+                await pending
+            except (asyncio.CancelledError, StopAsyncIteration):
+                pass
+        await chunks.aclose()
 
 
 async def _items(job: Job, guarded: dict):

@@ -26,6 +26,7 @@ class Messages:
     """Anthropic's Messages."""
 
     prefix = "msg_"
+    ping = 'event: ping\ndata: {"type": "ping"}\n\n'  # what Anthropic's API sends on a quiet stream
 
     def parse(self, body: dict) -> Call:
         check_model(body)
