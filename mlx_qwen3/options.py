@@ -257,20 +257,24 @@ class Structure:
     def strict(self) -> bool:
         """json_schema's "strict": true: every keyword of the schema is enforced (one the grammar engine does not
         implement is refused); else those are left unchecked (structured.json_grammar)."""
-        fmt = self.response_format or {}
-        inner = fmt.get("json_schema")
-        return (inner if isinstance(inner, dict) else fmt).get("strict") is True
+        return self._json_schema.get("strict") is True
 
     @property
     def schema(self) -> Optional[dict]:
         """The JSON schema the answer must match; None: the answer is free text."""
-        fmt = self.response_format or {"type": "text"}
-        if fmt["type"] == "json_object":
+        kind = (self.response_format or {"type": "text"})["type"]
+        if kind == "json_object":
             return {"type": "object"}
-        if fmt["type"] == "json_schema":
-            inner = fmt.get("json_schema")
-            return inner.get("schema") if isinstance(inner, dict) else fmt.get("schema")
+        if kind == "json_schema":
+            return self._json_schema.get("schema")
         return None
+
+    @property
+    def _json_schema(self) -> dict:
+        """What holds the schema and "strict": response_format's "json_schema" object, else the format itself."""
+        fmt = self.response_format or {}
+        inner = fmt.get("json_schema")
+        return inner if isinstance(inner, dict) else fmt
 
 
 _GROUPS = {"sampling": Sampling, "stopping": Stopping, "prompt": PromptOptions, "cache": CacheOptions,
