@@ -110,8 +110,7 @@ def to_hub_style(config_file: Path):
 
 
 def reference_logits(hf_model, ids: np.ndarray) -> np.ndarray:
-    """transformers' logits, computed in float64 on a copy of the model: float32 on another host's CPU once
-    strayed 2e-4 from this one's (where ours, the same on both, agreed with float64 to 1e-6)."""
+    """transformers' logits, computed in float64 on a copy of the model, RoPE's cos and sin included."""
     import copy
 
     import torch
@@ -119,8 +118,27 @@ def reference_logits(hf_model, ids: np.ndarray) -> np.ndarray:
     exact = copy.deepcopy(hf_model).double()
     if hasattr(exact, "set_experts_implementation") and hasattr(exact.config, "num_experts"):
         exact.set_experts_implementation("eager")  # the grouped matmul takes no float64
+    for module in exact.modules():
+        if type(module).__name__.endswith("RotaryEmbedding"):
+            module.forward = _float64_rope(module)
     with torch.no_grad():
         return exact(torch.tensor(ids)).logits.numpy()
+
+
+def _float64_rope(rope):
+    """transformers' RoPE forward (inv_freq and attention_scaling are its own, YaRN's included), computing cos and
+    sin in float64 where transformers computes them in float32 whatever the model's dtype. torch's float32 cos and
+    sin, on their first call in a process, now and then came out up to 1.5e-4 off (MKL's vector math, in the
+    threads of its parallel loop: the second call was right): a few processes in a hundred here, and twice the
+    first reference of a CI worker (relative errors 1.6e-4 and 2.7e-4 against our logits, where 1e-6 is usual)."""
+    import torch
+
+    def forward(x, position_ids):
+        freqs = position_ids[..., None].double() * rope.inv_freq.double()
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * rope.attention_scaling).to(x.dtype), (emb.sin() * rope.attention_scaling).to(x.dtype)
+
+    return forward
 
 
 def prompt(batch: int, length: int, vocab: int = 256, seed: int = 1) -> np.ndarray:
