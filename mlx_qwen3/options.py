@@ -26,7 +26,7 @@ _INT, _NUM, _BITS, _AUTO = (int,), (int, float), (str, int), (int, str)  # _BITS
 _KIND_NAMES = {_INT: "an integer", _NUM: "a number", _BITS: '"auto" or a number of bits', _AUTO: '"auto" or an integer',
                (bool,): "a boolean",
                (str,): "a string", (tuple, list): "a list of strings", (list,): "a list", (dict,): "a dict",
-    (str, dict): "a string or an object"}
+               (str, dict): "a string or an object"}
 # option: (types, check, the range it checks)
 _CHECKS = {
     "max_tokens": (_INT, lambda v: v >= 1, "at least 1"),

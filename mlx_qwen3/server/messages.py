@@ -337,8 +337,6 @@ def tool_use(call: dict) -> dict:
             "input": call["arguments"]}
 
 
-
-
 def stopped(result: GenerationResult) -> dict:
     """stop_reason and stop_sequence."""
     if result.finish_reason == "length":

@@ -71,14 +71,16 @@ def check_json(body: dict):
                 stack.extend((x, depth + 1) for x in items)
 
 
-def _text(content, where: str) -> str:
-    if content is None or isinstance(content, str):
-        return content or ""
+def text_of(content, where: str, param: str, parts: tuple = ("text",)) -> str:
+    """A message's content as text: a string, or an array of text parts (of the kinds in `parts`), joined."""
+    if isinstance(content, str):
+        return content
     if isinstance(content, list) and all(isinstance(p, dict) for p in content):
-        if any(p.get("type") != "text" or not isinstance(p.get("text"), str) for p in content):
-            raise RequestError(422, f"{where}: only text content parts are supported", where, "unsupported_content")
+        if any(p.get("type") not in parts or not isinstance(p.get("text"), str) for p in content):
+            raise RequestError(422, f"{where}: only text content parts ({', '.join(parts)}) are supported", param,
+                               "unsupported_content")
         return "".join(p["text"] for p in content)
-    raise RequestError(422, f"{where}: content must be a string or a list of text parts", where, "invalid_type")
+    raise RequestError(422, f"{where}: content must be a string or an array of text parts", param, "invalid_type")
 
 
 def _tool_calls(calls, where: str) -> list:
@@ -106,7 +108,8 @@ def parse_messages(raw) -> list:
         where = f"messages[{i}]"
         if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant", "tool"):
             raise RequestError(422, f"{where} needs a role of system, user, assistant or tool", where, "invalid_role")
-        msg = {"role": "system" if m["role"] == "developer" else m["role"], "content": _text(m.get("content"), where)}
+        content = "" if m.get("content") is None else text_of(m["content"], where, where)  # (None: only tool calls)
+        msg = {"role": "system" if m["role"] == "developer" else m["role"], "content": content}
         reasoning = m.get("reasoning_content", m.get("reasoning"))  # clients disagree on the name
         if m["role"] == "assistant" and isinstance(reasoning, str):
             msg["reasoning_content"] = reasoning

@@ -8,7 +8,7 @@ from collections import OrderedDict
 
 from ..errors import show
 from ..reply import GenerationResult
-from .request import Call, RequestError, call_errors, check_model, reasoning_effort, same_named, typed
+from .request import Call, RequestError, call_errors, check_model, reasoning_effort, same_named, text_of, typed
 
 STORED = 256  # responses kept with their conversations (in memory, the least recently used dropped first)
 STORED_CHARS = 2**26  # and their text at most (each counted whole, though a chain's shares its earlier turns)
@@ -244,7 +244,7 @@ def to_messages(items: list) -> list:
             if role not in ("user", "system", "developer", "assistant"):
                 raise RequestError(422, f"{where} needs a role of user, system, developer or assistant", "input",
                                    "invalid_role")
-            text = text_of(item.get("content"), where)
+            text = text_of(item.get("content"), where, "input", TEXT_PARTS)
             if role != "assistant":
                 out.append({"role": "system" if role == "developer" else role, "content": text})
                 turn = None
@@ -275,7 +275,8 @@ def to_messages(items: list) -> list:
             if not isinstance(item.get("call_id"), str):
                 raise RequestError(422, f"{where}: a function_call_output item needs the 'call_id' of its call",
                                    "input", "invalid_tool_call")
-            out.append({"role": "tool", "content": text_of(item.get("output"), where), "tool_call_id": item["call_id"]})
+            output = text_of(item.get("output"), where, "input", TEXT_PARTS)
+            out.append({"role": "tool", "content": output, "tool_call_id": item["call_id"]})
             turn = None
         else:
             raise RequestError(422, f"{where}: items of type {show(kind, 60)} are not supported; send message, "
@@ -287,17 +288,6 @@ def to_messages(items: list) -> list:
 def chars(message: dict) -> int:
     calls = message.get("tool_calls")
     return len(message["content"]) + len(message.get("reasoning_content", "")) + (len(json.dumps(calls)) if calls else 0)
-
-
-def text_of(content, where: str) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list) and all(isinstance(p, dict) for p in content):
-        if any(p.get("type") not in TEXT_PARTS or not isinstance(p.get("text"), str) for p in content):
-            raise RequestError(422, f"{where}: only text content parts ({', '.join(TEXT_PARTS)}) are supported",
-                               "input", "unsupported_content")
-        return "".join(p["text"] for p in content)
-    raise RequestError(422, f"{where}: content must be a string or an array of text parts", "input", "invalid_type")
 
 
 def to_tools(tools) -> tuple:
